@@ -1,0 +1,123 @@
+"""Pure-torch vocab-parallel token log-probs: the oracle for the Triton kernels and their CPU fallback.
+
+``token_logprobs(logits, labels)`` returns ``log_softmax(full_logits)[t, labels[t]]`` where this
+rank holds the vocab columns ``[vocab_start_index, vocab_start_index + V_local)`` of the full
+logits and the rest live on the other ranks of ``tp_group``.
+
+Memory: for backward it keeps a reference to the caller's ``logits`` (no copy), the labels and one
+fp32 log-sum-exp per token ([T]). Forward and backward work through row chunks so the fp32
+temporaries never exceed ``CHUNK_ELEMENTS`` elements, whatever T x V_local is; the gradient is
+formed in fp32 per chunk and rounded once to the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Upper bound on the fp32 temporaries (elements) of one row chunk: 64 MiB.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    if group is None:
+        return 1
+    return dist.get_world_size(group)
+
+
+def _row_chunks(num_rows: int, row_elements: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def _owned_labels(labels: Tensor, vocab_start_index: int, local_vocab: int, ignore_index: int):
+    """(owned mask, safe local index): which tokens' labels live in this rank's vocab shard."""
+    local = labels - vocab_start_index
+    owned = (local >= 0) & (local < local_vocab) & (labels != ignore_index)
+    return owned, torch.where(owned, local, torch.zeros_like(local))
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index):
+        num_tokens, local_vocab = logits.shape
+        dtype = _compute_dtype(logits.dtype)
+        owned, local_labels = _owned_labels(labels, vocab_start_index, local_vocab, ignore_index)
+        target = logits.gather(1, local_labels[:, None]).squeeze(1).to(dtype)
+        target = torch.where(owned, target, torch.zeros_like(target))
+
+        # The max is exact in any dtype, so it needs no fp32 copy of the logits.
+        row_max = logits.amax(dim=1).to(dtype)
+        distributed = _group_size(tp_group) > 1
+        if distributed:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+
+        sum_exp = torch.empty(num_tokens, dtype=dtype, device=logits.device)
+        for rows in _row_chunks(num_tokens, local_vocab):
+            shifted = logits[rows].to(dtype) - row_max[rows, None]
+            sum_exp[rows] = shifted.exp_().sum(dim=1)
+        if distributed:
+            # One collective for both per-token statistics: sum of exp and the owner's target logit.
+            stats = torch.stack([sum_exp, target])
+            dist.all_reduce(stats, group=tp_group)
+            sum_exp, target = stats[0], stats[1]
+
+        lse = row_max + sum_exp.log()
+        valid = labels != ignore_index
+        out = torch.where(valid, target - lse, torch.zeros_like(lse))
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, labels, lse)
+            ctx.vocab_start_index = vocab_start_index
+            ctx.ignore_index = ignore_index
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        num_tokens, local_vocab = logits.shape
+        owned, local_labels = _owned_labels(labels, ctx.vocab_start_index, local_vocab, ctx.ignore_index)
+        grad_out = torch.where(labels != ctx.ignore_index, grad_out.to(lse.dtype), torch.zeros_like(lse))
+        grad_logits = torch.empty_like(logits)
+        for rows in _row_chunks(num_tokens, local_vocab):
+            g = grad_out[rows]
+            # d out / d logit_v = onehot(label) - softmax_v, formed in fp32 and rounded once.
+            chunk = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(-g[:, None])
+            hit = torch.where(owned[rows], g, torch.zeros_like(g))
+            chunk.scatter_add_(1, local_labels[rows, None], hit[:, None])
+            grad_logits[rows] = chunk
+        return grad_logits, None, None, None, None
+
+
+def token_logprobs_reference(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    vocab_start_index: int = 0,
+    tp_group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Log-probs [T] of ``labels`` under the full-vocab softmax of vocab-parallel ``logits``.
+
+    Args:
+        logits: [T, V_local], this rank's vocab shard (bf16, fp16, fp32 or fp64).
+        labels: [T] global vocab ids, or ``ignore_index`` (its log-prob is 0 and gets no gradient).
+            Ids must lie in the full vocabulary; one owned by no rank is not detected.
+        vocab_start_index: global id of this shard's first column.
+        tp_group: the tensor-parallel group the vocab is split over (None: single process).
+
+    Returns fp32 [T] (fp64 for fp64 logits), identical on every rank of ``tp_group``. Gradient flows
+    to ``logits`` only.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    return _TokenLogprobs.apply(logits, labels.long(), int(vocab_start_index), tp_group, int(ignore_index))

@@ -1,0 +1,28 @@
+"""solopo_megatron: short-to-long preference optimisation (SoLoPO) for Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="solopo_megatron",
+    version="0.1.0",
+    description="SoLoPO (short-to-long preference optimisation) as a Megatron-Core plugin with fused log-prob kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The repository's kernels/ directory installs as `solopo_kernels`: the name `kernels` belongs to
+    # an unrelated PyPI package.
+    packages=find_packages(include=["solopo_megatron", "solopo_megatron.*"]) + ["solopo_kernels"],
+    package_dir={"solopo_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        # Optional, GPU-only accelerators; everything works without them.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # Comparison baselines for benchmarks/kernels.
+        "bench": ["liger-kernel", "matplotlib"],
+    },
+)

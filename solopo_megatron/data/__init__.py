@@ -1,0 +1,1 @@
+"""SoLoPO data: records, tokenisation, packing and context-parallel sharding."""

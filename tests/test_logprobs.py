@@ -1,0 +1,200 @@
+"""Single-process token log-probs and per-sequence sums against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import solopo_kernels.reference as reference
+from solopo_megatron.data.cp_sharding import zigzag_indices
+from solopo_megatron.logprobs import sequence_logprobs, token_logprobs
+
+IGNORE = -100
+
+
+def oracle_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 log_softmax gathered at the labels, 0 at IGNORE."""
+    logp = F.log_softmax(logits.double(), dim=-1)
+    picked = logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(labels == IGNORE, torch.zeros_like(picked), picked)
+
+
+def random_inputs(tokens: int, vocab: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(tokens, vocab, generator=g, dtype=torch.float64) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[torch.rand(tokens, generator=g) < 0.2] = IGNORE
+    grad_out = torch.randn(tokens, generator=g, dtype=torch.float64)
+    return logits, labels, grad_out
+
+
+# (values, gradient) tolerances. bf16/fp16 inputs are exact in float64, so the float64 oracle sees
+# the same numbers; what differs is fp32 accumulation and the gradient's single rounding to the input dtype.
+BUDGET = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1e-4, 2**-8),
+    torch.float16: (1e-4, 2**-11),
+}
+
+
+@pytest.mark.parametrize("dtype", list(BUDGET), ids=str)
+@pytest.mark.parametrize("tokens, vocab", [(1, 7), (37, 301), (64, 1024)])
+def test_token_logprobs_against_float64(dtype, tokens, vocab):
+    logits, labels, grad_out = random_inputs(tokens, vocab, dtype, seed=tokens * vocab)
+    value_tol, grad_tol = BUDGET[dtype]
+    leaf = logits.clone().requires_grad_()
+    out = token_logprobs(leaf, labels, ignore_index=IGNORE)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = oracle_token_logprobs(logits, labels)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=value_tol)
+
+    (out.double() * grad_out).sum().backward()
+    oracle_leaf = logits.double().requires_grad_()
+    (oracle_token_logprobs(oracle_leaf, labels) * grad_out).sum().backward()
+    assert leaf.grad.dtype == dtype
+    # Gradient entries are bounded by |g|; compare relative to that scale.
+    scale = grad_out.abs().max()
+    torch.testing.assert_close(leaf.grad.double() / scale, oracle_leaf.grad / scale, rtol=0, atol=grad_tol)
+    assert torch.all(leaf.grad[labels == IGNORE] == 0)
+
+
+def test_gradcheck_float64():
+    logits, labels, _ = random_inputs(9, 13, torch.float64, seed=3)
+    fn = lambda x: token_logprobs(x, labels, ignore_index=IGNORE)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
+
+
+def test_row_chunking_gives_identical_results(monkeypatch):
+    logits, labels, grad_out = random_inputs(50, 64, torch.float32, seed=4)
+    results = []
+    for chunk in (1 << 24, 64 * 3, 64):  # one chunk, 3 rows per chunk, one row per chunk
+        monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
+        leaf = logits.clone().requires_grad_()
+        out = token_logprobs(leaf, labels, ignore_index=IGNORE)
+        out.backward(grad_out.float())
+        results.append((out, leaf.grad))
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_keeps_no_fp32_copy_of_the_logits():
+    """Saved for backward: the caller's logits (same storage), labels and an fp32 [T] log-sum-exp."""
+    logits, labels, _ = random_inputs(32, 256, torch.bfloat16, seed=5)
+    leaf = logits.clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logprobs(leaf, labels, ignore_index=IGNORE)
+    big = [t for t in saved if t.numel() >= leaf.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == leaf.data_ptr() and big[0].dtype == torch.bfloat16
+    assert all(t.numel() <= leaf.shape[0] for t in saved if t is not big[0])
+
+
+def test_no_grad_saves_nothing_and_matches():
+    logits, labels, _ = random_inputs(16, 40, torch.float32, seed=6)
+    with torch.no_grad():
+        out = token_logprobs(logits, labels, ignore_index=IGNORE)
+    torch.testing.assert_close(out.double(), oracle_token_logprobs(logits, labels), rtol=0, atol=1e-5)
+
+
+def test_vocab_start_index_shifts_label_ownership():
+    """Single process, one shard: labels outside [start, start + V) are owned by nobody -> target 0."""
+    logits, _, _ = random_inputs(6, 10, torch.float64, seed=7)
+    labels = torch.tensor([100, 105, 109, 99, 110, IGNORE])
+    out = token_logprobs(logits, labels, vocab_start_index=100, ignore_index=IGNORE)
+    lse = torch.logsumexp(logits, dim=1)
+    expected = torch.stack([logits[0, 0], logits[1, 5], logits[2, 9], torch.tensor(0.0), torch.tensor(0.0)]) - lse[:5]
+    torch.testing.assert_close(out[:5], expected)
+    assert out[5] == 0
+
+
+@pytest.mark.parametrize("bad", ["logits", "labels", "dtype"])
+def test_token_logprobs_rejects_bad_shapes(bad):
+    logits, labels, _ = random_inputs(4, 5, torch.float32, seed=8)
+    if bad == "logits":
+        logits = logits[None]
+    elif bad == "labels":
+        labels = labels[:3]
+    else:
+        labels = labels.float()
+    with pytest.raises(ValueError, match=bad if bad != "dtype" else "integer"):
+        token_logprobs(logits, labels)
+
+
+def loop_reference_sums(token_logps, loss_mask, segment_ids, num_segments):
+    sums = torch.zeros(num_segments, dtype=torch.float64)
+    for t in range(token_logps.numel()):
+        if loss_mask[t] and segment_ids[t] >= 0:
+            sums[segment_ids[t]] += token_logps[t].double()
+    return sums
+
+
+def test_sequence_logprobs_matches_loop_and_has_unit_gradient():
+    g = torch.Generator().manual_seed(9)
+    tokens, num_segments = 200, 7
+    segment_ids = torch.sort(torch.randint(-1, num_segments, (tokens,), generator=g)).values
+    loss_mask = torch.rand(tokens, generator=g) < 0.6
+    token_logps = (-5 * torch.rand(tokens, generator=g, dtype=torch.float64)).requires_grad_()
+    sums = sequence_logprobs(token_logps, loss_mask, segment_ids, num_segments)
+    torch.testing.assert_close(sums, loop_reference_sums(token_logps, loss_mask, segment_ids, num_segments))
+    weights = torch.randn(num_segments, generator=g, dtype=torch.float64)
+    (sums * weights).sum().backward()
+    keep = loss_mask & (segment_ids >= 0)
+    expected = torch.where(keep, weights[segment_ids.clamp(min=0)], torch.zeros(()))
+    torch.testing.assert_close(token_logps.grad, expected)
+
+
+def test_sequence_logprobs_masked_nan_does_not_leak():
+    token_logps = torch.tensor([-1.0, float("nan"), -2.0, float("-inf"), -0.5], requires_grad=True)
+    loss_mask = torch.tensor([1, 0, 1, 1, 1])
+    segment_ids = torch.tensor([0, 0, 1, -1, 1])
+    sums = sequence_logprobs(token_logps, loss_mask, segment_ids, 3)
+    torch.testing.assert_close(sums, torch.tensor([-1.0, -2.5, 0.0]))
+    sums.sum().backward()
+    torch.testing.assert_close(token_logps.grad, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
+
+
+def test_sequence_logprobs_packing_invariance():
+    """A sequence alone or packed among others gets the same sum."""
+    g = torch.Generator().manual_seed(10)
+    alone = -3 * torch.rand(30, generator=g)
+    others = -3 * torch.rand(50, generator=g)
+    packed = torch.cat([others[:20], alone, others[20:]])
+    segments = torch.cat([torch.zeros(20), torch.ones(30), torch.full((30,), 2)]).long()
+    mask = torch.ones(80, dtype=torch.bool)
+    packed_sums = sequence_logprobs(packed, mask, segments, 3)
+    alone_sum = sequence_logprobs(alone, torch.ones(30, dtype=torch.bool), torch.zeros(30).long(), 1)
+    torch.testing.assert_close(packed_sums[1:2], alone_sum, rtol=1e-6, atol=1e-6)
+
+
+def test_sequence_logprobs_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="1-D of one length"):
+        sequence_logprobs(torch.zeros(4), torch.ones(3), torch.zeros(4).long(), 1)
+
+
+def test_zigzag_matches_transformer_engine_order():
+    assert zigzag_indices([0, 8, 16], 2, 0).tolist() == [0, 1, 6, 7, 8, 9, 14, 15]
+    assert zigzag_indices([0, 8, 16], 2, 1).tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+def test_zigzag_partitions_every_sequence(cp):
+    cu = [0]
+    for length in (2 * cp, 6 * cp, 4 * cp, 2 * cp):
+        cu.append(cu[-1] + length)
+    shards = [zigzag_indices(cu, cp, r) for r in range(cp)]
+    assert torch.equal(torch.sort(torch.cat(shards)).values, torch.arange(cu[-1]))
+    assert len({s.numel() for s in shards}) == 1  # balanced
+
+
+def test_zigzag_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="sequence 1 has length 6, not a multiple of 2\\*cp = 4"):
+        zigzag_indices([0, 8, 14], 2, 0)
+    with pytest.raises(ValueError, match="cp_rank must be in"):
+        zigzag_indices([0, 8], 2, 2)
