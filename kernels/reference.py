@@ -121,3 +121,14 @@ def token_logprobs_reference(
     if labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     return _TokenLogprobs.apply(logits, labels.long(), int(vocab_start_index), tp_group, int(ignore_index))
+
+
+def segment_sum_reference(values: Tensor, keep: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    """Per-segment sums of ``values`` where ``keep`` (negative ids: padding), by ``index_add``.
+
+    Deterministic on CPU; on CUDA ``index_add`` uses atomics, so the Triton kernel serves CUDA.
+    """
+    valid = keep & (segment_ids >= 0)
+    kept = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    sums = torch.zeros(num_segments, dtype=values.dtype, device=values.device)
+    return sums.index_add(0, segment_ids.clamp(min=0).long(), kept)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from solopo_kernels import token_logprobs
+from solopo_kernels import segment_sum, token_logprobs
 
 __all__ = ["token_logprobs", "sequence_logprobs", "all_reduce_sum_identity_backward"]
 
@@ -68,8 +68,5 @@ def sequence_logprobs(
             f"{tuple(token_logps.shape)}, {tuple(loss_mask.shape)}, {tuple(segment_ids.shape)}"
         )
     dtype = torch.promote_types(token_logps.dtype, torch.float32)
-    keep = loss_mask.bool() & (segment_ids >= 0)
-    values = torch.where(keep, token_logps.to(dtype), torch.zeros((), dtype=dtype, device=token_logps.device))
-    sums = torch.zeros(num_segments, dtype=dtype, device=token_logps.device)
-    sums = sums.index_add(0, segment_ids.clamp(min=0).long(), values)
+    sums = segment_sum(token_logps.to(dtype), loss_mask, segment_ids, num_segments)
     return all_reduce_sum_identity_backward(sums, cp_group)

@@ -44,16 +44,21 @@ def _check_layout(rank: int, world_size: int, tp: int, cp: int, dtype_name: str)
 
 
 @pytest.mark.parametrize(
-    "tp, cp, dtype",
+    "impl, tp, cp, dtype",
     [
-        (2, 1, "float64"),
-        (1, 2, "float64"),
-        (2, 2, "float64"),
-        (2, 2, "float32"),
-        (4, 1, "float64"),
-        (1, 4, "float32"),
+        ("torch", 2, 1, "float64"),
+        ("torch", 1, 2, "float64"),
+        ("torch", 2, 2, "float64"),
+        ("torch", 2, 2, "float32"),
+        ("torch", 4, 1, "float64"),
+        ("torch", 1, 4, "float32"),
+        # The Triton kernels (interpreted on CPU) take bf16/fp16/fp32 logits.
+        ("triton", 2, 1, "float32"),
+        ("triton", 1, 2, "float32"),
+        ("triton", 2, 2, "float32"),
     ],
     ids=lambda v: str(v),
 )
-def test_layout_matches_one_process(tp, cp, dtype):
+def test_layout_matches_one_process(monkeypatch, impl, tp, cp, dtype):
+    monkeypatch.setenv("SOLOPO_KERNELS", impl)  # inherited by the spawned ranks
     run_distributed(_check_layout, tp * cp, tp, cp, dtype)

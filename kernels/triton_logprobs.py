@@ -1,0 +1,215 @@
+"""Triton vocab-parallel token log-probs: one read of the logits forward, one read + one write backward.
+
+Forward: one program per token streams its row of this rank's vocab shard through an online
+max / sum-exp in fp32 and picks the label's logit if this shard owns it. Three fp32 numbers per
+token leave the kernel (max, sum-exp, target); two small all-reduces merge them over the TP group
+(MAX of the max, then SUM of the rescaled sum-exp and the target). Saved for backward: the logits
+themselves (no copy) and one fp32 log-sum-exp per token.
+
+Backward: a 2-D grid over (token, vocab block) forms g * (onehot - softmax) in fp32 and rounds once
+to the logits' dtype, optionally writing into the logits' own storage.
+
+No atomics: each token's statistics come from one program in a fixed order that depends only on the
+vocab size, so a sequence alone or packed among others gets bitwise the same log-probs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Decorating under TRITON_INTERPRET=1 makes these kernels run on CPU tensors (the CPU tests).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _forward_stats_kernel(
+    logits_ptr,
+    labels_ptr,
+    stats_ptr,  # fp32 [3, T]: row max, sum of exp(x - max), label logit (0 where not owned)
+    row_stride,
+    num_tokens,
+    local_vocab,
+    vocab_start_index,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    row_max = tl.full((), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((), tl.float32)
+    for start in range(0, local_vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < local_vocab, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        row_max = new_max
+    label = tl.load(labels_ptr + row)
+    local_label = label - vocab_start_index
+    owned = (label != ignore_index) & (local_label >= 0) & (local_label < local_vocab)
+    target = tl.load(row_ptr + local_label, mask=owned, other=0.0).to(tl.float32)
+    tl.store(stats_ptr + row, row_max)
+    tl.store(stats_ptr + num_tokens + row, sum_exp)
+    tl.store(stats_ptr + 2 * num_tokens + row, target)
+
+
+@triton.jit
+def _backward_kernel(
+    logits_ptr,
+    grad_logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    grad_out_ptr,
+    logits_row_stride,
+    grad_row_stride,
+    local_vocab,
+    vocab_start_index,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = cols < local_vocab
+    label = tl.load(labels_ptr + row)
+    g = tl.load(grad_out_ptr + row)
+    g = tl.where(label == ignore_index, 0.0, g)
+    lse = tl.load(lse_ptr + row)
+    x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_vocab, other=0.0).to(tl.float32)
+    onehot = tl.where(cols == label - vocab_start_index, 1.0, 0.0)
+    grad = g * (onehot - tl.exp(x - lse))
+    tl.store(
+        grad_logits_ptr + row * grad_row_stride + cols,
+        grad.to(grad_logits_ptr.dtype.element_ty),
+        mask=in_vocab,
+    )
+
+
+def _block_size(local_vocab: int, cap: int) -> int:
+    # Depends on the vocab size only, never on T: that keeps results batch invariant.
+    return min(triton.next_power_of_2(max(local_vocab, 16)), cap)
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def forward_stats(logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int) -> Tensor:
+    """fp32 [3, T] per-token (max, sum-exp, target logit) of this vocab shard."""
+    num_tokens, local_vocab = logits.shape
+    stats = torch.empty(3, num_tokens, dtype=torch.float32, device=logits.device)
+    if num_tokens == 0:
+        return stats
+    block = _block_size(local_vocab, 4096)
+    _forward_stats_kernel[(num_tokens,)](
+        logits,
+        labels,
+        stats,
+        logits.stride(0),
+        num_tokens,
+        local_vocab,
+        vocab_start_index,
+        ignore_index,
+        BLOCK_V=block,
+        num_warps=_num_warps(block),
+    )
+    return stats
+
+
+def merge_stats(stats: Tensor, tp_group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """Combines the shards' statistics over ``tp_group`` -> (log-sum-exp [T], target logit [T])."""
+    row_max, sum_exp, target = stats[0], stats[1], stats[2]
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+        stats[1] = sum_exp * torch.exp(row_max - global_max)
+        partial = stats[1:]
+        dist.all_reduce(partial, group=tp_group)
+        row_max, sum_exp, target = global_max, partial[0], partial[1]
+    return row_max + torch.log(sum_exp), target
+
+
+def backward_into(
+    grad_logits: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    vocab_start_index: int,
+    ignore_index: int,
+) -> Tensor:
+    """Writes g * (onehot - softmax) into ``grad_logits`` (which may be ``logits`` itself)."""
+    num_tokens, local_vocab = logits.shape
+    if num_tokens == 0:
+        return grad_logits
+    block = _block_size(local_vocab, 4096)
+    grid = (num_tokens, triton.cdiv(local_vocab, block))
+    _backward_kernel[grid](
+        logits,
+        grad_logits,
+        labels,
+        lse,
+        grad_out,
+        logits.stride(0),
+        grad_logits.stride(0),
+        local_vocab,
+        vocab_start_index,
+        ignore_index,
+        BLOCK_V=block,
+        num_warps=_num_warps(block),
+    )
+    return grad_logits
+
+
+class _TritonTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index, inplace_backward):
+        stats = forward_stats(logits, labels, vocab_start_index, ignore_index)
+        lse, target = merge_stats(stats, tp_group)
+        out = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, labels, lse)
+            ctx.vocab_start_index = vocab_start_index
+            ctx.ignore_index = ignore_index
+            ctx.inplace_backward = inplace_backward
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        grad_logits = logits if ctx.inplace_backward else torch.empty_like(logits)
+        grad_out = grad_out.to(torch.float32).contiguous()
+        backward_into(grad_logits, logits, labels, lse, grad_out, ctx.vocab_start_index, ctx.ignore_index)
+        return grad_logits, None, None, None, None, None
+
+
+def token_logprobs_triton(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    vocab_start_index: int = 0,
+    tp_group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Triton implementation of ``token_logprobs`` (same contract as the reference).
+
+    ``inplace_backward=True`` writes the gradient into the logits' storage, saving a [T, V_local]
+    buffer; use it only when nothing else reads the logits after the backward pass.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the Triton kernel takes bf16, fp16 or fp32 logits, got {logits.dtype}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return _TritonTokenLogprobs.apply(
+        logits, labels.contiguous(), int(vocab_start_index), tp_group, int(ignore_index), bool(inplace_backward)
+    )
