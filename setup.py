@@ -19,10 +19,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
         # Optional, GPU-only accelerators; everything works without them.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        # Comparison baselines for benchmarks/kernels.
-        "bench": ["liger-kernel", "matplotlib"],
+        # Comparison baselines for benchmarks/kernels (Transformer Engine: the `gpu` extra).
+        "bench": ["liger-kernel", "megatron-core", "matplotlib"],
     },
 )
