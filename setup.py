@@ -13,9 +13,13 @@ setup(
     # an unrelated PyPI package.
     packages=find_packages(include=["solopo_megatron", "solopo_megatron.*"]) + ["solopo_kernels"],
     package_dir={"solopo_kernels": "kernels"},
+    package_data={"solopo_megatron": ["assets/tiny-tokenizer/*"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "tokenizers>=0.20",
+        "transformers>=4.45",
+        "tqdm",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

@@ -1,0 +1,200 @@
+"""SoLoPO records: the JSONL schema, streaming reads and whole-file validation.
+
+One example per line (TRL-like, so the short half reads as a normal preference pair):
+
+    {"id": "...", "question": "...", "short_context": "...", "long_context": "...",
+     "chosen": "...", "rejected": "...", "system": "... (optional)", "metadata": {...}}
+
+The short context is the evidence: one or more documents separated by blank lines, each of which
+must appear verbatim in the long context. Every problem is reported with file, line and field; a
+whole-file validation lists every bad line. Nothing is dropped silently: ``on_error="skip"`` skips
+bad lines and counts them in the returned report.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, Problem
+
+TEXT_FIELDS = ("id", "question", "short_context", "long_context", "chosen", "rejected")
+OPTIONAL_FIELDS = {"system": str, "metadata": dict}
+KNOWN_FIELDS = TEXT_FIELDS + tuple(OPTIONAL_FIELDS)
+_EVIDENCE_SPLIT = re.compile(r"\n\s*\n")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    question: str
+    short_context: str
+    long_context: str
+    chosen: str
+    rejected: str
+    system: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str = ""  # where the record came from, for messages about it later on
+    line: int = 0
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in TEXT_FIELDS}
+        if self.system is not None:
+            out["system"] = self.system
+        if self.metadata:
+            out["metadata"] = self.metadata
+        return out
+
+
+def evidence_pieces(short_context: str) -> list[str]:
+    """The evidence documents of a short context (split on blank lines)."""
+    return [piece.strip() for piece in _EVIDENCE_SPLIT.split(short_context) if piece.strip()]
+
+
+def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Problem]]:
+    """Validates one decoded JSON value; returns the record (None if invalid) and its problems."""
+    if not isinstance(obj, dict):
+        return None, [Problem(path, line, None, f"expected a JSON object, got {type(obj).__name__}")]
+    problems = []
+    for name in obj:
+        if name not in KNOWN_FIELDS:
+            close = difflib.get_close_matches(name, KNOWN_FIELDS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; put extra information under 'metadata'"
+            problems.append(Problem(path, line, name, f"unknown field{hint}"))
+    for name in TEXT_FIELDS:
+        if name not in obj:
+            problems.append(Problem(path, line, name, "missing"))
+        elif not isinstance(obj[name], str):
+            problems.append(Problem(path, line, name, f"must be a string, got {type(obj[name]).__name__}"))
+        elif not obj[name].strip():
+            problems.append(Problem(path, line, name, "empty"))
+    for name, kind in OPTIONAL_FIELDS.items():
+        if name in obj and obj[name] is not None and not isinstance(obj[name], kind):
+            problems.append(
+                Problem(path, line, name, f"must be a {'string' if kind is str else 'JSON object'}, got {type(obj[name]).__name__}")
+            )
+    if problems:
+        return None, problems
+    if any(c in obj["id"] for c in "\r\n"):
+        return None, [Problem(path, line, "id", "contains a line break")]
+    long_context = obj["long_context"]
+    for i, piece in enumerate(evidence_pieces(obj["short_context"])):
+        if piece not in long_context:
+            preview = piece if len(piece) <= 60 else piece[:57] + "..."
+            problems.append(
+                Problem(path, line, "long_context", f"does not contain evidence piece {i} of short_context: {preview!r}")
+            )
+    if obj["chosen"] == obj["rejected"]:
+        problems.append(Problem(path, line, "rejected", "identical to chosen"))
+    if problems:
+        return None, problems
+    record = Record(
+        id=obj["id"],
+        question=obj["question"],
+        short_context=obj["short_context"],
+        long_context=long_context,
+        chosen=obj["chosen"],
+        rejected=obj["rejected"],
+        system=obj.get("system"),
+        metadata=obj.get("metadata") or {},
+        path=path,
+        line=line,
+    )
+    return record, []
+
+
+@dataclass
+class ReadReport:
+    """What a pass over a file saw: records read, problems found, lines skipped."""
+
+    path: str
+    num_records: int = 0
+    num_skipped: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        text = f"{self.path}: {self.num_records} valid records"
+        if self.problems:
+            text += f", {len(self.problems)} problems"
+        if self.num_skipped:
+            text += f", {self.num_skipped} lines skipped"
+        return text
+
+
+def iter_records(path: str | Path, *, on_error: str = "raise", report: ReadReport | None = None) -> Iterator[Record]:
+    """Streams the valid records of a JSONL file.
+
+    on_error: ``raise`` stops at the first bad line with a DataError naming file, line and field;
+    ``skip`` skips bad lines, recording every problem and the skipped count in ``report``.
+    Duplicate ids and an empty file are problems too.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
+    path = str(path)
+    report = report if report is not None else ReadReport(path)
+    seen: dict[bytes, int] = {}  # id digest -> first line (digests keep memory small per id)
+
+    def fail(problems: list[Problem]) -> None:
+        if on_error == "raise":
+            raise DataError("\n".join(str(p) for p in problems), problems[0])
+        report.problems.extend(problems)
+        report.num_skipped += 1
+
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise DataError.at(path, None, None, f"cannot read: {error.strerror or error}") from error
+    with handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                fail([Problem(path, line_number, None, f"not valid UTF-8 (byte {error.start} of the line)")])
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as error:
+                fail([Problem(path, line_number, None, f"invalid JSON: {error.msg} at column {error.colno}")])
+                continue
+            record, problems = check_record(obj, path, line_number)
+            if record is not None:
+                digest = hashlib.blake2b(record.id.encode("utf-8"), digest_size=16).digest()
+                if digest in seen:
+                    problems = [Problem(path, line_number, "id", f"duplicate id {record.id!r} (first on line {seen[digest]})")]
+                    record = None
+                else:
+                    seen[digest] = line_number
+            if problems:
+                fail(problems)
+                continue
+            report.num_records += 1
+            yield record
+    if report.num_records == 0 and report.num_skipped == 0:
+        problem = Problem(path, None, None, "no records (empty file)")
+        if on_error == "raise":
+            raise DataError(str(problem), problem)
+        report.problems.append(problem)
+
+
+def validate_file(path: str | Path) -> ReadReport:
+    """Reads a whole file and reports every problem (does not raise for bad lines)."""
+    report = ReadReport(str(path))
+    for _ in iter_records(path, on_error="skip", report=report):
+        pass
+    return report

@@ -1,0 +1,65 @@
+"""The bundled tiny tokenizer: byte-level BPE trained on the synthetic data, with a chat template.
+
+It is built by the project itself (no download) and shipped in the package for the tiny recipe and
+the tests. Byte-level BPE encodes any text, so it also tokenises user files, just not compactly.
+Rebuild with ``python -m solopo_megatron.data.tiny_tokenizer`` (deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-tokenizer"
+VOCAB_SIZE = 1024
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(out_dir: str | Path, corpus: Iterable[str], vocab_size: int = VOCAB_SIZE):
+    """Trains the tokenizer on ``corpus`` and saves it (Hugging Face format) to ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20,
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .synthetic import synthetic_tokenizer_corpus
+
+    parser = argparse.ArgumentParser(description="Rebuild the bundled tiny tokenizer.")
+    parser.add_argument("--out", type=Path, default=TINY_TOKENIZER_DIR)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    args = parser.parse_args(argv)
+    tokenizer = build_tiny_tokenizer(args.out, synthetic_tokenizer_corpus(seed=0), args.vocab_size)
+    print(f"wrote {args.out} ({len(tokenizer)} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

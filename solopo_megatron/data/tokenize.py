@@ -1,0 +1,183 @@
+"""Records -> token ids per role: chat template (or a plain template), response masks, length limits.
+
+A sequence is ``prompt + response + eos``: the prompt is the tokenizer's chat template over
+[system?, user: prompt_template.format(context=..., question=...)] with the generation prompt, the
+response is tokenised on its own (no merges across the boundary). Only response tokens are scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..objectives import ROLES
+from .errors import DataError
+from .records import Record, evidence_pieces
+
+DEFAULT_PROMPT_TEMPLATE = "{context}\n\nQuestion: {question}"
+_MAX_TRUNCATION_ROUNDS = 64
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    system: str | None = None  # default system prompt; a record's own "system" wins
+    plain_template: str = "{system}{user}\n\nAnswer: "  # used when the tokenizer has no chat template
+
+    def __post_init__(self) -> None:
+        try:
+            self.prompt_template.format(context="", question="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"prompt_template must use only {{context}} and {{question}}: {self.prompt_template!r} ({error})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class EncodedSequence:
+    ids: tuple[int, ...]
+    response_start: int  # index of the first response token
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.ids) - self.response_start
+
+
+@dataclass(frozen=True)
+class LengthLimits:
+    max_short_length: int | None = None  # tokens of a whole short sequence (prompt + response)
+    max_long_length: int | None = None
+    truncate_long_context: bool = False  # cut distractor text (never evidence, question, response)
+
+
+def load_tokenizer(name_or_path: str):
+    """``tiny`` (the bundled tokenizer) or a local Hugging Face tokenizer directory; never downloads."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == "tiny":
+        from .tiny_tokenizer import TINY_TOKENIZER_DIR
+
+        name_or_path = str(TINY_TOKENIZER_DIR)
+    if not Path(name_or_path).is_dir():
+        raise DataError(f"tokenizer: {name_or_path!r} is not a directory (use 'tiny' or a local tokenizer folder)")
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever tokenisation could: vocabulary/merges, template and special tokens."""
+    parts: dict[str, Any] = {
+        "backend": tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class SequenceEncoder:
+    """Encodes the roles of a record; checks (and optionally enforces) length limits."""
+
+    def __init__(self, tokenizer, fmt: PromptFormat | None = None, limits: LengthLimits | None = None):
+        self.tokenizer = tokenizer
+        self.fmt = fmt or PromptFormat()
+        self.limits = limits or LengthLimits()
+        if tokenizer.eos_token_id is None:
+            raise DataError("tokenizer: it has no eos token, which ends every response")
+        self.eos = tokenizer.eos_token_id
+        self.num_truncated = 0  # long contexts shortened by truncate_long_context
+
+    def _text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, record: Record, context: str) -> list[int]:
+        system = record.system if record.system is not None else self.fmt.system
+        user = self.fmt.prompt_template.format(context=context, question=record.question)
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self._text_ids(text)
+        text = self.fmt.plain_template.format(system=f"{system}\n\n" if system else "", user=user)
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self._text_ids(text)
+
+    def encode_group(self, record: Record, roles: tuple[str, ...] = ROLES) -> dict[str, EncodedSequence]:
+        """role -> EncodedSequence for the requested roles; over-long -> DataError (or truncation)."""
+        responses = {"chosen": self._text_ids(record.chosen) + [self.eos], "rejected": self._text_ids(record.rejected) + [self.eos]}
+        out = {}
+        for kind in ("short", "long"):
+            wanted = [role for role in roles if role.startswith(kind)]
+            if not wanted:
+                continue
+            longest = max(len(responses[role.split("_")[1]]) for role in wanted)
+            prompt = self._prompt_within_limit(record, kind, longest)
+            for role in wanted:
+                out[role] = EncodedSequence(tuple(prompt + responses[role.split("_")[1]]), len(prompt))
+        return out
+
+    def _prompt_within_limit(self, record: Record, kind: str, response_tokens: int) -> list[int]:
+        limit = self.limits.max_short_length if kind == "short" else self.limits.max_long_length
+        context = record.short_context if kind == "short" else record.long_context
+        prompt = self.prompt_ids(record, context)
+        if limit is None or len(prompt) + response_tokens <= limit:
+            return prompt
+        field = f"{kind}_context"
+        if kind == "short" or not self.limits.truncate_long_context:
+            hint = "" if kind == "short" else " (or set truncate_long_context to cut distractor text)"
+            raise DataError.at(
+                record.path, record.line, field,
+                f"sequence of {len(prompt) + response_tokens} tokens exceeds max_{kind}_length={limit}{hint}",
+            )
+        for _ in range(_MAX_TRUNCATION_ROUNDS):
+            excess = len(prompt) + response_tokens - limit
+            if excess <= 0:
+                self.num_truncated += 1
+                return prompt
+            shorter = cut_distractor_text(context, evidence_pieces(record.short_context), excess, len(prompt))
+            if shorter == context:
+                break
+            context = shorter
+            prompt = self.prompt_ids(record, context)
+        raise DataError.at(
+            record.path, record.line, field,
+            f"cannot fit max_long_length={limit} by cutting distractor text: evidence, question and "
+            f"response alone need {len(prompt) + response_tokens} tokens",
+        )
+
+
+def _distractor_spans(context: str, evidence: list[str]) -> list[tuple[int, int]]:
+    """Character spans of ``context`` outside every evidence occurrence (first occurrence each)."""
+    protected = sorted((start, start + len(piece)) for piece in evidence if (start := context.find(piece)) >= 0)
+    spans, cursor = [], 0
+    for start, end in protected:
+        if start > cursor:
+            spans.append((cursor, start))
+        cursor = max(cursor, end)
+    if cursor < len(context):
+        spans.append((cursor, len(context)))
+    return spans
+
+
+def cut_distractor_text(context: str, evidence: list[str], excess_tokens: int, prompt_tokens: int) -> str:
+    """Removes about ``excess_tokens`` tokens of distractor text from the largest distractor span.
+
+    A leading span loses its head, any other its tail (away from the evidence before it), at a
+    whitespace boundary; the cut is sized by the prompt's characters per token (slightly over, so a few rounds suffice).
+    """
+    spans = _distractor_spans(context, evidence)
+    if not spans:
+        return context
+    start, end = max(spans, key=lambda span: span[1] - span[0])
+    chars_per_token = max(1.0, len(context) / max(1, prompt_tokens))
+    cut = min(end - start, int(excess_tokens * chars_per_token * 1.1) + 1)
+    if start > 0:  # a trailing or middle span: cut its tail; a leading span: cut its head
+        new_end = end - cut
+        while new_end > start and not context[new_end - 1].isspace():
+            new_end -= 1
+        return context[:new_end] + context[end:]
+    new_start = start + cut
+    while new_start < end and not context[new_start].isspace():
+        new_start += 1
+    return context[:start] + context[new_start:]
