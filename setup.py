@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "triton>=3.0; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["solopo-data = solopo_megatron.data.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
         # Optional, GPU-only accelerators; everything works without them.

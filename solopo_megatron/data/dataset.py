@@ -91,8 +91,8 @@ class TokenizedDataset:
         sequences = {}
         for role in roles:
             offset, length, response_start = self.index[i, self.roles.index(role)]
-            ids = self.tokens[offset : offset + length]
-            sequences[role] = EncodedSequence(tuple(int(t) for t in ids), int(response_start))
+            ids = np.array(self.tokens[offset : offset + length])  # a copy: the memmap stays read-only
+            sequences[role] = EncodedSequence(ids, int(response_start))
         example_id = self.example_ids[i]
         refs = ref_store.lookup(example_id, roles) if ref_store is not None else None
         return Group(example_id, sequences, refs)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,7 +119,7 @@ def pack_microbatch(
         group_counts, group_refs = [], []
         for role in roles:
             seq = group.sequences[role]
-            ids = torch.tensor(seq.ids, dtype=torch.int64)
+            ids = torch.as_tensor(np.asarray(seq.ids, dtype=np.int64))
             length, padded = ids.numel(), _round_up(ids.numel(), pad_multiple)
             if not 0 < seq.response_start <= length:
                 raise ValueError(f"example {group.example_id!r} role {role}: response_start out of range")

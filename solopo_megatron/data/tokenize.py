@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,15 @@ class PromptFormat:
             ) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EncodedSequence:
-    ids: tuple[int, ...]
+    ids: Sequence[int]  # a tuple when freshly tokenised, an int32 array when read from the cache
     response_start: int  # index of the first response token
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EncodedSequence):
+            return NotImplemented
+        return self.response_start == other.response_start and list(self.ids) == list(other.ids)
 
     @property
     def num_response_tokens(self) -> int:

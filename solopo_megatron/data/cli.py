@@ -1,0 +1,216 @@
+"""``solopo-data``: build, validate and inspect SoLoPO data.
+
+    solopo-data synthetic --out train.jsonl --num-records 2000 --seed 0
+    solopo-data validate train.jsonl [--tokenizer tiny --max-long-length 4096]
+    solopo-data build-long short.jsonl --distractors docs/ --out long.jsonl --target-tokens 32768
+    solopo-data inspect train.jsonl --tokenizer tiny --max-tokens 4096 --cp 2
+    solopo-data tiny-tokenizer --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from ..objectives import MODES, SoLoPOConfig, required_roles
+from .errors import DataError
+
+
+def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default="tiny", help="'tiny' (bundled) or a local HF tokenizer directory")
+    parser.add_argument("--mode", choices=MODES, default="solopo")
+    parser.add_argument("--align-rejected", action="store_true", help="SoLo-RA on both answers (4 sequences)")
+    parser.add_argument("--max-short-length", type=int)
+    parser.add_argument("--max-long-length", type=int)
+    parser.add_argument("--truncate-long-context", action="store_true", help="cut distractor text to fit")
+    parser.add_argument("--prompt-template", default=None, help="format string with {context} and {question}")
+
+
+def _encoder(args):
+    from .tokenize import DEFAULT_PROMPT_TEMPLATE, LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+
+    limits = LengthLimits(args.max_short_length, args.max_long_length, args.truncate_long_context)
+    fmt = PromptFormat(prompt_template=args.prompt_template or DEFAULT_PROMPT_TEMPLATE)
+    roles = required_roles(SoLoPOConfig(mode=args.mode, solo_ra_chosen_only=not args.align_rejected))
+    return SequenceEncoder(load_tokenizer(args.tokenizer), fmt, limits), roles
+
+
+def cmd_validate(args) -> int:
+    from .dataset import encode_records
+    from .records import ReadReport, validate_file
+
+    if args.tokenizer_check:
+        encoder, roles = _encoder(args)
+        report = ReadReport(str(args.file))
+        for _ in encode_records(args.file, encoder, roles, on_error="skip", report=report):
+            pass
+        if encoder.num_truncated:
+            print(f"{encoder.num_truncated} long contexts would be truncated to fit", file=sys.stderr)
+    else:
+        report = validate_file(args.file)
+    for problem in report.problems[: args.max_problems]:
+        print(problem)
+    if len(report.problems) > args.max_problems:
+        print(f"... and {len(report.problems) - args.max_problems} more problems")
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_synthetic(args) -> int:
+    from .synthetic import generate_synthetic_records, write_jsonl
+
+    records = generate_synthetic_records(args.num_records, seed=args.seed, long_target_words=args.long_target_words)
+    count = write_jsonl(records, args.out)
+    print(f"wrote {count} records to {args.out}")
+    return 0
+
+
+def cmd_build_long(args) -> int:
+    from .long_context import build_long_records, load_distractor_corpus
+    from .records import iter_records
+    from .tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    paths = []
+    for item in args.distractors:
+        item = Path(item)
+        paths.extend(sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".jsonl")) if item.is_dir() else [item])
+    corpus = load_distractor_corpus(paths)
+    # Short-context input: long_context may be absent or a placeholder, so read it leniently.
+    records = (_read_short_record(line, args.input, n) for n, line in _numbered_lines(args.input))
+    built = build_long_records(records, corpus, count_tokens=count_tokens, target_tokens=args.target_tokens,
+                               compression_ratio=args.compression_ratio, depth_mode=args.depth_mode,
+                               depth=args.depth, num_depths=args.num_depths, seed=args.seed)
+    count = 0
+    with open(args.out, "w", encoding="utf-8") as handle:
+        for record in built:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    for _ in iter_records(args.out):  # the output must pass validation
+        pass
+    print(f"wrote {count} records with long contexts to {args.out}")
+    return 0
+
+
+def _numbered_lines(path):
+    with open(path, encoding="utf-8") as handle:
+        for n, line in enumerate(handle, start=1):
+            if line.strip():
+                yield n, line
+
+
+def _read_short_record(line: str, path, n: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError.at(str(path), n, None, f"invalid JSON: {error.msg}") from None
+    if not isinstance(record, dict):
+        raise DataError.at(str(path), n, None, "expected a JSON object")
+    for field in ("id", "question", "short_context", "chosen", "rejected"):
+        if not isinstance(record.get(field), str) or not record[field].strip():
+            raise DataError.at(str(path), n, field, "missing, empty or not a string")
+    return record
+
+
+def cmd_inspect(args) -> int:
+    from .dataset import GlobalBatchSampler, TokenizedDataset, step_microbatches
+    from .packing import pad_multiple_for
+
+    encoder, roles = _encoder(args)
+    dataset, report = TokenizedDataset.build(args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip")
+    print(report.summary())
+    print(f"cache: {dataset.directory}")
+    for r, role in enumerate(roles):
+        lengths = dataset.index[:, r, 1]
+        responses = lengths - dataset.index[:, r, 2]
+        print(f"{role:15s} tokens mean {statistics.fmean(lengths.tolist()):8.1f} max {int(lengths.max()):7d}"
+              f"   response tokens mean {statistics.fmean(responses.tolist()):6.1f}")
+    multiple = pad_multiple_for(args.cp, args.tp, args.sequence_parallel)
+    batch_size = min(args.global_batch_size, len(dataset))
+    batch = GlobalBatchSampler(len(dataset), batch_size, seed=0).batch(0)
+    pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else encoder.eos
+    mbs = step_microbatches(dataset, batch, roles, max_tokens=args.max_tokens, pad_multiple=multiple, pad_id=pad_id,
+                            dp_size=args.dp, dp_rank=0)
+    used = sum(int((mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).sum()) for mb in mbs)
+    print(f"first global batch ({batch_size} examples, dp={args.dp}, cp={args.cp}): {len(mbs)} microbatches of "
+          f"{args.max_tokens} tokens per DP rank; rank 0 fill {used / (len(mbs) * args.max_tokens):.0%}; "
+          f"{args.max_tokens // args.cp} tokens per CP rank")
+    return 0
+
+
+def cmd_tiny_tokenizer(args) -> int:
+    from .tiny_tokenizer import main
+
+    return main(["--out", str(args.out)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="solopo-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a JSONL file; lists every bad line")
+    p.add_argument("file", type=Path)
+    p.add_argument("--max-problems", type=int, default=50)
+    p.add_argument("--no-tokenizer-check", dest="tokenizer_check", action="store_false",
+                   help="schema only: skip tokenising and the length limits")
+    _add_tokenizer_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("synthetic", help="generate synthetic multi-document QA records")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num-records", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-target-words", type=int, default=300)
+    p.set_defaults(func=cmd_synthetic)
+
+    p = sub.add_parser("build-long", help="bury each short context among distractor documents")
+    p.add_argument("input", type=Path, help="JSONL with id, question, short_context, chosen, rejected")
+    p.add_argument("--distractors", nargs="+", required=True, help=".txt/.jsonl files or directories of them")
+    p.add_argument("--out", type=Path, required=True)
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--target-tokens", type=int)
+    length.add_argument("--compression-ratio", type=float, help="long tokens = ratio x short-context tokens")
+    p.add_argument("--depth-mode", choices=("fixed", "uniform", "random"), default="random")
+    p.add_argument("--depth", type=float, default=0.5, help="evidence depth in [0, 1] for --depth-mode fixed")
+    p.add_argument("--num-depths", type=int, default=5, help="depth levels for --depth-mode uniform")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="tiny", help="tokenizer that counts the target length")
+    p.set_defaults(func=cmd_build_long)
+
+    p = sub.add_parser("inspect", help="tokenise (cached) and show lengths and packing")
+    p.add_argument("file", type=Path)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed microbatch")
+    p.add_argument("--global-batch-size", type=int, default=32, help="examples per step")
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    _add_tokenizer_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("tiny-tokenizer", help="rebuild the bundled tiny tokenizer")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_tiny_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
