@@ -63,13 +63,17 @@ class _SegmentSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums):
         keep, segment_ids = ctx.saved_tensors
-        valid = keep & (segment_ids >= 0)
-        grad = grad_sums[segment_ids.clamp(min=0)]
+        num_segments = grad_sums.numel()
+        if num_segments == 0:
+            return torch.zeros(keep.shape, dtype=grad_sums.dtype, device=grad_sums.device), None, None, None
+        valid = keep & (segment_ids >= 0) & (segment_ids < num_segments)
+        grad = grad_sums[segment_ids.clamp(0, num_segments - 1)]
         return torch.where(valid, grad, torch.zeros_like(grad)), None, None, None
 
 
 def segment_sum(values: Tensor, keep: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
-    """Per-segment sums [num_segments] of ``values`` where ``keep``; negative ids are padding.
+    """Per-segment sums [num_segments] of ``values`` where ``keep``; ids outside [0, num_segments)
+    (negative ids mark padding) contribute nothing and get no gradient.
 
     Deterministic (Triton path: no atomics, batch invariant) and free of host syncs. Gradient: each
     kept token receives its segment's gradient.

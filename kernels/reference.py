@@ -124,11 +124,13 @@ def token_logprobs_reference(
 
 
 def segment_sum_reference(values: Tensor, keep: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
-    """Per-segment sums of ``values`` where ``keep`` (negative ids: padding), by ``index_add``.
+    """Per-segment sums of ``values`` where ``keep`` (ids outside [0, num_segments) ignored), by ``index_add``.
 
     Deterministic on CPU; on CUDA ``index_add`` uses atomics, so the Triton kernel serves CUDA.
     """
-    valid = keep & (segment_ids >= 0)
+    valid = keep & (segment_ids >= 0) & (segment_ids < num_segments)
     kept = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
     sums = torch.zeros(num_segments, dtype=values.dtype, device=values.device)
-    return sums.index_add(0, segment_ids.clamp(min=0).long(), kept)
+    if num_segments == 0:
+        return sums
+    return sums.index_add(0, segment_ids.clamp(0, num_segments - 1).long(), kept)

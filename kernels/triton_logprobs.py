@@ -1,10 +1,11 @@
 """Triton vocab-parallel token log-probs: one read of the logits forward, one read + one write backward.
 
 Forward: one program per token streams its row of this rank's vocab shard through an online
-max / sum-exp in fp32 and picks the label's logit if this shard owns it. Three fp32 numbers per
-token leave the kernel (max, sum-exp, target); two small all-reduces merge them over the TP group
-(MAX of the max, then SUM of the rescaled sum-exp and the target). Saved for backward: the logits
-themselves (no copy) and one fp32 log-sum-exp per token.
+max / sum-exp in fp32 and picks the label's logit if this shard owns it. On a single shard the
+kernel writes the log-prob and log-sum-exp directly; under TP three fp32 numbers per token leave the
+kernel (max, sum-exp, target) and two small all-reduces merge them (MAX of the max, then SUM of the
+rescaled sum-exp and the target). Saved for backward: the logits themselves (no copy) and one fp32
+log-sum-exp per token.
 
 Backward: a 2-D grid over (token, vocab block) forms g * (onehot - softmax) in fp32 and rounds once
 to the logits' dtype, optionally writing into the logits' own storage.
@@ -27,16 +28,19 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _forward_stats_kernel(
+def _forward_kernel(
     logits_ptr,
     labels_ptr,
-    stats_ptr,  # fp32 [3, T]: row max, sum of exp(x - max), label logit (0 where not owned)
+    out_ptr,  # FINALIZE: fp32 [T] log-probs
+    lse_ptr,  # FINALIZE: fp32 [T] log-sum-exp
+    stats_ptr,  # not FINALIZE: fp32 [3, T] row max, sum of exp(x - max), label logit (0 where not owned)
     row_stride,
     num_tokens,
     local_vocab,
     vocab_start_index,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    FINALIZE: tl.constexpr,  # single shard: finish the log-prob here, no [3, T] round trip
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
@@ -46,15 +50,22 @@ def _forward_stats_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < local_vocab, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        # While every logit so far is -inf (masked vocab), shift by 0 so no -inf - -inf NaN appears.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
         row_max = new_max
     label = tl.load(labels_ptr + row)
     local_label = label - vocab_start_index
     owned = (label != ignore_index) & (local_label >= 0) & (local_label < local_vocab)
     target = tl.load(row_ptr + local_label, mask=owned, other=0.0).to(tl.float32)
-    tl.store(stats_ptr + row, row_max)
-    tl.store(stats_ptr + num_tokens + row, sum_exp)
-    tl.store(stats_ptr + 2 * num_tokens + row, target)
+    if FINALIZE:
+        lse = row_max + tl.log(sum_exp)
+        tl.store(lse_ptr + row, lse)
+        tl.store(out_ptr + row, tl.where(label == ignore_index, 0.0, target - lse))
+    else:
+        tl.store(stats_ptr + row, row_max)
+        tl.store(stats_ptr + num_tokens + row, sum_exp)
+        tl.store(stats_ptr + 2 * num_tokens + row, target)
 
 
 @triton.jit
@@ -97,16 +108,14 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def forward_stats(logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int) -> Tensor:
-    """fp32 [3, T] per-token (max, sum-exp, target logit) of this vocab shard."""
+def _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, stats, finalize: bool) -> None:
     num_tokens, local_vocab = logits.shape
-    stats = torch.empty(3, num_tokens, dtype=torch.float32, device=logits.device)
-    if num_tokens == 0:
-        return stats
     block = _block_size(local_vocab, 4096)
-    _forward_stats_kernel[(num_tokens,)](
+    _forward_kernel[(num_tokens,)](
         logits,
         labels,
+        out,
+        lse,
         stats,
         logits.stride(0),
         num_tokens,
@@ -114,22 +123,40 @@ def forward_stats(logits: Tensor, labels: Tensor, vocab_start_index: int, ignore
         vocab_start_index,
         ignore_index,
         BLOCK_V=block,
+        FINALIZE=finalize,
         num_warps=_num_warps(block),
     )
-    return stats
 
 
-def merge_stats(stats: Tensor, tp_group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
-    """Combines the shards' statistics over ``tp_group`` -> (log-sum-exp [T], target logit [T])."""
-    row_max, sum_exp, target = stats[0], stats[1], stats[2]
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        global_max = row_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-        stats[1] = sum_exp * torch.exp(row_max - global_max)
-        partial = stats[1:]
-        dist.all_reduce(partial, group=tp_group)
-        row_max, sum_exp, target = global_max, partial[0], partial[1]
-    return row_max + torch.log(sum_exp), target
+def forward_logprobs(
+    logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int, tp_group: dist.ProcessGroup | None
+) -> tuple[Tensor, Tensor]:
+    """(log-probs [T], log-sum-exp [T]), both fp32, over the vocab split across ``tp_group``.
+
+    A single shard finishes inside the kernel (8 bytes per token). Under TP the kernel returns three
+    floats per token and two all-reduces merge them: MAX of the max, then SUM of the rescaled sum-exp
+    and of the owner's target logit.
+    """
+    num_tokens = logits.shape[0]
+    device = logits.device
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        out = torch.empty(num_tokens, dtype=torch.float32, device=device)
+        lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
+        if num_tokens:
+            _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, out, finalize=True)
+        return out, lse
+    stats = torch.empty(3, num_tokens, dtype=torch.float32, device=device)
+    if num_tokens:
+        _launch_forward(logits, labels, vocab_start_index, ignore_index, stats, stats, stats, finalize=False)
+    global_max = stats[0].clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    shift = torch.where(global_max == float("-inf"), 0.0, global_max)
+    stats[1].mul_(torch.exp(stats[0] - shift))
+    partial = stats[1:]
+    dist.all_reduce(partial, group=tp_group)
+    lse = partial[0].log().add_(global_max)
+    out = partial[1].sub_(lse).masked_fill_(labels == ignore_index, 0.0)
+    return out.clone(), lse
 
 
 def backward_into(
@@ -167,9 +194,7 @@ def backward_into(
 class _TritonTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index, inplace_backward):
-        stats = forward_stats(logits, labels, vocab_start_index, ignore_index)
-        lse, target = merge_stats(stats, tp_group)
-        out = torch.where(labels != ignore_index, target - lse, torch.zeros_like(lse))
+        out, lse = forward_logprobs(logits, labels, vocab_start_index, ignore_index, tp_group)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, labels, lse)
             ctx.vocab_start_index = vocab_start_index

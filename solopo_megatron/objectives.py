@@ -188,7 +188,9 @@ def solopo_loss(
     n, _ = _gather_roles("num_tokens", num_tokens, roles, batch)
     ref = _gather_roles("ref_logps", ref_logps, roles, batch)[0] if cfg.needs_reference else None
 
-    dtype = torch.promote_types(next(iter(s.values())).dtype, torch.float32)
+    dtype = torch.float32
+    for value in s.values():
+        dtype = torch.promote_types(dtype, value.dtype)
     s = {role: value.to(dtype) for role, value in s.items()}
     # A dummy example (padding group) may have no response tokens; clamp so it yields finite values.
     mean = {role: s[role] / n[role].to(dtype).clamp(min=1) for role in roles}

@@ -17,9 +17,26 @@ if not torch.cuda.is_available():
 IMPLEMENTATIONS = ("torch", "triton")
 
 
+def triton_runs_on_cpu() -> bool:
+    """Whether the Triton kernels serve CPU tensors here (interpreter mode: machines without CUDA)."""
+    from solopo_kernels.dispatch import triton_can_run
+
+    return triton_can_run(torch.empty(0))
+
+
+@pytest.fixture()
+def cpu_triton(monkeypatch):
+    """Forces the Triton kernels for CPU tensors; skips where they cannot run (CUDA machines)."""
+    if not triton_runs_on_cpu():
+        pytest.skip("CPU tensors run Triton only in interpreter mode (machines without CUDA)")
+    monkeypatch.setenv("SOLOPO_KERNELS", "triton")
+
+
 @pytest.fixture(params=IMPLEMENTATIONS)
 def kernel_impl(request, monkeypatch):
-    """Runs a test once with the pure-torch reference and once with the Triton kernels."""
+    """Runs a test once with the pure-torch reference and once with the Triton kernels (CPU tensors)."""
+    if request.param == "triton" and not triton_runs_on_cpu():
+        pytest.skip("CPU tensors run Triton only in interpreter mode (machines without CUDA)")
     monkeypatch.setenv("SOLOPO_KERNELS", request.param)
     return request.param
 

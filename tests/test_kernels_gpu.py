@@ -58,7 +58,9 @@ def test_real_shapes_against_float64(tokens, vocab, dtype):
     out = token_logprobs_triton(leaf, labels, ignore_index=IGNORE)
     out.backward(grad_out)
     value_tol = 1e-4 if dtype == torch.float32 else 2e-4
-    _check_rows_against_float64(logits, labels, grad_out, out, leaf.grad, value_tol, grad_ulps=2)
+    # fp32: the fp32 log-sum-exp (~20) carries ~1e-6 absolute error, i.e. several fp32 ulps of p near 1.
+    grad_ulps = 8 if dtype == torch.float32 else 2
+    _check_rows_against_float64(logits, labels, grad_out, out, leaf.grad, value_tol, grad_ulps=grad_ulps)
 
 
 def test_extra_memory_is_a_few_bytes_per_token():
@@ -73,7 +75,7 @@ def test_extra_memory_is_a_few_bytes_per_token():
     torch.cuda.synchronize()
     outputs = out.numel() * 4 + leaf.grad.numel() * leaf.grad.element_size()
     extra = torch.cuda.max_memory_allocated() - base - outputs
-    assert extra <= 16 * tokens + (1 << 20), f"{extra / tokens:.1f} bytes per token"
+    assert extra <= 16 * tokens + (64 << 10), f"{extra / tokens:.1f} bytes per token"
 
 
 def test_inplace_backward_allocates_no_gradient_buffer():
@@ -89,7 +91,7 @@ def test_inplace_backward_allocates_no_gradient_buffer():
     out = token_logprobs_triton(buffer, labels, ignore_index=IGNORE, inplace_backward=True)
     (grad,) = torch.autograd.grad(out, buffer, grad_out)
     torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - base <= 32 * tokens + (1 << 20)
+    assert torch.cuda.max_memory_allocated() - base <= 16 * tokens + (64 << 10)
     assert grad.data_ptr() == buffer.data_ptr()
     assert torch.equal(grad, reference.grad)
 

@@ -70,6 +70,7 @@ def test_gradcheck_float64():
 
 
 def test_row_chunking_gives_identical_results(monkeypatch):
+    monkeypatch.setenv("SOLOPO_KERNELS", "torch")  # the reference's row chunks
     logits, labels, grad_out = random_inputs(50, 64, torch.float32, seed=4)
     results = []
     for chunk in (1 << 24, 64 * 3, 64):  # one chunk, 3 rows per chunk, one row per chunk
@@ -82,8 +83,9 @@ def test_row_chunking_gives_identical_results(monkeypatch):
         assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_keeps_no_fp32_copy_of_the_logits():
-    """Saved for backward: the caller's logits (same storage), labels and an fp32 [T] log-sum-exp."""
+def test_keeps_no_fp32_copy_of_the_logits(monkeypatch):
+    """Reference: saved for backward are the caller's logits (same storage), labels and an fp32 [T] lse."""
+    monkeypatch.setenv("SOLOPO_KERNELS", "torch")
     logits, labels, _ = random_inputs(32, 256, torch.bfloat16, seed=5)
     leaf = logits.clone().requires_grad_()
     saved = []
@@ -197,8 +199,7 @@ def test_token_logprobs_batch_invariant_and_deterministic(kernel_impl, dtype):
     assert torch.equal(packed[0], again[0]) and torch.equal(packed[1], again[1])
 
 
-def test_triton_saves_only_logits_labels_and_lse(monkeypatch):
-    monkeypatch.setenv("SOLOPO_KERNELS", "triton")
+def test_triton_saves_only_logits_labels_and_lse(cpu_triton, monkeypatch):
     logits, labels, _ = random_inputs(32, 300, torch.bfloat16, seed=12)
     leaf = logits.clone().requires_grad_()
     saved = []
@@ -208,8 +209,7 @@ def test_triton_saves_only_logits_labels_and_lse(monkeypatch):
     assert saved[0].data_ptr() == leaf.data_ptr() and saved[2].dtype == torch.float32
 
 
-def test_triton_inplace_backward_writes_gradient_into_logits(monkeypatch):
-    monkeypatch.setenv("SOLOPO_KERNELS", "triton")
+def test_triton_inplace_backward_writes_gradient_into_logits(cpu_triton, monkeypatch):
     logits, labels, grad_out = random_inputs(20, 130, torch.bfloat16, seed=13)
     expected_leaf = logits.clone().requires_grad_()
     token_logprobs(expected_leaf, labels, ignore_index=IGNORE).backward(grad_out.float())
@@ -221,14 +221,46 @@ def test_triton_inplace_backward_writes_gradient_into_logits(monkeypatch):
     assert torch.equal(buffer.detach(), expected_leaf.grad)  # the logits' storage now holds the gradient
 
 
-def test_forced_triton_rejects_unsupported_dtype(monkeypatch):
-    monkeypatch.setenv("SOLOPO_KERNELS", "triton")
+def test_forced_triton_rejects_unsupported_dtype(cpu_triton, monkeypatch):
     logits, labels, _ = random_inputs(3, 5, torch.float64, seed=14)
     with pytest.raises(RuntimeError, match="does not take torch.float64"):
         token_logprobs(logits, labels)
     monkeypatch.setenv("SOLOPO_KERNELS", "cuda")
     with pytest.raises(ValueError, match="SOLOPO_KERNELS must be one of auto, triton, torch"):
         token_logprobs(logits, labels)
+
+
+def test_masked_vocab_gives_finite_log_probs(kernel_impl):
+    """-inf logits (a masked vocab block or a whole shard) must not turn into NaN."""
+    logits, labels, grad_out = random_inputs(6, 4200, torch.float32, seed=15)
+    logits[:, :4100] = float("-inf")  # the whole first Triton block, most of the second
+    labels = 4100 + labels % 100
+    leaf = logits.clone().requires_grad_()
+    out = token_logprobs(leaf, labels, ignore_index=IGNORE)
+    out.backward(grad_out.float())
+    torch.testing.assert_close(out.double(), oracle_token_logprobs(logits, labels), rtol=0, atol=1e-5)
+    assert torch.isfinite(leaf.grad).all() and torch.all(leaf.grad[:, :4100] == 0)
+
+
+def test_strided_logits_and_int32_labels(kernel_impl):
+    logits, labels, grad_out = random_inputs(20, 300, torch.bfloat16, seed=16)
+    wide = torch.cat([logits, torch.randn(20, 44).bfloat16()], dim=1)
+    view = wide[:, :300]  # row stride 344, not 300
+    leaf = wide.clone().requires_grad_()
+    out = token_logprobs(leaf[:, :300], labels.int(), ignore_index=IGNORE)
+    out.backward(grad_out.float())
+    torch.testing.assert_close(out.double(), oracle_token_logprobs(view, labels), rtol=0, atol=1e-4)
+    assert torch.all(leaf.grad[:, 300:] == 0)
+
+
+def test_segment_sum_ignores_out_of_range_ids_forward_and_backward(kernel_impl):
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)
+    sums = sequence_logprobs(values, torch.ones(4, dtype=torch.bool), torch.tensor([0, 1, 5, -1]), 2)
+    torch.testing.assert_close(sums, torch.tensor([1.0, 2.0]))
+    sums.sum().backward()
+    torch.testing.assert_close(values.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    empty = sequence_logprobs(values.detach(), torch.ones(4, dtype=torch.bool), torch.tensor([0, 1, 5, -1]), 0)
+    assert empty.shape == (0,)
 
 
 def test_segment_spans_handle_padding_and_empty_segments():
