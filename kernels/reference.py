@@ -36,6 +36,16 @@ def _row_chunks(num_rows: int, row_elements: int):
         yield slice(start, min(start + step, num_rows))
 
 
+def check_token_logprob_inputs(logits: Tensor, labels: Tensor) -> None:
+    """Shapes and dtypes shared by every token_logprobs implementation; ValueError naming the problem."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
 def _owned_labels(labels: Tensor, vocab_start_index: int, local_vocab: int, ignore_index: int):
     """(owned mask, safe local index): which tokens' labels live in this rank's vocab shard."""
     local = labels - vocab_start_index
@@ -114,12 +124,7 @@ def token_logprobs_reference(
     Returns fp32 [T] (fp64 for fp64 logits), identical on every rank of ``tp_group``. Gradient flows
     to ``logits`` only.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    check_token_logprob_inputs(logits, labels)
     return _TokenLogprobs.apply(logits, labels.long(), int(vocab_start_index), tp_group, int(ignore_index))
 
 

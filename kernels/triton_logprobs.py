@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import check_token_logprob_inputs
+
 # Decorating under TRITON_INTERPRET=1 makes these kernels run on CPU tensors (the CPU tests).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -225,12 +227,7 @@ def token_logprobs_triton(
     ``inplace_backward=True`` writes the gradient into the logits' storage, saving a [T, V_local]
     buffer; use it only when nothing else reads the logits after the backward pass.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    check_token_logprob_inputs(logits, labels)
     if logits.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the Triton kernel takes bf16, fp16 or fp32 logits, got {logits.dtype}")
     if logits.stride(1) != 1:

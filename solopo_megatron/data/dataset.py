@@ -76,7 +76,8 @@ class TokenizedDataset:
         self.fingerprint: str = self.meta["fingerprint"]
         self.tokens = np.memmap(directory / "tokens.bin", dtype=np.int32, mode="r") if self.meta["num_tokens"] else np.zeros(0, np.int32)
         count = self.meta["num_examples"]
-        self.index = np.fromfile(directory / "index.bin", dtype=np.int64).reshape(count, len(self.roles), 3)
+        shape = (count, len(self.roles), 3)
+        self.index = np.memmap(directory / "index.bin", dtype=np.int64, mode="r", shape=shape) if count else np.zeros(shape, np.int64)
         self.example_ids = (directory / "ids.txt").read_text(encoding="utf-8").split("\n")[:count]
 
     def __len__(self) -> int:
