@@ -74,14 +74,26 @@ class TokenizedDataset:
         self.meta = json.loads((directory / "meta.json").read_text())
         self.roles: tuple[str, ...] = tuple(self.meta["roles"])
         self.fingerprint: str = self.meta["fingerprint"]
-        self.tokens = np.memmap(directory / "tokens.bin", dtype=np.int32, mode="r") if self.meta["num_tokens"] else np.zeros(0, np.int32)
+        # Token ids are read per sequence with pread, not memory-mapped: mapped pages would count
+        # toward this process's resident memory and grow with the file.
+        self._tokens_fd = os.open(directory / "tokens.bin", os.O_RDONLY)
         count = self.meta["num_examples"]
-        shape = (count, len(self.roles), 3)
-        self.index = np.memmap(directory / "index.bin", dtype=np.int64, mode="r", shape=shape) if count else np.zeros(shape, np.int64)
+        self.index = np.fromfile(directory / "index.bin", dtype=np.int64).reshape(count, len(self.roles), 3)
         self.example_ids = (directory / "ids.txt").read_text(encoding="utf-8").split("\n")[:count]
 
     def __len__(self) -> int:
         return len(self.example_ids)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_tokens_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def _read_tokens(self, offset: int, length: int) -> np.ndarray:
+        data = os.pread(self._tokens_fd, 4 * length, 4 * offset)
+        if len(data) != 4 * length:
+            raise DataError(f"{self.directory / 'tokens.bin'}: truncated cache file (delete the folder to rebuild it)")
+        return np.frombuffer(data, dtype=np.int32)
 
     def padded_length(self, i: int, pad_multiple: int) -> int:
         lengths = self.index[i, :, 1]
@@ -92,8 +104,7 @@ class TokenizedDataset:
         sequences = {}
         for role in roles:
             offset, length, response_start = self.index[i, self.roles.index(role)]
-            ids = np.array(self.tokens[offset : offset + length])  # a copy: the memmap stays read-only
-            sequences[role] = EncodedSequence(ids, int(response_start))
+            sequences[role] = EncodedSequence(self._read_tokens(int(offset), int(length)), int(response_start))
         example_id = self.example_ids[i]
         refs = ref_store.lookup(example_id, roles) if ref_store is not None else None
         return Group(example_id, sequences, refs)
