@@ -127,9 +127,10 @@ def cmd_inspect(args) -> int:
     dataset, report = TokenizedDataset.build(args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip")
     print(report.summary())
     print(f"cache: {dataset.directory}")
+    table = dataset.lengths()
     for r, role in enumerate(roles):
-        lengths = dataset.index[:, r, 1]
-        responses = lengths - dataset.index[:, r, 2]
+        lengths = table[:, r, 0]
+        responses = lengths - table[:, r, 1]
         print(f"{role:15s} tokens mean {statistics.fmean(lengths.tolist()):8.1f} max {int(lengths.max()):7d}"
               f"   response tokens mean {statistics.fmean(responses.tolist()):6.1f}")
     multiple = pad_multiple_for(args.cp, args.tp, args.sequence_parallel)

@@ -25,7 +25,7 @@ from .records import ReadReport, Record, iter_records
 from .reference_store import ReferenceStore
 from .tokenize import EncodedSequence, SequenceEncoder, tokenizer_fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = Path(os.environ.get("SOLOPO_CACHE_DIR", Path.home() / ".cache" / "solopo_megatron"))
 
 
@@ -74,38 +74,57 @@ class TokenizedDataset:
         self.meta = json.loads((directory / "meta.json").read_text())
         self.roles: tuple[str, ...] = tuple(self.meta["roles"])
         self.fingerprint: str = self.meta["fingerprint"]
-        # Token ids are read per sequence with pread, not memory-mapped: mapped pages would count
-        # toward this process's resident memory and grow with the file.
-        self._tokens_fd = os.open(directory / "tokens.bin", os.O_RDONLY)
-        count = self.meta["num_examples"]
-        self.index = np.fromfile(directory / "index.bin", dtype=np.int64).reshape(count, len(self.roles), 3)
-        self.example_ids = (directory / "ids.txt").read_text(encoding="utf-8").split("\n")[:count]
+        # Everything is read per example with pread, not memory-mapped or loaded: mapped pages would
+        # count toward this process's resident memory, and both would grow with the file.
+        self._num_examples = self.meta["num_examples"]
+        names = ("tokens.bin", "index.bin", "id_index.bin", "ids.bin")
+        self._fds = {name: os.open(directory / name, os.O_RDONLY) for name in names}
 
     def __len__(self) -> int:
-        return len(self.example_ids)
+        return self._num_examples
 
     def __del__(self) -> None:
-        fd = getattr(self, "_tokens_fd", None)
-        if fd is not None:
+        for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
 
-    def _read_tokens(self, offset: int, length: int) -> np.ndarray:
-        data = os.pread(self._tokens_fd, 4 * length, 4 * offset)
-        if len(data) != 4 * length:
-            raise DataError(f"{self.directory / 'tokens.bin'}: truncated cache file (delete the folder to rebuild it)")
-        return np.frombuffer(data, dtype=np.int32)
+    def _read(self, name: str, dtype, offset: int, count: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        data = os.pread(self._fds[name], size * count, size * offset)
+        if len(data) != size * count:
+            raise DataError(f"{self.directory / name}: truncated cache file (delete the folder to rebuild it)")
+        return np.frombuffer(data, dtype=dtype)
+
+    def index_rows(self, i: int) -> np.ndarray:
+        """[R, 3] int64 of example i: per role (token offset, length, response start)."""
+        return self._read("index.bin", np.int64, i * len(self.roles) * 3, len(self.roles) * 3).reshape(-1, 3)
+
+    def example_id(self, i: int) -> str:
+        start, length = self._read("id_index.bin", np.int64, 2 * i, 2)
+        return self._read("ids.bin", np.uint8, int(start), int(length)).tobytes().decode("utf-8")
+
+    @property
+    def example_ids(self) -> list[str]:
+        """All ids (O(N) memory: for inspection and tests, not the training path)."""
+        return [self.example_id(i) for i in range(len(self))]
+
+    def lengths(self) -> np.ndarray:
+        """[N, R, 2] int64 (sequence length, response start), read in one pass (for inspection)."""
+        rows = np.fromfile(self.directory / "index.bin", dtype=np.int64).reshape(len(self), len(self.roles), 3)
+        return rows[:, :, 1:3]
 
     def padded_length(self, i: int, pad_multiple: int) -> int:
-        lengths = self.index[i, :, 1]
+        lengths = self.index_rows(i)[:, 1]
         return int((-(-lengths // pad_multiple) * pad_multiple).sum())
 
     def group(self, i: int, roles: Sequence[str] | None = None, ref_store: ReferenceStore | None = None) -> Group:
         roles = tuple(roles or self.roles)
+        rows = self.index_rows(i)
         sequences = {}
         for role in roles:
-            offset, length, response_start = self.index[i, self.roles.index(role)]
-            sequences[role] = EncodedSequence(self._read_tokens(int(offset), int(length)), int(response_start))
-        example_id = self.example_ids[i]
+            offset, length, response_start = rows[self.roles.index(role)]
+            ids = self._read("tokens.bin", np.int32, int(offset), int(length))
+            sequences[role] = EncodedSequence(ids, int(response_start))
+        example_id = self.example_id(i)
         refs = ref_store.lookup(example_id, roles) if ref_store is not None else None
         return Group(example_id, sequences, refs)
 
@@ -155,9 +174,9 @@ class TokenizedDataset:
 
 def _write_cache_files(directory: Path, stream, roles, progress: bool, description: str) -> int:
     """Appends each example's token ids, index rows and id to the cache files; returns the token count."""
-    num_tokens = 0
+    num_tokens = id_bytes = 0
     with open(directory / "tokens.bin", "wb") as tokens, open(directory / "index.bin", "wb") as index, \
-            open(directory / "ids.txt", "w", encoding="utf-8") as ids:
+            open(directory / "id_index.bin", "wb") as id_index, open(directory / "ids.bin", "wb") as ids:
         for record, sequences in _with_progress(stream, progress, description):
             rows = np.zeros((len(roles), 3), dtype=np.int64)
             for r, role in enumerate(roles):
@@ -166,7 +185,10 @@ def _write_cache_files(directory: Path, stream, roles, progress: bool, descripti
                 rows[r] = (num_tokens, len(seq.ids), seq.response_start)
                 num_tokens += len(seq.ids)
             rows.tofile(index)
-            ids.write(record.id + "\n")
+            encoded_id = record.id.encode("utf-8")
+            np.array([id_bytes, len(encoded_id)], dtype=np.int64).tofile(id_index)
+            ids.write(encoded_id)
+            id_bytes += len(encoded_id)
     return num_tokens
 
 

@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import re
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,29 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
     return record, []
 
 
+class IdRegistry:
+    """The ids seen so far, kept in a temporary SQLite file so memory does not grow with the data."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("")  # "" = a private temporary database on disk
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.execute("PRAGMA cache_size = -8192")  # at most 8 MiB of page cache
+        self._db.execute("CREATE TABLE ids (digest BLOB PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+
+    def add(self, example_id: str, line: int) -> int | None:
+        """Records ``example_id``; returns the line it was first seen on if it is a duplicate."""
+        digest = hashlib.blake2b(example_id.encode("utf-8"), digest_size=16).digest()
+        try:
+            self._db.execute("INSERT INTO ids VALUES (?, ?)", (digest, line))
+            return None
+        except sqlite3.IntegrityError:
+            return self._db.execute("SELECT line FROM ids WHERE digest = ?", (digest,)).fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
 @dataclass
 class ReadReport:
     """What a pass over a file saw: records read, problems found, lines skipped."""
@@ -146,7 +170,7 @@ def iter_records(path: str | Path, *, on_error: str = "raise", report: ReadRepor
         raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
     path = str(path)
     report = report if report is not None else ReadReport(path)
-    seen: dict[bytes, int] = {}  # id digest -> first line (digests keep memory small per id)
+    seen = IdRegistry()
 
     def fail(problems: list[Problem]) -> None:
         if on_error == "raise":
@@ -158,33 +182,34 @@ def iter_records(path: str | Path, *, on_error: str = "raise", report: ReadRepor
         handle = open(path, "rb")
     except OSError as error:
         raise DataError.at(path, None, None, f"cannot read: {error.strerror or error}") from error
-    with handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                fail([Problem(path, line_number, None, f"not valid UTF-8 (byte {error.start} of the line)")])
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as error:
-                fail([Problem(path, line_number, None, f"invalid JSON: {error.msg} at column {error.colno}")])
-                continue
-            record, problems = check_record(obj, path, line_number)
-            if record is not None:
-                digest = hashlib.blake2b(record.id.encode("utf-8"), digest_size=16).digest()
-                if digest in seen:
-                    problems = [Problem(path, line_number, "id", f"duplicate id {record.id!r} (first on line {seen[digest]})")]
-                    record = None
-                else:
-                    seen[digest] = line_number
-            if problems:
-                fail(problems)
-                continue
-            report.num_records += 1
-            yield record
+    try:
+        with handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    fail([Problem(path, line_number, None, f"not valid UTF-8 (byte {error.start} of the line)")])
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as error:
+                    fail([Problem(path, line_number, None, f"invalid JSON: {error.msg} at column {error.colno}")])
+                    continue
+                record, problems = check_record(obj, path, line_number)
+                if record is not None:
+                    first = seen.add(record.id, line_number)
+                    if first is not None:
+                        problems = [Problem(path, line_number, "id", f"duplicate id {record.id!r} (first on line {first})")]
+                        record = None
+                if problems:
+                    fail(problems)
+                    continue
+                report.num_records += 1
+                yield record
+    finally:
+        seen.close()
     if report.num_records == 0 and report.num_skipped == 0:
         problem = Problem(path, None, None, "no records (empty file)")
         if on_error == "raise":
