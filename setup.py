@@ -20,9 +20,18 @@ setup(
         "tokenizers>=0.20",
         "transformers>=4.45",
         "tqdm",
+        "megatron-core>=0.16.1,<0.20",
+        "omegaconf>=2.3",
+        "psutil",
         "triton>=3.0; platform_system == 'Linux'",
     ],
-    entry_points={"console_scripts": ["solopo-data = solopo_megatron.data.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "solopo-train = solopo_megatron.train:main",
+            "solopo-ref-logps = solopo_megatron.train:ref_logps_main",
+            "solopo-data = solopo_megatron.data.cli:main",
+        ]
+    },
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
         # Optional, GPU-only accelerators; everything works without them.

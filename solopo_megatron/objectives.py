@@ -180,8 +180,10 @@ def solopo_loss(
         cfg: the loss configuration.
         ref_logps: role -> [B] reference-model sums; required for dpo, ignored otherwise.
 
-    Only the roles of ``required_roles(cfg)`` are read. Returns the per-example loss [B] (autograd
-    connected to ``logps``) and a dict of detached per-example metrics [B].
+    The loss reads only the roles of ``required_roles(cfg)``; other roles given with everything their
+    reward needs (e.g. long_rejected at evaluation) add metrics only (rewards, long margin and
+    accuracy). Returns the per-example loss [B] (autograd connected to ``logps``) and a dict of
+    detached per-example metrics [B].
     """
     roles = required_roles(cfg)
     s, batch = _gather_roles("logps", logps, roles, None)
@@ -220,7 +222,15 @@ def solopo_loss(
         metrics["solo_ra_loss"] = solo_ra_loss
 
     metrics["loss"] = loss
-    for role in roles:
+    # Roles beyond the required ones (e.g. long_rejected at evaluation) feed metrics only.
+    extra = _extra_roles(logps, num_tokens, ref_logps if cfg.needs_reference else None, roles, batch)
+    with torch.no_grad():
+        for role, (s_extra, n_extra, ref_extra) in extra.items():
+            s[role] = s_extra.to(dtype)
+            mean[role] = s[role] / n_extra.to(dtype).clamp(min=1)
+            rewards.update(_rewards(cfg, {role: s[role]}, {role: mean[role]},
+                                    None if ref_extra is None else {role: ref_extra.to(dtype)}))
+    for role in s:
         metrics[f"rewards/{role}"] = rewards[role]
         metrics[f"logps/{role}"] = s[role]
     for context in ("short", "long"):
@@ -229,3 +239,17 @@ def solopo_loss(
             metrics[f"margin/{context}"] = context_margin
             metrics[f"accuracy/{context}"] = (context_margin > 0).to(dtype)
     return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def _extra_roles(logps, num_tokens, ref_logps, required, batch) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+    """Roles given beyond ``required`` with everything their reward needs (else ignored)."""
+    extra = {}
+    for role in ROLES:
+        if role in required or role not in logps or role not in num_tokens:
+            continue
+        if ref_logps is not None and role not in ref_logps:
+            continue
+        values = (logps[role], num_tokens[role], None if ref_logps is None else ref_logps[role])
+        if all(v is None or (isinstance(v, Tensor) and v.shape == (batch,)) for v in values):
+            extra[role] = values
+    return extra

@@ -190,14 +190,19 @@ def test_long_accuracy_reported_when_long_rejected_present():
     assert {"rewards/long_rejected", "solo_ra_gap/rejected", "margin/long"} <= metrics.keys()
 
 
-def test_only_required_roles_are_read():
+def test_only_required_roles_enter_the_loss_extra_roles_add_metrics():
     logps, n, ref = random_batch(2, seed=4)
     cfg = SoLoPOConfig(mode="short_po")
     short = {r: logps[r] for r in ("short_chosen", "short_rejected")}
-    loss_all, _ = solopo_loss(logps, n, cfg, ref)
+    leaves = {r: v.clone().requires_grad_() for r, v in logps.items()}
+    loss_all, metrics_all = solopo_loss(leaves, n, cfg, ref)
     loss_short, metrics = solopo_loss(short, n, cfg, ref)
     torch.testing.assert_close(loss_all, loss_short)
     assert not any("long" in key for key in metrics)
+    margin = 0.1 * ((logps["long_chosen"] - ref["long_chosen"]) - (logps["long_rejected"] - ref["long_rejected"]))
+    torch.testing.assert_close(metrics_all["margin/long"], margin)
+    loss_all.sum().backward()
+    assert leaves["long_chosen"].grad is None or torch.all(leaves["long_chosen"].grad == 0)
 
 
 def test_orpo_log_odds_is_stable():

@@ -1,0 +1,117 @@
+"""Model provider: megatron-core GPTModel for the Llama / Qwen2 family (RoPE, GQA, SwiGLU, RMSNorm).
+
+Transformer Engine's layer spec when TE is importable (its attention does THD packing and CP);
+otherwise Megatron's local spec with ``PackedCoreAttention`` as the core attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelSection
+
+TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001  (ImportError, or a broken CUDA/TE install)
+        return False
+    return True
+
+
+def resolve_transformer_impl(model: ModelSection) -> str:
+    if model.transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {model.transformer_impl!r}")
+    if model.transformer_impl == "auto":
+        return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
+    if model.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("model.transformer_impl: transformer_engine is not importable here")
+    return model.transformer_impl
+
+
+def padded_vocab_size(vocab_size: int, model: ModelSection) -> int:
+    """Megatron's rule: pad to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size."""
+    multiple = model.make_vocab_size_divisible_by * model.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_dropout=model.attention_dropout,
+        hidden_dropout=model.hidden_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=model.tensor_model_parallel_size,
+        pipeline_model_parallel_size=model.pipeline_model_parallel_size,
+        context_parallel_size=model.context_parallel_size,
+        cp_comm_type=model.cp_comm_type,
+        sequence_parallel=model.sequence_parallel,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        calculate_per_token_loss=True,
+        variable_seq_lengths=False,
+    )
+
+
+def layer_spec(model: ModelSection, impl: str):
+    if impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    if model.sequence_parallel:
+        raise ValueError("model.sequence_parallel needs the Transformer Engine layer spec (its norms support it)")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from .attention import PackedCoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    return spec
+
+
+def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: int, impl: str):
+    """This pipeline stage's GPTModel (embedding on the first stage, output layer on the last)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, impl),
+        vocab_size=padded_vocab_size(vocab_size, model),
+        max_sequence_length=max_tokens,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+    )

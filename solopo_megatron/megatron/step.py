@@ -1,0 +1,107 @@
+"""The SoLoPO forward step and loss closure for Megatron's pipeline schedules.
+
+Loss contract (``calculate_per_token_loss=True``, stable across megatron-core 0.16-0.19): the closure
+returns (sum of per-example losses in this microbatch, valid examples if cp_rank == 0 else 0, report).
+Megatron sums gradients over DP x CP and divides by the global example count: the gradient of the
+batch mean for any TP/PP/CP/DP layout. The report holds [sum, count] pairs per metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..data.packing import Microbatch
+from ..logprobs import sequence_logprobs, token_logprobs
+from ..objectives import SoLoPOConfig, solopo_loss
+from .attention import packed_attention_mask
+
+
+@dataclass
+class StepContext:
+    loss: SoLoPOConfig
+    tp_group: dist.ProcessGroup | None
+    cp_group: dist.ProcessGroup | None
+    local_attention: bool  # True: the local spec, which takes the packed mask as attention_mask
+    inplace_logits_backward: bool = True
+    forward_only_logps: bool = False  # reference pass: report per-sequence sums, no loss
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp_group) if self.tp_group is not None else 0
+
+    @property
+    def cp_size(self) -> int:
+        return dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(self.cp_group) if self.cp_group is not None else 0
+
+
+def packed_seq_params(mb: Microbatch):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    padded = mb.cu_seqlens_padded
+    max_len = int((padded[1:] - padded[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=mb.cu_seqlens,
+        cu_seqlens_kv=mb.cu_seqlens,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )
+
+
+def forward_step(ctx: StepContext, data_iterator, model):
+    """Megatron forward_step_func: this rank's (CP-sharded) microbatch through this pipeline stage."""
+    mb: Microbatch = next(data_iterator)
+    mask = None
+    if ctx.local_attention:
+        mask = packed_attention_mask(mb.cu_seqlens_padded, ctx.cp_size, ctx.cp_rank).to(mb.tokens.device)
+    output = model(
+        input_ids=mb.tokens[None],
+        position_ids=mb.position_ids[None],
+        attention_mask=mask,
+        packed_seq_params=packed_seq_params(mb),
+    )
+    return output, partial(loss_func, ctx, mb)
+
+
+def microbatch_sequence_logps(ctx: StepContext, mb: Microbatch, logits: Tensor) -> Tensor:
+    """Per-sequence response log-prob sums [S] (complete over TP and CP) from vocab-parallel logits."""
+    logits = logits.reshape(-1, logits.shape[-1])  # [t, 1, V_local] -> [t, V_local]
+    if logits.shape[0] != mb.labels.numel():
+        raise ValueError(f"logits cover {logits.shape[0]} tokens but the microbatch has {mb.labels.numel()}")
+    token_logps = token_logprobs(
+        logits,
+        mb.labels,
+        vocab_start_index=ctx.tp_rank * logits.shape[1],
+        tp_group=ctx.tp_group,
+        inplace_backward=ctx.inplace_logits_backward and not ctx.forward_only_logps,
+    )
+    return sequence_logprobs(token_logps, mb.loss_mask, mb.segment_ids, mb.num_sequences, cp_group=ctx.cp_group)
+
+
+def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
+    sums = microbatch_sequence_logps(ctx, mb, output_tensor)
+    valid = mb.valid
+    count = valid.sum().to(torch.int) if ctx.cp_rank == 0 else torch.zeros((), dtype=torch.int, device=valid.device)
+    if ctx.forward_only_logps:
+        report = {"sequence_logps": sums.detach().view(mb.num_groups, len(mb.roles))}
+        return sums.sum() * 0.0, count, report
+    logps = mb.per_role(sums)
+    num_tokens = {role: mb.num_response_tokens[:, i] for i, role in enumerate(mb.roles)}
+    ref = {role: mb.ref_logps[:, i] for i, role in enumerate(mb.roles)} if ctx.loss.needs_reference else None
+    loss, metrics = solopo_loss(logps, num_tokens, ctx.loss, ref)
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    loss_sum = torch.where(valid, loss, zero).sum()
+    weight = valid.to(loss.dtype)
+    report = {name: torch.stack([torch.where(valid, value, zero).sum(), weight.sum()]) for name, value in metrics.items()}
+    return loss_sum, count, report

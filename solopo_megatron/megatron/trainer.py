@@ -1,0 +1,397 @@
+"""The training loop: a thin driver around ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
+
+Per step: the global batch's groups are planned into this DP rank's packed microbatches, sharded
+for its CP rank, run through Megatron's schedule (PP included) with the SoLoPO loss closure, then
+Megatron's DDP gradient reduction (``finalize_model_grads``: sum over DP x CP, divide by the global
+example count), its optimizer and its learning-rate scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RecipeConfig
+from ..data.dataset import DEFAULT_CACHE_DIR, GlobalBatchSampler, TokenizedDataset, step_microbatches
+from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
+from ..data.reference_store import ReferenceStore, load_reference_store
+from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+from ..objectives import ROLES, required_roles
+from .model import build_gpt_model, resolve_transformer_impl, transformer_config
+from .parallel import Layout, init_parallel_state, init_process_group
+from .step import StepContext, forward_step
+
+
+@dataclass
+class Data:
+    train: TokenizedDataset
+    valid: TokenizedDataset | None
+    roles: tuple[str, ...]
+    pad_id: int
+    vocab_size: int
+    pad_multiple: int
+    max_tokens: int
+
+
+@dataclass
+class Trainer:
+    cfg: RecipeConfig
+    layout: Layout
+    data: Data
+    model: list
+    optimizer: object
+    scheduler: object
+    ctx: StepContext
+    store: ReferenceStore | None
+    history: list[dict] = field(default_factory=list)
+    log: Callable[[str], None] = print
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _cache_dir(cfg: RecipeConfig) -> Path:
+    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else DEFAULT_CACHE_DIR
+
+
+def _synthetic_files(cfg: RecipeConfig, layout: Layout) -> tuple[str, str]:
+    """Materialises the bundled synthetic train/valid files (deterministic; rank 0 writes)."""
+    from ..data.synthetic import generate_synthetic_records, write_jsonl
+
+    spec = dataclasses.asdict(cfg.dataset.synthetic)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    folder = _cache_dir(cfg) / "synthetic" / key
+    paths = (folder / "train.jsonl", folder / "valid.jsonl")
+    if layout.rank == 0 and not all(p.exists() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
+        s = cfg.dataset.synthetic
+        for path, count, seed, prefix in ((paths[0], s.num_train, s.seed, "train"), (paths[1], s.num_valid, s.seed + 1, "valid")):
+            records = generate_synthetic_records(count, seed=seed, long_target_words=s.long_target_words, id_prefix=prefix)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            write_jsonl(records, tmp)
+            os.replace(tmp, path)
+    dist.barrier()
+    return str(paths[0]), str(paths[1])
+
+
+def prepare_data(cfg: RecipeConfig, layout: Layout) -> Data:
+    ds = cfg.dataset
+    train_path, valid_path = ds.train_path, ds.valid_path
+    if train_path is None:
+        train_path, synthetic_valid = _synthetic_files(cfg, layout)
+        valid_path = valid_path or synthetic_valid
+    tokenizer = load_tokenizer(ds.tokenizer)
+    encoder = SequenceEncoder(
+        tokenizer,
+        PromptFormat(prompt_template=ds.prompt_template, system=ds.system_prompt),
+        LengthLimits(ds.max_short_length, ds.max_long_length, ds.truncate_long_context),
+    )
+    roles = required_roles(cfg.solopo.loss_config())
+    datasets = []
+    for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
+        if (layout.rank == 0) == rank_turn:
+            train, _ = TokenizedDataset.build(train_path, encoder, roles, cache_dir=_cache_dir(cfg),
+                                              on_error=ds.on_error, progress=layout.rank == 0)
+            # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
+            valid = TokenizedDataset.build(valid_path, encoder, ROLES, cache_dir=_cache_dir(cfg), on_error=ds.on_error,
+                                           progress=layout.rank == 0)[0] if valid_path else None
+            datasets = [train, valid]
+        dist.barrier()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    m = cfg.model
+    multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
+    if ds.max_tokens % multiple:
+        raise ValueError(f"dataset.max_tokens={ds.max_tokens} must be a multiple of {multiple} (2 x cp, x tp with SP)")
+    return Data(datasets[0], datasets[1], roles, pad_id, len(tokenizer), multiple, ds.max_tokens)
+
+
+def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles, layout: Layout,
+                 store: ReferenceStore | None) -> list[Microbatch]:
+    """This rank's microbatches for one global batch: planned for its DP rank, sharded for its CP rank."""
+    mbs = step_microbatches(dataset, indices, roles, max_tokens=data.max_tokens, pad_multiple=data.pad_multiple,
+                            pad_id=data.pad_id, dp_size=layout.dp, dp_rank=layout.dp_rank, ref_store=store)
+    return [shard_microbatch(mb, layout.cp, layout.cp_rank).to(layout.device) for mb in mbs]
+
+
+# ----------------------------------------------------------------------------- model and optimizer
+
+
+def build_model_and_optimizer(cfg: RecipeConfig, layout: Layout, data: Data, init_state: dict | None = None):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else layout.device.type == "cuda"
+    impl = resolve_transformer_impl(cfg.model)
+    config = transformer_config(cfg.model, bf16=bf16, max_tokens=data.max_tokens)
+    module = build_gpt_model(cfg.model, config, data.vocab_size, data.max_tokens, impl)
+    if init_state is not None:
+        from megatron.core import parallel_state
+
+        from .weights import load_full_state_dict
+
+        load_full_state_dict(module, init_state, parallel_state.get_tensor_model_parallel_group())
+    module.to(layout.device)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model[0].no_sync
+    o = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
+            params_dtype=config.params_dtype, use_distributed_optimizer=o.use_distributed_optimizer,
+        ),
+        model,
+    )
+    s = cfg.scheduler
+    train_iters = cfg.train.train_iters
+    decay_iters = s.lr_decay_iters or train_iters
+    if s.lr_warmup_iters >= max(1, decay_iters):
+        raise ValueError(f"scheduler.lr_warmup_iters={s.lr_warmup_iters} must be below the decay iterations "
+                         f"(scheduler.lr_decay_iters or train.train_iters = {decay_iters})")
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if s.lr_warmup_iters else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.lr_warmup_iters,
+        lr_decay_steps=max(1, decay_iters),
+        lr_decay_style=s.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(1, train_iters),
+        wd_incr_style="constant",
+    )
+    return model, optimizer, scheduler, impl
+
+
+# ----------------------------------------------------------------------------- running microbatches
+
+
+def _groups():
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+    cp = parallel_state.get_context_parallel_group() if parallel_state.get_context_parallel_world_size() > 1 else None
+    return tp, cp
+
+
+def run_schedule(trainer: Trainer, mbs: list[Microbatch], *, forward_only: bool, ctx: StepContext | None = None) -> list[dict]:
+    """One pass of Megatron's schedule over ``mbs``; the reports (last pipeline stage only)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, ctx or trainer.ctx),
+        data_iterator=iter(mbs),
+        model=trainer.model,
+        num_microbatches=len(mbs),
+        seq_length=trainer.data.max_tokens,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+def reduce_reports(reports: list[dict], layout: Layout) -> dict[str, float]:
+    """Sums [value, count] pairs over microbatches and DP ranks -> means (last stage only)."""
+    from megatron.core import parallel_state
+
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    totals = torch.stack([sum(r[name] for r in reports) for name in names]).double()  # [metrics, 2]
+    if layout.dp > 1:
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return {name: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+
+
+def compute_reference_store(trainer: Trainer, datasets: Sequence[tuple[TokenizedDataset, tuple[str, ...]]],
+                            path: str | Path, fingerprint: str) -> ReferenceStore:
+    """Per-sequence log-prob sums of the current weights over ``datasets``, written to ``path``."""
+    from megatron.core import parallel_state
+
+    layout = trainer.layout
+    ctx = dataclasses.replace(trainer.ctx, forward_only_logps=True)
+    entries: list[tuple[str, dict[str, float]]] = []
+    batch_size = trainer.cfg.train.global_batch_size
+    for model in trainer.model:
+        model.eval()
+    with torch.no_grad():
+        for dataset, roles in datasets:
+            for start in range(0, len(dataset), batch_size):
+                indices = list(range(start, min(start + batch_size, len(dataset))))
+                mbs = step_batches(trainer.data, dataset, indices, roles, layout, None)
+                reports = run_schedule(trainer, mbs, forward_only=True, ctx=ctx)
+                for mb, report in zip(mbs, reports):
+                    sums = report["sequence_logps"].cpu()
+                    for g, example_id in enumerate(mb.example_ids):
+                        if mb.valid[g]:
+                            entries.append((example_id, dict(zip(roles, sums[g].tolist()))))
+    for model in trainer.model:
+        model.train()
+    if layout.is_last_stage and layout.tp_rank == 0 and layout.cp_rank == 0:
+        gathered = [None] * layout.dp
+        if layout.dp > 1:
+            dist.all_gather_object(gathered, entries, group=parallel_state.get_data_parallel_group())
+        else:
+            gathered = [entries]
+        if layout.dp_rank == 0:
+            store = ReferenceStore(ROLES, data_fingerprint=fingerprint, info={"source": "initial weights"})
+            for part in gathered:
+                for example_id, sums in part:
+                    store.add(example_id, sums)
+            store.save(path)
+    dist.barrier()
+    return load_reference_store(path, data_fingerprint=fingerprint)
+
+
+def reference_fingerprint(data: Data) -> str:
+    parts = [data.train.fingerprint, data.valid.fingerprint if data.valid else ""]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def reference_store_path(trainer: Trainer) -> Path:
+    cfg = trainer.cfg
+    if cfg.solopo.reference_store:
+        return Path(cfg.solopo.reference_store)
+    return _cache_dir(cfg) / "reference" / f"{reference_fingerprint(trainer.data)}-seed{cfg.rng.seed}.jsonl"
+
+
+def reference_datasets(trainer: Trainer):
+    data = trainer.data
+    return [(data.train, data.roles)] + ([(data.valid, ROLES)] if data.valid else [])
+
+
+def ensure_reference_store(trainer: Trainer) -> ReferenceStore | None:
+    cfg, data = trainer.cfg, trainer.data
+    if not cfg.solopo.loss_config().needs_reference:
+        return None
+    fingerprint = reference_fingerprint(data)
+    path = reference_store_path(trainer)
+    if path.exists():
+        return load_reference_store(path, data_fingerprint=fingerprint)
+    if not cfg.solopo.compute_reference_if_missing:
+        raise ValueError(f"solopo.reference_store: {path} does not exist (run solopo-ref-logps, or set "
+                         "solopo.compute_reference_if_missing=true)")
+    trainer.log(f"computing reference log-probs from the initial weights -> {path}")
+    return compute_reference_store(trainer, reference_datasets(trainer), path, fingerprint)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[str], None] | None = None,
+          load_reference: bool = True) -> Trainer:
+    init_process_group()
+    layout = init_parallel_state(cfg.model, cfg.rng.seed)
+    data = prepare_data(cfg, layout)
+    model, optimizer, scheduler, impl = build_model_and_optimizer(cfg, layout, data, init_state)
+    tp_group, cp_group = _groups()
+    ctx = StepContext(cfg.solopo.loss_config(), tp_group, cp_group, local_attention=impl == "local",
+                      inplace_logits_backward=cfg.solopo.inplace_logits_backward)
+    printer = log or (lambda text: print(text, flush=True))
+    trainer = Trainer(cfg, layout, data, model, optimizer, scheduler, ctx, None,
+                      log=printer if layout.is_logging_rank else (lambda text: None))
+    if load_reference:
+        trainer.store = ensure_reference_store(trainer)
+    trainer.log(
+        f"solopo-train: world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
+        f"{impl} attention; {'bf16' if model[0].config.bf16 else 'fp32'} on {layout.device.type}; "
+        f"{len(data.train)} train examples; mode {cfg.solopo.mode}, loss {cfg.solopo.preference_loss}"
+    )
+    return trainer
+
+
+def train_step(trainer: Trainer, step: int, sampler: GlobalBatchSampler) -> dict[str, float]:
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    mbs = step_batches(trainer.data, trainer.data.train, sampler.batch(step), trainer.data.roles, trainer.layout,
+                       trainer.store)
+    reports = run_schedule(trainer, mbs, forward_only=False)
+    _, grad_norm, _ = trainer.optimizer.step()
+    trainer.scheduler.step(increment=1)
+    metrics = reduce_reports(reports, trainer.layout)
+    real_tokens = sum(int((mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).sum()) for mb in mbs)
+    metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                   lr=trainer.optimizer.param_groups[0]["lr"], microbatches=len(mbs), real_tokens=real_tokens)
+    return metrics
+
+
+def evaluate(trainer: Trainer) -> dict[str, float]:
+    data = trainer.data
+    if data.valid is None:
+        return {}
+    batch = trainer.cfg.train.global_batch_size
+    limit = len(data.valid)
+    if trainer.cfg.train.eval_iters:
+        limit = min(limit, trainer.cfg.train.eval_iters * batch)
+    reports = []
+    for model in trainer.model:
+        model.eval()
+    with torch.no_grad():
+        for start in range(0, limit, batch):
+            mbs = step_batches(data, data.valid, list(range(start, min(start + batch, limit))), ROLES, trainer.layout,
+                               trainer.store)
+            reports.extend(run_schedule(trainer, mbs, forward_only=True))
+    for model in trainer.model:
+        model.train()
+    return reduce_reports(reports, trainer.layout)
+
+
+def _fmt(metrics: dict[str, float], keys: Sequence[str]) -> str:
+    return " ".join(f"{key.split('/')[-1] if '/' not in key else key} {metrics[key]:.4g}" for key in keys if key in metrics)
+
+
+def train(trainer: Trainer) -> list[dict]:
+    cfg = trainer.cfg
+    sampler = GlobalBatchSampler(len(trainer.data.train), cfg.train.global_batch_size, seed=cfg.rng.seed)
+    iters, log_every = cfg.train.train_iters, max(1, cfg.train.log_interval)
+    eval_every = cfg.train.eval_interval
+    keys = ("loss", "po_loss", "solo_ra_loss", "accuracy/short", "grad_norm", "lr")
+    eval_keys = ("loss", "accuracy/short", "accuracy/long", "margin/long")
+    if eval_every:
+        result = evaluate(trainer)
+        trainer.history.append({"step": 0, "eval": result})
+        trainer.log(f"eval step 0: {_fmt(result, eval_keys)}")
+    start = time.perf_counter()
+    tokens = 0
+    for step in range(iters):
+        metrics = train_step(trainer, step, sampler)
+        tokens += metrics["real_tokens"]
+        entry = {"step": step + 1, "train": metrics}
+        if (step + 1) % log_every == 0 or step + 1 == iters:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (step + 1) * (iters - step - 1)
+            # tokens/s: real (unpadded) tokens of all sequences this DP rank forwarded, times DP.
+            rate = tokens * trainer.layout.dp / elapsed
+            trainer.log(f"step {step + 1}/{iters}: {_fmt(metrics, keys)} | {rate:,.0f} tokens/s | "
+                        f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters):
+            entry["eval"] = evaluate(trainer)
+            trainer.log(f"eval step {step + 1}: {_fmt(entry['eval'], eval_keys)}")
+        trainer.history.append(entry)
+        if trainer.layout.is_logging_rank:
+            sys.stdout.flush()
+    return trainer.history

@@ -1,0 +1,63 @@
+"""``solopo-train --config RECIPE.yaml [key=value ...]``: SoLoPO training, launchable with torchrun.
+
+    torchrun --standalone --nproc-per-node 2 -m solopo_megatron.train --config recipes/tiny-cpu.yaml
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m solopo_megatron.train --config RECIPE.yaml train.train_iters=1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_config
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.train_iters=50")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, "solopo-train")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from .megatron import trainer as training
+    from .megatron.parallel import destroy
+
+    try:
+        training.train(training.setup(cfg))
+    finally:
+        destroy()
+    return 0
+
+
+def ref_logps_main(argv: list[str] | None = None) -> int:
+    """``solopo-ref-logps``: writes the reference store (solopo.reference_store) from the current weights."""
+    args = parse_args(argv, "solopo-ref-logps")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from .megatron import trainer as training
+    from .megatron.parallel import destroy
+
+    try:
+        trainer = training.setup(cfg, load_reference=False)
+        path = training.reference_store_path(trainer)
+        store = training.compute_reference_store(trainer, training.reference_datasets(trainer), path,
+                                                 training.reference_fingerprint(trainer.data))
+        trainer.log(f"wrote {len(store)} examples' reference log-probs to {path}")
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""TP=2, PP=2, CP=2, TP=2 x CP=2 and DP=2 train step by step like one process (gloo, fp32, megatron's schedules)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+from layout_runs import MODES, run_layout
+
+# (tag, tp, pp, cp, world size, extra overrides): DP is what remains of the world.
+LAYOUTS = [
+    ("tp2", 2, 1, 1, 2, {}),
+    ("pp2", 1, 2, 1, 2, {}),
+    ("cp2", 1, 1, 2, 2, {}),
+    ("dp2", 1, 1, 1, 2, {}),
+    # Megatron's distributed optimizer takes Adam only; a large eps keeps Adam's update linear in
+    # tiny gradients, so fp32 reduction noise cannot flip near-zero updates.
+    ("dp2-distributed-optimizer", 1, 1, 1, 2, {"optimizer.use_distributed_optimizer": True}),
+    ("tp2cp2", 2, 1, 2, 4, {}),
+]
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    # The Triton interpreter would dominate the run time; the kernels are checked against the
+    # reference (TP included) in tests/test_logprobs.py and tests/test_parallel_logprobs.py.
+    monkeypatch.setenv("SOLOPO_KERNELS", "torch")
+
+
+ADAM = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "optimizer.adam_eps": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One-process runs (per optimizer), which also write the initial weights and reference stores."""
+    tmp = str(tmp_path_factory.mktemp("layouts"))
+    results = {}
+
+    def run(optimizer: str):
+        if optimizer not in results:
+            extra = ADAM if optimizer == "adam" else {}
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("SOLOPO_KERNELS", "torch")
+                run_distributed(run_layout, 1, tmp, 1, 1, 1, f"single-{optimizer}", extra)
+            results[optimizer] = torch.load(os.path.join(tmp, f"result-single-{optimizer}.pt"))
+        return results[optimizer]
+
+    return tmp, run
+
+
+@pytest.mark.parametrize("tag, tp, pp, cp, world, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_layout_matches_one_process(single, tag, tp, pp, cp, world, extra):
+    tmp, run_single = single
+    optimizer = "adam" if extra.get("optimizer.use_distributed_optimizer") else "sgd"
+    expected = run_single(optimizer)
+    if optimizer == "adam":
+        extra = {**extra, **ADAM}
+    run_distributed(run_layout, world, tmp, tp, pp, cp, tag, extra)
+    got = torch.load(os.path.join(tmp, f"result-{tag}.pt"))
+    for mode in MODES:
+        want, have = expected[mode], got[mode]
+        assert have["before"].keys() == want["before"].keys()
+        for name in want["before"]:
+            torch.testing.assert_close(have["before"][name], want["before"][name], rtol=0, atol=0, msg=f"{mode} init {name}")
+        # Per step: loss and gradient norm.
+        torch.testing.assert_close(have["steps"], want["steps"], rtol=1e-5, atol=1e-6, msg=f"{mode} loss/grad norm")
+        for name in want["after"]:
+            torch.testing.assert_close(have["after"][name], want["after"][name], rtol=1e-5, atol=1e-6,
+                                       msg=f"{mode} updated {name}")
+        assert not torch.equal(want["after"][next(iter(want["after"]))], want["before"][next(iter(want["before"]))])
