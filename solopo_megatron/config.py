@@ -121,7 +121,7 @@ class SolopoSection:
 
 @dataclass
 class LoggerSection:
-    tensorboard_dir: str | None = None
+    metrics_file: str | None = None  # JSON lines: one object per step (train metrics, eval when run)
 
 
 @dataclass

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .config import load_config
+
+# Expected on machines without Transformer Engine / Apex (CPU runs): megatron-core says so at import.
+for _message in (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
+                 r".*full scope is deprecated.*"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:

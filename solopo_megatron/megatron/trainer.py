@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -374,6 +373,7 @@ def train(trainer: Trainer) -> list[dict]:
     if eval_every:
         result = evaluate(trainer)
         trainer.history.append({"step": 0, "eval": result})
+        _write_metrics(trainer, trainer.history[-1])
         trainer.log(f"eval step 0: {_fmt(result, eval_keys)}")
     start = time.perf_counter()
     tokens = 0
@@ -381,6 +381,10 @@ def train(trainer: Trainer) -> list[dict]:
         metrics = train_step(trainer, step, sampler)
         tokens += metrics["real_tokens"]
         entry = {"step": step + 1, "train": metrics}
+        if step == 0 and trainer.store is not None and trainer.store.info.get("source") == "initial weights":
+            worst = max((abs(v) for k, v in metrics.items() if k.startswith("rewards/")), default=math.nan)
+            trainer.log(f"reward check: policy == reference before the first update, so rewards must be ~0: "
+                        f"max |mean reward| = {worst:.3g}")
         if (step + 1) % log_every == 0 or step + 1 == iters:
             elapsed = time.perf_counter() - start
             eta = elapsed / (step + 1) * (iters - step - 1)
@@ -392,6 +396,13 @@ def train(trainer: Trainer) -> list[dict]:
             entry["eval"] = evaluate(trainer)
             trainer.log(f"eval step {step + 1}: {_fmt(entry['eval'], eval_keys)}")
         trainer.history.append(entry)
-        if trainer.layout.is_logging_rank:
-            sys.stdout.flush()
+        _write_metrics(trainer, entry)
     return trainer.history
+
+
+def _write_metrics(trainer: Trainer, entry: dict) -> None:
+    path = trainer.cfg.logger.metrics_file
+    if not path or not trainer.layout.is_logging_rank:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
