@@ -42,6 +42,7 @@ class ModelSection:
     recompute_num_layers: int | None = None
     transformer_impl: str = "auto"  # auto (TE when importable) | transformer_engine | local
     bf16: bool | None = None  # None: bf16 on CUDA, fp32 on CPU
+    use_cpu_initialization: bool | None = None  # None: only without CUDA (true: same init on any device)
 
 
 @dataclass

@@ -76,7 +76,8 @@ def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=model.use_cpu_initialization if model.use_cpu_initialization is not None
+        else not torch.cuda.is_available(),
         calculate_per_token_loss=True,
         variable_seq_lengths=False,
     )
