@@ -22,13 +22,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    # The Triton interpreter would dominate the run time; the kernels are checked against the
-    # reference (TP included) in tests/test_logprobs.py and tests/test_parallel_logprobs.py.
-    monkeypatch.setenv("SOLOPO_KERNELS", "torch")
-
-
 ADAM = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "optimizer.adam_eps": 1e-3}
 
 
