@@ -48,7 +48,8 @@ def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, 
         history = training.train(trainer)
         after = gather_full_state_dict(trainer.model[0], *groups)
         # Losses live on the last pipeline stage; send them to rank 0.
-        steps = [[entry["train"].get("loss", float("nan")), entry["train"]["grad_norm"]] for entry in history]
+        steps = [[entry["train"].get("loss", float("nan")), entry["train"]["grad_norm"], entry["train"]["microbatches"]]
+                 for entry in history]
         values = torch.tensor(steps, dtype=torch.float64)
         last = torch.distributed.get_world_size() - 1 if trainer.layout.pp > 1 else 0
         torch.distributed.broadcast(values, src=last)
