@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         training.train(training.setup(cfg))
+    except ValueError as error:  # configuration and data errors (DataError included): no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         destroy()
     return 0
@@ -60,6 +63,9 @@ def ref_logps_main(argv: list[str] | None = None) -> int:
         store = training.compute_reference_store(trainer, training.reference_datasets(trainer), path,
                                                  training.reference_fingerprint(trainer.data))
         trainer.log(f"wrote {len(store)} examples' reference log-probs to {path}")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         destroy()
     return 0

@@ -14,14 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from triton_support import triton_runs_on_cpu  # noqa: E402  (after TRITON_INTERPRET is set)
+
 IMPLEMENTATIONS = ("torch", "triton")
-
-
-def triton_runs_on_cpu() -> bool:
-    """Whether the Triton kernels serve CPU tensors here (interpreter mode: machines without CUDA)."""
-    from solopo_kernels.dispatch import triton_can_run
-
-    return triton_can_run(torch.empty(0))
 
 
 @pytest.fixture()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import triton_runs_on_cpu
 from distributed import grid_groups, run_distributed
 from packed_problems import make_packed_problem, run_sharded
+from triton_support import triton_runs_on_cpu
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
 from solopo_megatron.objectives import MODES, PREFERENCE_LOSSES, SoLoPOConfig

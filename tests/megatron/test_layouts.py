@@ -19,6 +19,10 @@ LAYOUTS = [
     # tiny gradients, so fp32 reduction noise cannot flip near-zero updates.
     ("dp2-distributed-optimizer", 1, 1, 1, 2, {"optimizer.use_distributed_optimizer": True}),
     ("tp2cp2", 2, 1, 2, 4, {}),
+    # Activation recomputation changes memory, not numbers.
+    ("recompute-full", 1, 1, 1, 1, {"model.recompute_granularity": "full", "model.recompute_method": "uniform",
+                                    "model.recompute_num_layers": 1}),
+    ("recompute-selective-tp2", 2, 1, 1, 2, {"model.recompute_granularity": "selective"}),
 ]
 
 

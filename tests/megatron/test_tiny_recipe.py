@@ -31,3 +31,29 @@ def test_tiny_recipe_learns(tmp_path):
     assert last["loss"] < first["loss"] - 0.1
     assert last["accuracy/long"] >= 0.6 and last["accuracy/long"] > first["accuracy/long"]
     assert len([e for e in entries if "train" in e]) == 60
+
+
+def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
+    store = tmp_path / "ref.jsonl"
+    common = ["model.context_parallel_size=1", "dataset.synthetic.num_train=32", "dataset.synthetic.num_valid=8",
+              f"dataset.cache_dir={tmp_path / 'cache'}", f"solopo.reference_store={store}", "scheduler.lr_warmup_iters=0"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    config = str(ROOT / "recipes/tiny-cpu.yaml")
+    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", config, *common,
+                           "solopo.compute_reference_if_missing=false", "train.train_iters=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and f"solopo.reference_store: {store} does not exist" in done.stderr
+    done = subprocess.run(["solopo-ref-logps", "--config", config, *common], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote 40 examples' reference log-probs" in done.stdout
+    from solopo_megatron.data.reference_store import load_reference_store
+
+    loaded = load_reference_store(store)
+    assert len(loaded) == 40 and loaded.info == {"source": "initial weights"}
+    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", config, *common,
+                           "solopo.compute_reference_if_missing=false", "train.train_iters=2", "train.eval_interval=null",
+                           "scheduler.lr_warmup_iters=0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max |mean reward| = 0" in done.stdout
