@@ -4,7 +4,8 @@
 pipeline parallelism; ``load_full_state_dict`` loads such a view into any layout. Tensor-parallel
 parameters carry ``partition_dim`` and ``partition_stride`` (2 for SwiGLU's fused [gate, up], whose
 shards interleave); pipeline stages number their layers locally, so keys are mapped to global layer
-indices with each layer's ``layer_number``.
+indices with each layer's ``layer_number``; with tied embeddings, the last stage's output-layer copy
+maps to the embedding.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ def _global_layer_names(model: nn.Module) -> dict[str, str]:
         for local, layer in enumerate(gpt.decoder.layers):
             offsets[str(local)] = str(layer.layer_number - 1)
     names = {}
+    tied = getattr(gpt, "share_embeddings_and_output_weights", False)
     for name, _ in gpt.named_parameters():
         match = _LAYER_KEY.match(name)
         names[name] = f"{match[1]}{offsets[match[2]]}{match[3]}" if match else name
+        if tied and name == "output_layer.weight":  # the last stage's copy of the tied embedding
+            names[name] = "embedding.word_embeddings.weight"
     return names
 
 

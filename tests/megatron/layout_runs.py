@@ -9,7 +9,7 @@ import torch
 MODES = ("solopo", "short_po", "long_po")
 
 
-def tiny_overrides(tmp: str, mode: str, tp: int, pp: int, cp: int, **extra) -> list[str]:
+def tiny_overrides(tmp: str, mode: str, tp: int, pp: int, cp: int, variant: str = "base", **extra) -> list[str]:
     values = {
         "model.num_layers": 2, "model.hidden_size": 32, "model.ffn_hidden_size": 64,
         "model.num_attention_heads": 4, "model.num_query_groups": 2,
@@ -22,15 +22,22 @@ def tiny_overrides(tmp: str, mode: str, tp: int, pp: int, cp: int, **extra) -> l
         "dataset.max_tokens": 512, "dataset.cache_dir": os.path.join(tmp, "cache"),
         "dataset.synthetic.num_train": 24, "dataset.synthetic.num_valid": 8, "dataset.synthetic.long_target_words": 40,
         "solopo.mode": mode, "solopo.preference_loss": "dpo",
-        "solopo.reference_store": os.path.join(tmp, f"ref-{mode}.jsonl"),
+        # At step 1 the policy is the reference, so the SoLo-RA gap is fp32 noise around 0, where
+        # abs() has a sign-of-noise gradient; the squared distance is smooth there.
+        "solopo.solo_ra_distance": "squared",
+        "solopo.reference_store": os.path.join(tmp, f"ref-{variant}-{mode}.jsonl"),
         "rng.seed": 7,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, tag: str, extra: dict) -> None:
-    """Trains 3 steps per mode; rank 0 saves losses, grad norms and the full weights before and after."""
+def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, tag: str, extra: dict,
+               variant: str = "base") -> None:
+    """Trains 3 steps per mode; rank 0 saves losses, grad norms and the full weights before and after.
+
+    Runs of one ``variant`` (same architecture and optimizer) share initial weights and reference stores.
+    """
     from megatron.core import parallel_state
 
     from solopo_megatron.config import load_config
@@ -39,8 +46,8 @@ def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, 
 
     results = {}
     for mode in MODES:
-        cfg = load_config(None, tiny_overrides(tmp, mode, tp, pp, cp, **extra))
-        init_path = os.path.join(tmp, f"init-{mode}.pt")
+        cfg = load_config(None, tiny_overrides(tmp, mode, tp, pp, cp, variant, **extra))
+        init_path = os.path.join(tmp, f"init-{variant}-{mode}.pt")
         init_state = torch.load(init_path) if os.path.exists(init_path) else None
         trainer = training.setup(cfg, init_state=init_state, log=lambda text: None)
         groups = (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group())

@@ -1,4 +1,7 @@
-"""TP=2, PP=2, CP=2, TP=2 x CP=2 and DP=2 train step by step like one process (gloo, fp32, megatron's schedules)."""
+"""TP=2, PP=2, CP=2, TP=2 x CP=2 and DP=2 (and variants) train step by step like one process.
+
+gloo, fp32, megatron-core's own schedules, DDP and optimizers; every mode (solopo, short_po, long_po).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,32 @@ import torch
 from distributed import run_distributed
 from layout_runs import MODES, run_layout
 
-# (tag, tp, pp, cp, world size, extra overrides): DP is what remains of the world.
-LAYOUTS = [
-    ("tp2", 2, 1, 1, 2, {}),
-    ("pp2", 1, 2, 1, 2, {}),
-    ("cp2", 1, 1, 2, 2, {}),
-    ("dp2", 1, 1, 1, 2, {}),
+ADAM = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "optimizer.adam_eps": 1e-3}
+TIED_QKV_BIAS = {"model.share_embeddings_and_output_weights": True, "model.add_qkv_bias": True}
+# Variants: what the one-process baseline shares with the layouts compared against it.
+VARIANTS = {
+    "base": {},
     # Megatron's distributed optimizer takes Adam only; a large eps keeps Adam's update linear in
     # tiny gradients, so fp32 reduction noise cannot flip near-zero updates.
-    ("dp2-distributed-optimizer", 1, 1, 1, 2, {"optimizer.use_distributed_optimizer": True}),
-    ("tp2cp2", 2, 1, 2, 4, {}),
+    "adam": ADAM,
+    # Tied embeddings under PP need Megatron's embedding-group gradient sync; QKV bias (Qwen2).
+    "tied-qkv-bias": TIED_QKV_BIAS,
+}
+
+# (tag, tp, pp, cp, world size, variant, layout-only overrides): DP is what remains of the world.
+LAYOUTS = [
+    ("tp2", 2, 1, 1, 2, "base", {}),
+    ("pp2", 1, 2, 1, 2, "base", {}),
+    ("cp2", 1, 1, 2, 2, "base", {}),
+    ("dp2", 1, 1, 1, 2, "base", {}),
+    ("dp2-distributed-optimizer", 1, 1, 1, 2, "adam", {"optimizer.use_distributed_optimizer": True}),
+    ("tp2cp2", 2, 1, 2, 4, "base", {}),
+    ("pp2-tied-qkv-bias", 1, 2, 1, 2, "tied-qkv-bias", {}),
+    ("tp2-tied-qkv-bias", 2, 1, 1, 2, "tied-qkv-bias", {}),
     # Activation recomputation changes memory, not numbers.
-    ("recompute-full", 1, 1, 1, 1, {"model.recompute_granularity": "full", "model.recompute_method": "uniform",
-                                    "model.recompute_num_layers": 1}),
-    ("recompute-selective-tp2", 2, 1, 1, 2, {"model.recompute_granularity": "selective"}),
+    ("recompute-full", 1, 1, 1, 1, "base", {"model.recompute_granularity": "full", "model.recompute_method": "uniform",
+                                            "model.recompute_num_layers": 1}),
+    ("recompute-selective-tp2", 2, 1, 1, 2, "base", {"model.recompute_granularity": "selective"}),
 ]
 
 
@@ -30,35 +45,28 @@ def dp_size(world: int, tp: int, pp: int, cp: int) -> int:
     return world // (tp * pp * cp)
 
 
-ADAM = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "optimizer.adam_eps": 1e-3}
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """One-process runs (per optimizer), which also write the initial weights and reference stores."""
+    """One-process runs per variant, which also write the initial weights and reference stores."""
     tmp = str(tmp_path_factory.mktemp("layouts"))
     results = {}
 
-    def run(optimizer: str):
-        if optimizer not in results:
-            extra = ADAM if optimizer == "adam" else {}
+    def run(variant: str):
+        if variant not in results:
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("SOLOPO_KERNELS", "torch")
-                run_distributed(run_layout, 1, tmp, 1, 1, 1, f"single-{optimizer}", extra)
-            results[optimizer] = torch.load(os.path.join(tmp, f"result-single-{optimizer}.pt"))
-        return results[optimizer]
+                run_distributed(run_layout, 1, tmp, 1, 1, 1, f"single-{variant}", VARIANTS[variant], variant)
+            results[variant] = torch.load(os.path.join(tmp, f"result-single-{variant}.pt"))
+        return results[variant]
 
     return tmp, run
 
 
-@pytest.mark.parametrize("tag, tp, pp, cp, world, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_layout_matches_one_process(single, tag, tp, pp, cp, world, extra):
+@pytest.mark.parametrize("tag, tp, pp, cp, world, variant, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_layout_matches_one_process(single, tag, tp, pp, cp, world, variant, extra):
     tmp, run_single = single
-    optimizer = "adam" if extra.get("optimizer.use_distributed_optimizer") else "sgd"
-    expected = run_single(optimizer)
-    if optimizer == "adam":
-        extra = {**extra, **ADAM}
-    run_distributed(run_layout, world, tmp, tp, pp, cp, tag, extra)
+    expected = run_single(variant)
+    run_distributed(run_layout, world, tmp, tp, pp, cp, tag, {**VARIANTS[variant], **extra}, variant)
     got = torch.load(os.path.join(tmp, f"result-{tag}.pt"))
     for mode in MODES:
         want, have = expected[mode], got[mode]
