@@ -26,8 +26,10 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, "solopo-train")
+def _run(argv: list[str] | None, prog: str, job) -> int:
+    """Loads the recipe, runs ``job(training_module, cfg)``, and turns configuration and data errors
+    (ValueError, DataError included) into one line on stderr and exit code 2."""
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, OSError) as error:
@@ -37,38 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     from .megatron.parallel import destroy
 
     try:
-        training.train(training.setup(cfg))
-    except ValueError as error:  # configuration and data errors (DataError included): no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        destroy()
-    return 0
-
-
-def ref_logps_main(argv: list[str] | None = None) -> int:
-    """``solopo-ref-logps``: writes the reference store (solopo.reference_store) from the current weights."""
-    args = parse_args(argv, "solopo-ref-logps")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from .megatron import trainer as training
-    from .megatron.parallel import destroy
-
-    try:
-        trainer = training.setup(cfg, load_reference=False)
-        path = training.reference_store_path(trainer)
-        store = training.compute_reference_store(trainer, training.reference_datasets(trainer), path,
-                                                 training.reference_fingerprint(trainer.data))
-        trainer.log(f"wrote {len(store)} examples' reference log-probs to {path}")
+        job(training, cfg)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         destroy()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(argv, "solopo-train", lambda training, cfg: training.train(training.setup(cfg)))
+
+
+def _write_reference_store(training, cfg) -> None:
+    trainer = training.setup(cfg, load_reference=False)
+    path = training.reference_store_path(trainer)
+    store = training.compute_reference_store(trainer, training.reference_datasets(trainer), path,
+                                             training.reference_fingerprint(trainer.data))
+    trainer.log(f"wrote {len(store)} examples' reference log-probs to {path}")
+
+
+def ref_logps_main(argv: list[str] | None = None) -> int:
+    """``solopo-ref-logps``: writes the reference store (solopo.reference_store) from the current weights."""
+    return _run(argv, "solopo-ref-logps", _write_reference_store)
 
 
 if __name__ == "__main__":
