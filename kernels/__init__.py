@@ -12,9 +12,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .dispatch import TRITON_LOGPROBS_DTYPES, kernel_choice, use_triton
+from .linear_logprobs import linear_token_logprobs
 from .reference import segment_sum_reference, token_logprobs_reference
 
-__all__ = ["kernel_choice", "segment_sum", "token_logprobs", "token_logprobs_reference", "segment_sum_reference"]
+__all__ = [
+    "kernel_choice",
+    "linear_token_logprobs",
+    "segment_sum",
+    "segment_sum_reference",
+    "token_logprobs",
+    "token_logprobs_reference",
+]
 
 
 def token_logprobs(

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from solopo_kernels import segment_sum, token_logprobs
+from solopo_kernels import linear_token_logprobs, segment_sum, token_logprobs
 
-__all__ = ["token_logprobs", "sequence_logprobs", "all_reduce_sum_identity_backward"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "sequence_logprobs", "all_reduce_sum_identity_backward"]
 
 
 class _AllReduceSumIdentityBackward(torch.autograd.Function):

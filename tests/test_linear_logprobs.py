@@ -1,0 +1,82 @@
+"""Fused LM head + log-probs: equals the unfused computation (values, dX, dW), never builds [T, V] logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed import grid_groups, run_distributed
+
+import solopo_kernels.reference as reference
+from solopo_kernels import linear_token_logprobs
+
+IGNORE = -100
+
+
+def _inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5 * 3).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[torch.rand(tokens, generator=g) < 0.2] = IGNORE
+    grad = torch.randn(tokens, generator=g, dtype=torch.float64)
+    return x, w, labels, grad
+
+
+def _oracle(x, w, labels):
+    logp = F.log_softmax(x.double() @ w.double().T, dim=-1)
+    picked = logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(labels == IGNORE, torch.zeros_like(picked), picked)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=str)
+def test_matches_float64_values_and_gradients(dtype, tol, monkeypatch):
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 7 * 50)  # several token chunks
+    x, w, labels, grad = _inputs(23, 16, 50, dtype, seed=1)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = linear_token_logprobs(xl, wl, labels, ignore_index=IGNORE)
+    out.backward(grad.to(out.dtype))
+    xo, wo = x.double().requires_grad_(), w.double().requires_grad_()
+    expected = _oracle(xo, wo, labels)
+    expected.backward(grad)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(xl.grad.double(), xo.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(wl.grad.double(), wo.grad, rtol=tol, atol=tol)
+    assert xl.grad.dtype == dtype and wl.grad.dtype == dtype
+
+
+def test_gradcheck():
+    x, w, labels, _ = _inputs(5, 4, 7, torch.float64, seed=2)
+    assert torch.autograd.gradcheck(lambda a, b: linear_token_logprobs(a, b, labels, ignore_index=IGNORE),
+                                    (x.requires_grad_(), w.requires_grad_()))
+
+
+def test_saves_no_logits():
+    x, w, labels, _ = _inputs(40, 8, 300, torch.float32, seed=3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_token_logprobs(x.requires_grad_(), w.requires_grad_(), labels)
+    assert all(t.numel() < 40 * 300 for t in saved)
+    assert sorted(tuple(t.shape) for t in saved) == sorted([(40, 8), (300, 8), (40,), (40,)])
+
+
+def _tp_worker(rank: int, world_size: int) -> None:
+    tp_group, _, tp_rank, _ = grid_groups(world_size, 1)
+    x, w, labels, grad = _inputs(19, 12, 40, torch.float64, seed=4)
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    linear_token_logprobs(xo, wo, labels, ignore_index=IGNORE).backward(grad)
+    local = 40 // world_size
+    xl = x.clone().requires_grad_()
+    wl = w[tp_rank * local : (tp_rank + 1) * local].clone().requires_grad_()
+    out = linear_token_logprobs(xl, wl, labels, vocab_start_index=tp_rank * local, tp_group=tp_group,
+                                ignore_index=IGNORE)
+    out.backward(grad)
+    torch.testing.assert_close(out, _oracle(x, w, labels), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(wl.grad, wo.grad[tp_rank * local : (tp_rank + 1) * local], rtol=1e-10, atol=1e-12)
+    dx = xl.grad.clone()
+    torch.distributed.all_reduce(dx, group=tp_group)  # what the column-parallel LM head's backward does
+    torch.testing.assert_close(dx, xo.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_tensor_parallel_matches_one_process():
+    run_distributed(_tp_worker, 2)
