@@ -121,6 +121,14 @@ class SolopoSection:
 
 
 @dataclass
+class CheckpointSection:
+    save: str | None = None  # checkpoint root; training resumes from its latest checkpoint if one exists
+    load: str | None = None  # resume from this root (its latest) or this iter_* directory instead
+    save_interval: int | None = None  # steps between saves (and always at the end when save is set)
+    keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
+
+
+@dataclass
 class LoggerSection:
     metrics_file: str | None = None  # JSON lines: one object per step (train metrics, eval when run)
 
@@ -138,6 +146,7 @@ class RecipeConfig:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     dataset: DatasetSection = field(default_factory=DatasetSection)
     solopo: SolopoSection = field(default_factory=SolopoSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
     rng: RngSection = field(default_factory=RngSection)
 

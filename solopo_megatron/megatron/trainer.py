@@ -28,6 +28,7 @@ from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.reference_store import ReferenceStore, load_reference_store
 from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
 from ..objectives import ROLES, required_roles
+from .checkpoint import REFERENCE_COPY, clean_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
 from .model import build_gpt_model, resolve_transformer_impl, transformer_config
 from .parallel import Layout, init_parallel_state, init_process_group
 from .step import StepContext, forward_step
@@ -55,6 +56,7 @@ class Trainer:
     ctx: StepContext
     store: ReferenceStore | None
     history: list[dict] = field(default_factory=list)
+    start_step: int = 0  # steps already done (from a checkpoint)
     log: Callable[[str], None] = print
 
 
@@ -290,6 +292,9 @@ def ensure_reference_store(trainer: Trainer) -> ReferenceStore | None:
     path = reference_store_path(trainer)
     if path.exists():
         return load_reference_store(path, data_fingerprint=fingerprint)
+    for root in (cfg.checkpoint.load, cfg.checkpoint.save):  # a resumed run keeps its original reference
+        if root and (Path(root) / REFERENCE_COPY).exists():
+            return load_reference_store(Path(root) / REFERENCE_COPY, data_fingerprint=fingerprint)
     if not cfg.solopo.compute_reference_if_missing:
         raise ValueError(f"solopo.reference_store: {path} does not exist (run solopo-ref-logps, or set "
                          "solopo.compute_reference_if_missing=true)")
@@ -314,12 +319,34 @@ def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[s
                       log=printer if layout.is_logging_rank else (lambda text: None))
     if load_reference:
         trainer.store = ensure_reference_store(trainer)
+    resume_from = _resume_path(cfg, layout)
+    if resume_from is not None:
+        trainer.start_step = load_checkpoint(trainer, resume_from)
+        trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")
+    if cfg.checkpoint.save and layout.rank == 0:
+        Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.structured(cfg), Path(cfg.checkpoint.save) / "config.yaml")
     trainer.log(
         f"solopo-train: world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
         f"{impl} attention; {'bf16' if model[0].config.bf16 else 'fp32'} on {layout.device.type}; "
         f"{len(data.train)} train examples; mode {cfg.solopo.mode}, loss {cfg.solopo.preference_loss}"
     )
     return trainer
+
+
+def _resume_path(cfg: RecipeConfig, layout: Layout) -> Path | None:
+    if cfg.checkpoint.save and layout.rank == 0:
+        clean_partial_saves(cfg.checkpoint.save)
+    dist.barrier()
+    root = cfg.checkpoint.load or cfg.checkpoint.save
+    if root is None:
+        return None
+    path = latest_checkpoint(root)
+    if path is None and cfg.checkpoint.load:
+        raise ValueError(f"checkpoint.load: no checkpoint in {root}")
+    return path
 
 
 def train_step(trainer: Trainer, step: int, sampler: GlobalBatchSampler) -> dict[str, float]:
@@ -370,14 +397,15 @@ def train(trainer: Trainer) -> list[dict]:
     eval_every = cfg.train.eval_interval
     keys = ("loss", "po_loss", "solo_ra_loss", "accuracy/short", "grad_norm", "lr")
     eval_keys = ("loss", "accuracy/short", "accuracy/long", "margin/long")
-    if eval_every:
+    if eval_every and trainer.start_step == 0:
         result = evaluate(trainer)
         trainer.history.append({"step": 0, "eval": result})
         _write_metrics(trainer, trainer.history[-1])
         trainer.log(f"eval step 0: {_fmt(result, eval_keys)}")
     start = time.perf_counter()
     tokens = 0
-    for step in range(iters):
+    save_every = cfg.checkpoint.save_interval
+    for step in range(trainer.start_step, iters):
         metrics = train_step(trainer, step, sampler)
         tokens += metrics["real_tokens"]
         entry = {"step": step + 1, "train": metrics}
@@ -387,7 +415,7 @@ def train(trainer: Trainer) -> list[dict]:
                         f"max |mean reward| = {worst:.3g}")
         if (step + 1) % log_every == 0 or step + 1 == iters:
             elapsed = time.perf_counter() - start
-            eta = elapsed / (step + 1) * (iters - step - 1)
+            eta = elapsed / (step + 1 - trainer.start_step) * (iters - step - 1)
             # tokens/s: real (unpadded) tokens of all sequences this DP rank forwarded, times DP.
             rate = tokens * trainer.layout.dp / elapsed
             trainer.log(f"step {step + 1}/{iters}: {_fmt(metrics, keys)} | {rate:,.0f} tokens/s | "
@@ -397,6 +425,9 @@ def train(trainer: Trainer) -> list[dict]:
             trainer.log(f"eval step {step + 1}: {_fmt(entry['eval'], eval_keys)}")
         trainer.history.append(entry)
         _write_metrics(trainer, entry)
+        if cfg.checkpoint.save and ((save_every and (step + 1) % save_every == 0) or step + 1 == iters):
+            saved = save_checkpoint(trainer, step + 1)
+            trainer.log(f"saved checkpoint {saved}")
     return trainer.history
 
 

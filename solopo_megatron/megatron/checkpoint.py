@@ -1,0 +1,167 @@
+"""Checkpoints with megatron-core's dist_checkpointing: model, optimizer, scheduler, RNG and data position.
+
+Layout of ``checkpoint.save``::
+
+    iter_0000100/                   one complete sharded checkpoint (dist_checkpointing format)
+    latest_checkpointed_iteration.txt
+    reference_logps.jsonl           the reference store the run trains against (copied once)
+
+A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only when every rank has finished, and
+the ``latest`` file is replaced atomically after that, so a crash mid-save leaves the previous
+checkpoint as the latest loadable one. Only the last ``keep_last`` checkpoints are kept. The data
+position is the step: the global-batch sampler is a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest_checkpointed_iteration.txt"
+REFERENCE_COPY = "reference_logps.jsonl"
+
+
+def _iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``root/latest`` names, a checkpoint directory itself, or None."""
+    root = Path(root)
+    if (root / "metadata.json").exists():  # a specific iter_* directory
+        return root
+    latest = root / LATEST
+    if not latest.exists():
+        return None
+    path = _iter_dir(root, int(latest.read_text().strip()))
+    if not path.exists():
+        raise ValueError(f"checkpoint.load: {latest} names {path.name}, which does not exist")
+    return path
+
+
+def _metadata(trainer) -> dict | None:
+    if trainer.cfg.optimizer.use_distributed_optimizer:
+        # Resharding across DP sizes; the fully sharded layouts need TE/Apex optimizers on CPU.
+        return {"distrib_optim_sharding_type": "dp_reshardable"}
+    return None
+
+
+def _sharded_state_dict(trainer, *, is_loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    module = trainer.model[0].module
+    model_sd = module.sharded_state_dict()
+    optimizer = trainer.optimizer
+    if is_loading and trainer.cfg.optimizer.use_distributed_optimizer:
+        _initialise_optimizer_state(optimizer)
+    layout = trainer.layout
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        rng.update(cuda=torch.cuda.get_rng_state(), tracker=get_cuda_rng_tracker().get_states())
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_metadata(trainer)),
+        "rng": ShardedObject("rng_state", rng, (layout.world_size,), (layout.rank,), replica_id=0),
+    }
+
+
+def _initialise_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state to load into (without TE/Apex): create it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(inner, "init_state_fn", None)
+        if init is None:
+            continue
+        init(inner.optimizer, inner.config)
+        for state in inner.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def save_checkpoint(trainer, step: int) -> Path:
+    from megatron.core import dist_checkpointing
+
+    root = Path(trainer.cfg.checkpoint.save)
+    final, tmp = _iter_dir(root, step), root / f"iter_{step:07d}.tmp"
+    if trainer.layout.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded_state_dict(trainer, is_loading=False)
+    state["common"] = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world_size": trainer.layout.world_size}
+    dist_checkpointing.save(state, str(tmp))
+    _fault_injection("kill_during_save", step)
+    dist.barrier()
+    if trainer.layout.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomically(root / LATEST, f"{step}\n")
+        if trainer.store is not None and not (root / REFERENCE_COPY).exists():
+            shutil.copyfile(trainer.store.path, root / f"{REFERENCE_COPY}.tmp")
+            os.replace(root / f"{REFERENCE_COPY}.tmp", root / REFERENCE_COPY)
+        _prune(root, trainer.cfg.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def _fault_injection(point: str, step: int) -> None:
+    """Tests simulate a crash here: SOLOPO_FAULT_INJECT=kill_during_save:STEP SIGKILLs this process."""
+    if os.environ.get("SOLOPO_FAULT_INJECT") == f"{point}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int | None) -> None:
+    if not keep_last:
+        return
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(trainer, path: Path) -> int:
+    """Restores model, optimizer, scheduler and (same world size) RNG; returns the step to resume after."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    state = _sharded_state_dict(trainer, is_loading=True)
+    same_world = common.get("world_size") == trainer.layout.world_size
+    if not same_world:  # per-rank RNG states do not map onto another layout
+        del state["rng"]
+    loaded = dist_checkpointing.load(state, str(path))
+    trainer.model[0].module.load_state_dict(loaded["model"])
+    with torch.no_grad():  # fp32 distributed-optimizer main params are views of trainable params
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(common["scheduler"])
+    if same_world:
+        rng = loaded["rng"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            torch.cuda.set_rng_state(rng["cuda"])
+            get_cuda_rng_tracker().set_states(rng["tracker"])
+    else:
+        trainer.log(f"checkpoint from world size {common.get('world_size')}: RNG states not restored")
+    return int(common["step"])
+
+
+def clean_partial_saves(root: str | Path) -> None:
+    """Removes ``*.tmp`` leftovers of saves a crash interrupted (rank 0, before training)."""
+    for partial in Path(root).glob("iter_*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)

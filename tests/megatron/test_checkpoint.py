@@ -1,0 +1,103 @@
+"""Checkpoints: SIGKILL mid-run and resume reproduces the uninterrupted losses; a crash mid-save keeps the last good one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+def _command(tmp: Path, name: str, extra: list[str] = ()) -> tuple[list[str], Path]:
+    metrics = tmp / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "solopo_megatron.train", "--config", str(ROOT / "recipes/tiny-cpu.yaml"),
+           "model.context_parallel_size=1", f"train.train_iters={STEPS}", "train.eval_interval=null",
+           "scheduler.lr_warmup_iters=2", "dataset.synthetic.num_train=64", f"dataset.cache_dir={tmp / 'cache'}",
+           f"checkpoint.save={tmp / name}", "checkpoint.save_interval=2", "checkpoint.keep_last=2",
+           f"logger.metrics_file={metrics}", *extra]
+    return cmd, metrics
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[int, str]:
+    """Runs to completion in its own session; output to a file, so helper processes that
+    dist_checkpointing leaves behind after a SIGKILL cannot hold a pipe open; they are killed after."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = process.wait(timeout=600)
+        finally:
+            _kill_group(process)
+    return code, log.read_text()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _losses(metrics: Path) -> dict[int, float]:
+    out = {}
+    for line in metrics.read_text().splitlines():
+        entry = json.loads(line)
+        if "train" in entry:
+            out[entry["step"]] = entry["train"]["loss"]  # a resumed step overwrites the killed run's
+    return out
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    cmd, metrics = _command(tmp_path, "straight")
+    code, log = _run(cmd, tmp_path, _env(), tmp_path / "straight.log")
+    assert code == 0, log[-3000:]
+    expected = _losses(metrics)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    cmd, metrics = _command(tmp_path, "killed")
+    latest = tmp_path / "killed" / "latest_checkpointed_iteration.txt"
+    process = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (latest.exists() and latest.read_text().strip() == "4"):
+            assert process.poll() is None and time.time() < deadline, "run ended before its step-4 checkpoint"
+            time.sleep(0.05)
+    finally:
+        _kill_group(process)  # SIGKILL, the whole job
+        process.wait()
+    assert len(_losses(metrics)) < STEPS
+    code, log = _run(cmd, tmp_path, _env(), tmp_path / "resumed.log")
+    assert code == 0, log[-3000:]
+    assert "resumed from" in log
+    got = _losses(metrics)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6 * max(1.0, abs(expected[step])), (step, got[step], expected[step])
+    kept = sorted(p.name for p in (tmp_path / "killed").glob("iter_*"))
+    assert kept == ["iter_0000006", "iter_0000008"]  # keep_last=2
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    cmd, metrics = _command(tmp_path, "crash")
+    code, _ = _run(cmd, tmp_path, _env(SOLOPO_FAULT_INJECT="kill_during_save:4"), tmp_path / "crash.log")
+    assert code == -signal.SIGKILL
+    root = tmp_path / "crash"
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (root / "iter_0000004.tmp").is_dir() and not (root / "iter_0000004").exists()
+    code, log = _run(cmd, tmp_path, _env(), tmp_path / "resumed.log")
+    assert code == 0, log[-3000:]
+    assert f"resumed from {root / 'iter_0000002'} after step 2" in log
+    assert not (root / "iter_0000004.tmp").exists()
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
