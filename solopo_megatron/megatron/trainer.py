@@ -387,7 +387,7 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
 
 
 def _fmt(metrics: dict[str, float], keys: Sequence[str]) -> str:
-    return " ".join(f"{key.split('/')[-1] if '/' not in key else key} {metrics[key]:.4g}" for key in keys if key in metrics)
+    return " ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
 
 
 def train(trainer: Trainer) -> list[dict]:
