@@ -168,7 +168,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as error:
         where = f"{path}: " if path else ""
         raise ValueError(f"{where}{error}".strip()) from None
-    config.solopo.loss_config()  # validates the loss keys
+    try:
+        config.solopo.loss_config()  # validates the loss keys
+    except ValueError as error:
+        raise ValueError(str(error).replace("SoLoPOConfig.", "solopo.")) from None
     return config
 
 

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
 from .config import load_config
+from .validation import validate_recipe
 
 # Expected on machines without Transformer Engine / Apex (CPU runs): megatron-core says so at import.
 for _message in (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
@@ -32,6 +34,7 @@ def _run(argv: list[str] | None, prog: str, job) -> int:
     args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
+        validate_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,115 @@
+"""Recipe checks that run before any process group exists: every problem, each named by its key.
+
+Unknown or misspelt keys and wrong types are caught earlier, by the typed schema (with a suggestion).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import RecipeConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message lists every problem with its key."""
+
+
+def recipe_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[str]:
+    problems: list[str] = []
+    m, t, ds, s = cfg.model, cfg.train, cfg.dataset, cfg.solopo
+    tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+
+    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp),
+                       ("model.context_parallel_size", cp), ("train.global_batch_size", t.global_batch_size),
+                       ("train.train_iters", t.train_iters), ("dataset.max_tokens", ds.max_tokens)):
+        if value < 1:
+            problems.append(f"{key}: must be >= 1, got {value}")
+    if world_size is not None and min(tp, pp, cp) >= 1 and world_size % (tp * pp * cp):
+        problems.append(
+            f"model.tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = "
+            f"{tp} x {pp} x {cp} does not divide the world size {world_size}"
+        )
+    if pp >= 1 and m.num_layers % pp:
+        problems.append(f"model.num_layers: {m.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if tp >= 1 and (m.num_attention_heads % tp or groups % tp):
+        problems.append(f"model.num_attention_heads / num_query_groups: {m.num_attention_heads} / {groups} "
+                        f"must be divisible by tensor_model_parallel_size={tp}")
+    if m.sequence_parallel and m.transformer_impl == "local":
+        problems.append("model.sequence_parallel: needs the Transformer Engine layer spec, not transformer_impl=local")
+    if t.micro_batch_size != 1:
+        problems.append(f"train.micro_batch_size: must be 1 (a microbatch is one packed row of whole groups; "
+                        f"size it with dataset.max_tokens), got {t.micro_batch_size}")
+
+    multiple = 2 * cp * (tp if m.sequence_parallel else 1)
+    if cp >= 1 and ds.max_tokens % multiple:
+        problems.append(f"dataset.max_tokens: {ds.max_tokens} is not a multiple of 2 x context_parallel_size"
+                        f"{' x tensor_model_parallel_size (sequence parallel)' if m.sequence_parallel else ''} = {multiple}")
+    group_bound = _largest_group_bound(cfg)
+    if group_bound is not None and group_bound > ds.max_tokens:
+        problems.append(f"dataset.max_tokens: {ds.max_tokens} is below the largest possible group "
+                        f"({group_bound} tokens from max_short_length / max_long_length, padded); raise it")
+    if ds.on_error not in ("raise", "skip"):
+        problems.append(f"dataset.on_error: must be raise or skip, got {ds.on_error!r}")
+
+    for key, path in (("dataset.train_path", ds.train_path), ("dataset.valid_path", ds.valid_path)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{key}: file {path} does not exist")
+    if ds.tokenizer != "tiny" and not Path(ds.tokenizer).is_dir():
+        problems.append(f"dataset.tokenizer: {ds.tokenizer!r} is neither 'tiny' nor a local tokenizer directory")
+    if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
+        problems.append(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
+
+    decay = cfg.scheduler.lr_decay_iters or t.train_iters
+    if cfg.scheduler.lr_warmup_iters >= max(1, decay):
+        problems.append(f"scheduler.lr_warmup_iters: {cfg.scheduler.lr_warmup_iters} must be below the decay "
+                        f"iterations ({decay})")
+
+    try:
+        loss = s.loss_config()
+    except ValueError as error:
+        problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
+    else:
+        stored = s.reference_store is not None and Path(s.reference_store).exists()
+        if loss.needs_reference and not stored and not s.compute_reference_if_missing and not _checkpoint_has_store(cfg):
+            where = f"{s.reference_store} does not exist" if s.reference_store else "is not set"
+            problems.append(f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
+                            "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)")
+    return problems
+
+
+def _checkpoint_has_store(cfg: RecipeConfig) -> bool:
+    from .megatron.checkpoint import REFERENCE_COPY
+
+    return any(root and (Path(root) / REFERENCE_COPY).exists() for root in (cfg.checkpoint.load, cfg.checkpoint.save))
+
+
+def _largest_group_bound(cfg: RecipeConfig) -> int | None:
+    """Padded tokens of the largest group the length limits allow (None when they are not set)."""
+    from .objectives import required_roles
+
+    ds = cfg.dataset
+    roles = required_roles(cfg.solopo.loss_config()) if _loss_ok(cfg) else ()
+    multiple = 2 * cfg.model.context_parallel_size
+    total = 0
+    for role in roles:
+        limit = ds.max_short_length if role.startswith("short") else ds.max_long_length
+        if limit is None:
+            return None
+        total += -(-limit // multiple) * multiple
+    return total or None
+
+
+def _loss_ok(cfg: RecipeConfig) -> bool:
+    try:
+        cfg.solopo.loss_config()
+    except ValueError:
+        return False
+    return True
+
+
+def validate_recipe(cfg: RecipeConfig, world_size: int | None = None) -> None:
+    """Raises RecipeError listing every problem (each with its key) before any process group exists."""
+    problems = recipe_problems(cfg, world_size)
+    if problems:
+        raise RecipeError("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -1,0 +1,73 @@
+"""Recipe validation before any process group: one test per problem class, each naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from solopo_megatron.config import load_config
+from solopo_megatron.validation import RecipeError, validate_recipe
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+
+CASES = {
+    "world size": (["model.tensor_model_parallel_size=2"], 3,
+                   "tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = 2 x 1 x 2 "
+                   "does not divide the world size 3"),
+    "max_tokens vs 2*cp": (["dataset.max_tokens=2046"], 2, "dataset.max_tokens: 2046 is not a multiple of 2 x context_parallel_size"),
+    "budget below largest group": (["dataset.max_short_length=512", "dataset.max_long_length=4096"], 2,
+                                   "dataset.max_tokens: 2048 is below the largest possible group (5120 tokens"),
+    "dpo without store": (["solopo.compute_reference_if_missing=false"], 2,
+                          "solopo.reference_store: dpo needs reference log-probs, and the store is not set"),
+    "store missing": (["solopo.compute_reference_if_missing=false", "solopo.reference_store=/nope/ref.jsonl"], 2,
+                      "solopo.reference_store: dpo needs reference log-probs, and the store /nope/ref.jsonl does not exist"),
+    "missing data file": (["dataset.train_path=/nope/train.jsonl"], 2, "dataset.train_path: file /nope/train.jsonl does not exist"),
+    "missing tokenizer": (["dataset.tokenizer=/nope/tok"], 2, "dataset.tokenizer: '/nope/tok' is neither 'tiny'"),
+    "missing checkpoint": (["checkpoint.load=/nope/ckpt"], 2, "checkpoint.load: /nope/ckpt does not exist"),
+    "micro batch": (["train.micro_batch_size=2"], 2, "train.micro_batch_size: must be 1"),
+    "heads vs tp": (["model.tensor_model_parallel_size=4", "model.context_parallel_size=1"], 4,
+                    "model.num_attention_heads / num_query_groups: 4 / 2 must be divisible by tensor_model_parallel_size=4"),
+    "layers vs pp": (["model.pipeline_model_parallel_size=3", "model.context_parallel_size=1"], 3,
+                     "model.num_layers: 2 is not divisible by pipeline_model_parallel_size=3"),
+    "sequence parallel local": (["model.sequence_parallel=true", "model.transformer_impl=local"], 2,
+                                "model.sequence_parallel: needs the Transformer Engine layer spec"),
+    "warmup": (["scheduler.lr_warmup_iters=500"], 2, "scheduler.lr_warmup_iters: 500 must be below the decay iterations (200)"),
+    "bad on_error": (["dataset.on_error=ignore"], 2, "dataset.on_error: must be raise or skip"),
+}
+
+
+def test_bundled_recipe_is_valid():
+    validate_recipe(load_config(RECIPE), world_size=2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_problem_is_named_by_key(case):
+    overrides, world, message = CASES[case]
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(load_config(RECIPE, overrides), world_size=world)
+    assert message in str(info.value)
+
+
+def test_every_problem_is_listed_at_once():
+    cfg = load_config(RECIPE, ["train.micro_batch_size=2", "dataset.on_error=ignore", "dataset.max_tokens=2046"])
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(cfg, world_size=2)
+    assert str(info.value).count("\n  - ") == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hiden_size=8"], "Key 'hiden_size' not in 'ModelSection'. Did you mean one of: 'hidden_size'"),
+    (["solopo.preference_loss=ipo"], "solopo.preference_loss must be one of dpo, simpo, orpo"),
+    (["train.train_iters=many"], "train.train_iters"),
+])
+def test_schema_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config(RECIPE, overrides)
+
+
+def test_cli_reports_problems_without_starting(capsys):
+    from solopo_megatron.train import main
+
+    assert main(["--config", str(RECIPE), "train.micro_batch_size=3"]) == 2
+    assert "train.micro_batch_size: must be 1" in capsys.readouterr().err
