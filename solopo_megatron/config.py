@@ -50,6 +50,7 @@ class TrainSection:
     global_batch_size: int = 16  # examples per optimizer step, over all DP ranks
     micro_batch_size: int = 1  # packed rows per microbatch; a row holds several whole groups
     train_iters: int = 100
+    max_skipped_steps_in_a_row: int = 3  # non-finite loss or gradients: skip the update; stop after this many
     eval_interval: int | None = None
     eval_iters: int | None = None  # None: the whole validation set
     log_interval: int = 10

@@ -356,13 +356,28 @@ def train_step(trainer: Trainer, step: int, sampler: GlobalBatchSampler) -> dict
     mbs = step_batches(trainer.data, trainer.data.train, sampler.batch(step), trainer.data.roles, trainer.layout,
                        trainer.store)
     reports = run_schedule(trainer, mbs, forward_only=False)
-    _, grad_norm, _ = trainer.optimizer.step()
+    finite = _gradients_finite(trainer)
+    if finite:
+        _, grad_norm, _ = trainer.optimizer.step()
+    else:  # never apply a non-finite update: the step is skipped and reported
+        grad_norm = math.nan
     trainer.scheduler.step(increment=1)
     metrics = reduce_reports(reports, trainer.layout)
+    metrics["skipped"] = 0.0 if finite else 1.0
     real_tokens = sum(int((mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).sum()) for mb in mbs)
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                    lr=trainer.optimizer.param_groups[0]["lr"], microbatches=len(mbs), real_tokens=real_tokens)
     return metrics
+
+
+def _gradients_finite(trainer: Trainer) -> bool:
+    """All reduced gradients finite on every rank (one flag all-reduced over the world)."""
+    bad = torch.zeros((), dtype=torch.float32, device=trainer.layout.device)
+    for chunk in trainer.model:
+        for buffer in chunk.buffers:
+            bad = torch.maximum(bad, (~torch.isfinite(buffer.grad_data)).any().float())
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def evaluate(trainer: Trainer) -> dict[str, float]:
@@ -405,8 +420,19 @@ def train(trainer: Trainer) -> list[dict]:
     start = time.perf_counter()
     tokens = 0
     save_every = cfg.checkpoint.save_interval
+    skipped_in_a_row = 0
     for step in range(trainer.start_step, iters):
         metrics = train_step(trainer, step, sampler)
+        if metrics["skipped"]:
+            skipped_in_a_row += 1
+            trainer.log(f"step {step + 1}: non-finite gradients (loss {metrics.get('loss', math.nan):.4g}); update "
+                        f"skipped ({skipped_in_a_row} in a row, limit train.max_skipped_steps_in_a_row="
+                        f"{cfg.train.max_skipped_steps_in_a_row})")
+            if skipped_in_a_row >= cfg.train.max_skipped_steps_in_a_row:
+                raise RuntimeError(f"stopping: {skipped_in_a_row} steps in a row had non-finite loss or gradients "
+                                   f"(last: step {step + 1})")
+        else:
+            skipped_in_a_row = 0
         tokens += metrics["real_tokens"]
         entry = {"step": step + 1, "train": metrics}
         if step == 0 and trainer.store is not None and trainer.store.info.get("source") == "initial weights":

@@ -57,3 +57,17 @@ def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "max |mean reward| = 0" in done.stdout
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
+    # An infinite learning rate wrecks the weights in step 1; every later step has non-finite gradients.
+    overrides = ["model.context_parallel_size=1", "dataset.synthetic.num_train=32", "dataset.synthetic.num_valid=8",
+                 f"dataset.cache_dir={tmp_path / 'cache'}", "scheduler.lr_warmup_iters=0", "scheduler.lr_decay_style=constant",
+                 "optimizer.lr=.inf", "optimizer.clip_grad=0.0", "train.train_iters=10", "train.eval_interval=null",
+                 "train.log_interval=1", "train.max_skipped_steps_in_a_row=2"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", str(ROOT / "recipes/tiny-cpu.yaml"),
+                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "update skipped (1 in a row, limit train.max_skipped_steps_in_a_row=2)" in done.stdout
+    assert "stopping: 2 steps in a row had non-finite loss or gradients (last: step 3)" in done.stderr
