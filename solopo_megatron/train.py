@@ -28,13 +28,13 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _run(argv: list[str] | None, prog: str, job) -> int:
+def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True) -> int:
     """Loads the recipe, runs ``job(training_module, cfg)``, and turns configuration and data errors
     (ValueError, DataError included) into one line on stderr and exit code 2."""
     args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
-        validate_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        validate_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")), check_reference=check_reference)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -65,7 +65,7 @@ def _write_reference_store(training, cfg) -> None:
 
 def ref_logps_main(argv: list[str] | None = None) -> int:
     """``solopo-ref-logps``: writes the reference store (solopo.reference_store) from the current weights."""
-    return _run(argv, "solopo-ref-logps", _write_reference_store)
+    return _run(argv, "solopo-ref-logps", _write_reference_store, check_reference=False)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message lists every problem with its key."""
 
 
-def recipe_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[str]:
+def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True) -> list[str]:
     problems: list[str] = []
     m, t, ds, s = cfg.model, cfg.train, cfg.dataset, cfg.solopo
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
@@ -71,7 +71,7 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
         problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
     else:
         stored = s.reference_store is not None and Path(s.reference_store).exists()
-        if loss.needs_reference and not stored and not s.compute_reference_if_missing and not _checkpoint_has_store(cfg):
+        if check_reference and loss.needs_reference and not stored and not s.compute_reference_if_missing and not _checkpoint_has_store(cfg):
             where = f"{s.reference_store} does not exist" if s.reference_store else "is not set"
             problems.append(f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
                             "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)")
@@ -108,8 +108,11 @@ def _loss_ok(cfg: RecipeConfig) -> bool:
     return True
 
 
-def validate_recipe(cfg: RecipeConfig, world_size: int | None = None) -> None:
-    """Raises RecipeError listing every problem (each with its key) before any process group exists."""
-    problems = recipe_problems(cfg, world_size)
+def validate_recipe(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True) -> None:
+    """Raises RecipeError listing every problem (each with its key) before any process group exists.
+
+    ``check_reference=False`` for solopo-ref-logps, which writes the store.
+    """
+    problems = recipe_problems(cfg, world_size, check_reference=check_reference)
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -42,8 +42,10 @@ def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
     done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", config, *common,
                            "solopo.compute_reference_if_missing=false", "train.train_iters=1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and f"solopo.reference_store: {store} does not exist" in done.stderr
-    done = subprocess.run(["solopo-ref-logps", "--config", config, *common], cwd=tmp_path, env=env,
+    assert done.returncode == 2
+    assert f"solopo.reference_store: dpo needs reference log-probs, and the store {store} does not exist" in done.stderr
+    done = subprocess.run(["solopo-ref-logps", "--config", config, *common, "solopo.compute_reference_if_missing=false"],
+                          cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote 40 examples' reference log-probs" in done.stdout
