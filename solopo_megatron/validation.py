@@ -7,11 +7,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RecipeConfig
+from .config import ModelSection, RecipeConfig
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message lists every problem with its key."""
+
+
+def layout_problems(m: ModelSection, world_size: int | None = None) -> list[str]:
+    """The parallel layout's problems (sizes, world size, heads/groups vs tp, layers vs pp), by key."""
+    problems = []
+    tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp),
+                       ("model.context_parallel_size", cp)):
+        if value < 1:
+            problems.append(f"{key}: must be >= 1, got {value}")
+    if min(tp, pp, cp) < 1:
+        return problems
+    if world_size is not None and world_size % (tp * pp * cp):
+        problems.append(
+            f"model.tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = "
+            f"{tp} x {pp} x {cp} does not divide the world size {world_size}"
+        )
+    if m.num_layers % pp:
+        problems.append(f"model.num_layers: {m.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % tp or groups % tp:
+        problems.append(f"model.num_attention_heads / num_query_groups: {m.num_attention_heads} / {groups} "
+                        f"must be divisible by tensor_model_parallel_size={tp}")
+    return problems
 
 
 def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True) -> list[str]:
@@ -19,22 +43,11 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
     m, t, ds, s = cfg.model, cfg.train, cfg.dataset, cfg.solopo
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
 
-    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp),
-                       ("model.context_parallel_size", cp), ("train.global_batch_size", t.global_batch_size),
-                       ("train.train_iters", t.train_iters), ("dataset.max_tokens", ds.max_tokens)):
+    problems.extend(layout_problems(m, world_size))
+    for key, value in (("train.global_batch_size", t.global_batch_size), ("train.train_iters", t.train_iters),
+                       ("dataset.max_tokens", ds.max_tokens)):
         if value < 1:
             problems.append(f"{key}: must be >= 1, got {value}")
-    if world_size is not None and min(tp, pp, cp) >= 1 and world_size % (tp * pp * cp):
-        problems.append(
-            f"model.tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = "
-            f"{tp} x {pp} x {cp} does not divide the world size {world_size}"
-        )
-    if pp >= 1 and m.num_layers % pp:
-        problems.append(f"model.num_layers: {m.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
-    groups = m.num_query_groups or m.num_attention_heads
-    if tp >= 1 and (m.num_attention_heads % tp or groups % tp):
-        problems.append(f"model.num_attention_heads / num_query_groups: {m.num_attention_heads} / {groups} "
-                        f"must be divisible by tensor_model_parallel_size={tp}")
     if m.sequence_parallel and m.transformer_impl == "local":
         problems.append("model.sequence_parallel: needs the Transformer Engine layer spec, not transformer_impl=local")
     if t.micro_batch_size != 1:

@@ -38,25 +38,12 @@ class Layout:
 
 
 def check_layout(model: ModelSection, world_size: int) -> None:
-    """Problems a layout can have before any process group exists, each named by its key."""
-    tp, pp, cp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size, model.context_parallel_size
-    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                       ("context_parallel_size", cp)):
-        if value < 1:
-            raise ValueError(f"model.{key} must be >= 1, got {value}")
-    if world_size % (tp * pp * cp):
-        raise ValueError(
-            f"world size {world_size} is not divisible by model.tensor_model_parallel_size x "
-            f"pipeline_model_parallel_size x context_parallel_size = {tp} x {pp} x {cp}"
-        )
-    if model.num_layers % pp:
-        raise ValueError(f"model.num_layers={model.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
-    groups = model.num_query_groups or model.num_attention_heads
-    if model.num_attention_heads % tp or groups % tp:
-        raise ValueError(
-            f"model.num_attention_heads={model.num_attention_heads} and num_query_groups={groups} must be "
-            f"divisible by tensor_model_parallel_size={tp}"
-        )
+    """Raises ValueError naming every layout problem (the same checks as the recipe validation)."""
+    from ..validation import RecipeError, layout_problems
+
+    problems = layout_problems(model, world_size)
+    if problems:
+        raise RecipeError("invalid layout:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def init_process_group() -> None:

@@ -28,6 +28,7 @@ from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.reference_store import ReferenceStore, load_reference_store
 from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
 from ..objectives import ROLES, required_roles
+from ..validation import validate_recipe
 from .checkpoint import REFERENCE_COPY, clean_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
 from .model import build_gpt_model, resolve_transformer_impl, transformer_config
 from .parallel import Layout, init_parallel_state, init_process_group
@@ -165,10 +166,7 @@ def build_model_and_optimizer(cfg: RecipeConfig, layout: Layout, data: Data, ini
     )
     s = cfg.scheduler
     train_iters = cfg.train.train_iters
-    decay_iters = s.lr_decay_iters or train_iters
-    if s.lr_warmup_iters >= max(1, decay_iters):
-        raise ValueError(f"scheduler.lr_warmup_iters={s.lr_warmup_iters} must be below the decay iterations "
-                         f"(scheduler.lr_decay_iters or train.train_iters = {decay_iters})")
+    decay_iters = s.lr_decay_iters or train_iters  # warmup < decay: checked by validate_recipe in setup()
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if s.lr_warmup_iters else o.lr,
@@ -308,6 +306,7 @@ def ensure_reference_store(trainer: Trainer) -> ReferenceStore | None:
 def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[str], None] | None = None,
           load_reference: bool = True) -> Trainer:
     init_process_group()
+    validate_recipe(cfg, dist.get_world_size(), check_reference=load_reference)  # also for direct API callers
     layout = init_parallel_state(cfg.model, cfg.rng.seed)
     data = prepare_data(cfg, layout)
     model, optimizer, scheduler, impl = build_model_and_optimizer(cfg, layout, data, init_state)
