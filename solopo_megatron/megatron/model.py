@@ -115,4 +115,6 @@ def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: in
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        rope_scaling=model.rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
     )
