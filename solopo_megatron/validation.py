@@ -83,18 +83,45 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
     except ValueError as error:
         problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
     else:
-        stored = s.reference_store is not None and Path(s.reference_store).exists()
-        if check_reference and loss.needs_reference and not stored and not s.compute_reference_if_missing and not _checkpoint_has_store(cfg):
-            where = f"{s.reference_store} does not exist" if s.reference_store else "is not set"
-            problems.append(f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
-                            "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)")
+        if check_reference and loss.needs_reference:
+            problems.extend(_reference_store_problems(cfg))
     return problems
 
 
-def _checkpoint_has_store(cfg: RecipeConfig) -> bool:
+def existing_reference_store(cfg: RecipeConfig) -> Path | None:
+    """The store a run would read: ``solopo.reference_store`` if it exists, else a checkpoint's copy
+    (a resumed run keeps its original reference)."""
     from .megatron.checkpoint import REFERENCE_COPY
 
-    return any(root and (Path(root) / REFERENCE_COPY).exists() for root in (cfg.checkpoint.load, cfg.checkpoint.save))
+    if cfg.solopo.reference_store and Path(cfg.solopo.reference_store).exists():
+        return Path(cfg.solopo.reference_store)
+    for root in (cfg.checkpoint.load, cfg.checkpoint.save):
+        if root and (Path(root) / REFERENCE_COPY).exists():
+            return Path(root) / REFERENCE_COPY
+    return None
+
+
+def _reference_store_problems(cfg: RecipeConfig) -> list[str]:
+    s = cfg.solopo
+    path = existing_reference_store(cfg)
+    if path is None:
+        if s.compute_reference_if_missing:
+            return []
+        where = f"{s.reference_store} does not exist" if s.reference_store else "is not set"
+        return [f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
+                "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)"]
+    if cfg.dataset.tokenizer != "tiny" and not Path(cfg.dataset.tokenizer).is_dir():
+        return []  # reported as a dataset.tokenizer problem; the fingerprint needs the tokenizer
+    from .data.errors import DataError
+    from .data.reference_store import read_store_header
+    from .data.sources import expected_reference_fingerprint
+
+    try:
+        expected = expected_reference_fingerprint(cfg)
+        read_store_header(path, data_fingerprint=expected)
+    except (DataError, OSError) as error:
+        return [f"solopo.reference_store: {error}"]
+    return []
 
 
 def _largest_group_bound(cfg: RecipeConfig) -> int | None:

@@ -71,3 +71,40 @@ def test_cli_reports_problems_without_starting(capsys):
 
     assert main(["--config", str(RECIPE), "train.micro_batch_size=3"]) == 2
     assert "train.micro_batch_size: must be 1" in capsys.readouterr().err
+
+
+def _store_for(path: Path, fingerprint: str | None) -> None:
+    from solopo_megatron.data.reference_store import ReferenceStore
+
+    ReferenceStore(("short_chosen", "short_rejected"), data_fingerprint=fingerprint).save(path)
+
+
+def test_store_that_does_not_match_the_data(tmp_path: Path):
+    """Caught before any process group: the data files are hashed, nothing is tokenised."""
+    from solopo_megatron.data.sources import expected_reference_fingerprint
+    from solopo_megatron.data.synthetic import generate_synthetic_records, write_jsonl
+
+    for name, seed in (("train", 0), ("valid", 1)):
+        write_jsonl(generate_synthetic_records(4, seed=seed, long_target_words=40, id_prefix=name), tmp_path / f"{name}.jsonl")
+    store = tmp_path / "ref.jsonl"
+    overrides = [f"dataset.train_path={tmp_path / 'train.jsonl'}", f"dataset.valid_path={tmp_path / 'valid.jsonl'}",
+                 f"solopo.reference_store={store}"]
+    cfg = load_config(RECIPE, overrides)
+    _store_for(store, expected_reference_fingerprint(cfg))
+    validate_recipe(cfg, world_size=2)  # the matching store passes
+
+    changed = load_config(RECIPE, [*overrides, "dataset.prompt_template='Q: {question}\n{context}'"])
+    with pytest.raises(RecipeError, match=r"solopo\.reference_store: .*ref\.jsonl:1: field 'data_fingerprint': "
+                                          r"the store was built for other data or tokenisation"):
+        validate_recipe(changed, world_size=2)
+    with open(tmp_path / "train.jsonl", "a") as handle:  # new records: another fingerprint too
+        handle.write((tmp_path / "valid.jsonl").read_text().splitlines()[0].replace('"valid-', '"extra-') + "\n")
+    with pytest.raises(RecipeError, match="field 'data_fingerprint'"):
+        validate_recipe(cfg, world_size=2)
+
+
+def test_store_that_is_not_a_store(tmp_path: Path):
+    store = tmp_path / "ref.jsonl"
+    store.write_text("{}\n")
+    with pytest.raises(RecipeError, match=r"solopo\.reference_store: .*ref\.jsonl:1: not a reference log-prob store"):
+        validate_recipe(load_config(RECIPE, [f"solopo.reference_store={store}"]), world_size=2)

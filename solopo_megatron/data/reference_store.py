@@ -84,32 +84,41 @@ class ReferenceStore:
         self.path = str(path)
 
 
-def load_reference_store(path: str | Path, *, data_fingerprint: str | None = None) -> ReferenceStore:
-    """Reads a store; checks its format, version and (if given) that it was built for this data."""
+def read_store_header(path: str | Path, *, data_fingerprint: str | None = None) -> dict:
+    """The store's first line, checked: format, version, roles and (if given) the data fingerprint."""
     path = str(path)
     try:
-        handle = open(path, encoding="utf-8")
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
     except OSError as error:
         raise DataError(f"{path}: cannot read reference store: {error.strerror or error}") from error
-    with handle:
-        first = handle.readline()
-        try:
-            header = json.loads(first)
-        except json.JSONDecodeError:
-            header = None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise DataError(f"{path}:1: not a reference log-prob store (expected format {FORMAT!r})")
-        if header.get("version") != VERSION:
-            raise DataError(f"{path}:1: field 'version': store version {header.get('version')!r}, this code reads {VERSION}")
-        roles = tuple(header.get("roles") or ())
-        if not roles or any(role not in ROLES for role in roles):
-            raise DataError(f"{path}:1: field 'roles': expected a non-empty subset of {ROLES}, got {list(roles)}")
-        if data_fingerprint is not None and header.get("data_fingerprint") != data_fingerprint:
-            raise DataError(
-                f"{path}:1: field 'data_fingerprint': the store was built for other data or tokenisation "
-                f"({header.get('data_fingerprint')!r}, expected {data_fingerprint!r}); recompute it with solopo-ref-logps"
-            )
-        store = ReferenceStore(roles, header.get("data_fingerprint"), header.get("info") or {}, path=path)
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise DataError(f"{path}:1: not a reference log-prob store (expected format {FORMAT!r})")
+    if header.get("version") != VERSION:
+        raise DataError(f"{path}:1: field 'version': store version {header.get('version')!r}, this code reads {VERSION}")
+    roles = tuple(header.get("roles") or ())
+    if not roles or any(role not in ROLES for role in roles):
+        raise DataError(f"{path}:1: field 'roles': expected a non-empty subset of {ROLES}, got {list(roles)}")
+    if data_fingerprint is not None and header.get("data_fingerprint") != data_fingerprint:
+        raise DataError(
+            f"{path}:1: field 'data_fingerprint': the store was built for other data or tokenisation "
+            f"({header.get('data_fingerprint')!r}, expected {data_fingerprint!r}); recompute it with solopo-ref-logps"
+        )
+    return header
+
+
+def load_reference_store(path: str | Path, *, data_fingerprint: str | None = None) -> ReferenceStore:
+    """Reads a store; checks its format, version and (if given) that it was built for this data."""
+    header = read_store_header(path, data_fingerprint=data_fingerprint)
+    path = str(path)
+    roles = tuple(header["roles"])
+    store = ReferenceStore(roles, header.get("data_fingerprint"), header.get("info") or {}, path=path)
+    with open(path, encoding="utf-8") as handle:
+        handle.readline()
         for line_number, line in enumerate(handle, start=2):
             if not line.strip():
                 continue

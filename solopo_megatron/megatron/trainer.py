@@ -9,7 +9,6 @@ example count), its optimizer and its learning-rate scheduler.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -23,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import RecipeConfig
-from ..data.dataset import DEFAULT_CACHE_DIR, GlobalBatchSampler, TokenizedDataset, step_microbatches
+from ..data.dataset import GlobalBatchSampler, TokenizedDataset, step_microbatches
 from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.reference_store import ReferenceStore, load_reference_store
-from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+from ..data.sources import cache_dir, combined_fingerprint, data_paths, sequence_encoder, write_synthetic_files
 from ..objectives import ROLES, required_roles
 from ..validation import validate_recipe
 from .checkpoint import REFERENCE_COPY, clean_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -64,50 +63,22 @@ class Trainer:
 # ----------------------------------------------------------------------------- data
 
 
-def _cache_dir(cfg: RecipeConfig) -> Path:
-    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else DEFAULT_CACHE_DIR
-
-
-def _synthetic_files(cfg: RecipeConfig, layout: Layout) -> tuple[str, str]:
-    """Materialises the bundled synthetic train/valid files (deterministic; rank 0 writes)."""
-    from ..data.synthetic import generate_synthetic_records, write_jsonl
-
-    spec = dataclasses.asdict(cfg.dataset.synthetic)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    folder = _cache_dir(cfg) / "synthetic" / key
-    paths = (folder / "train.jsonl", folder / "valid.jsonl")
-    if layout.rank == 0 and not all(p.exists() for p in paths):
-        folder.mkdir(parents=True, exist_ok=True)
-        s = cfg.dataset.synthetic
-        for path, count, seed, prefix in ((paths[0], s.num_train, s.seed, "train"), (paths[1], s.num_valid, s.seed + 1, "valid")):
-            records = generate_synthetic_records(count, seed=seed, long_target_words=s.long_target_words, id_prefix=prefix)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            write_jsonl(records, tmp)
-            os.replace(tmp, path)
-    dist.barrier()
-    return str(paths[0]), str(paths[1])
-
-
 def prepare_data(cfg: RecipeConfig, layout: Layout) -> Data:
     ds = cfg.dataset
-    train_path, valid_path = ds.train_path, ds.valid_path
-    if train_path is None:
-        train_path, synthetic_valid = _synthetic_files(cfg, layout)
-        valid_path = valid_path or synthetic_valid
-    tokenizer = load_tokenizer(ds.tokenizer)
-    encoder = SequenceEncoder(
-        tokenizer,
-        PromptFormat(prompt_template=ds.prompt_template, system=ds.system_prompt),
-        LengthLimits(ds.max_short_length, ds.max_long_length, ds.truncate_long_context),
-    )
+    if ds.train_path is None and layout.rank == 0:
+        write_synthetic_files(cfg)
+    dist.barrier()
+    train_path, valid_path = data_paths(cfg)
+    encoder = sequence_encoder(ds)
+    tokenizer = encoder.tokenizer
     roles = required_roles(cfg.solopo.loss_config())
     datasets = []
     for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
         if (layout.rank == 0) == rank_turn:
-            train, _ = TokenizedDataset.build(train_path, encoder, roles, cache_dir=_cache_dir(cfg),
+            train, _ = TokenizedDataset.build(train_path, encoder, roles, cache_dir=cache_dir(cfg),
                                               on_error=ds.on_error, progress=layout.rank == 0)
             # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
-            valid = TokenizedDataset.build(valid_path, encoder, ROLES, cache_dir=_cache_dir(cfg), on_error=ds.on_error,
+            valid = TokenizedDataset.build(valid_path, encoder, ROLES, cache_dir=cache_dir(cfg), on_error=ds.on_error,
                                            progress=layout.rank == 0)[0] if valid_path else None
             datasets = [train, valid]
         dist.barrier()
@@ -266,15 +237,14 @@ def compute_reference_store(trainer: Trainer, datasets: Sequence[tuple[Tokenized
 
 
 def reference_fingerprint(data: Data) -> str:
-    parts = [data.train.fingerprint, data.valid.fingerprint if data.valid else ""]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return combined_fingerprint(data.train.fingerprint, data.valid.fingerprint if data.valid else None)
 
 
 def reference_store_path(trainer: Trainer) -> Path:
     cfg = trainer.cfg
     if cfg.solopo.reference_store:
         return Path(cfg.solopo.reference_store)
-    return _cache_dir(cfg) / "reference" / f"{reference_fingerprint(trainer.data)}-seed{cfg.rng.seed}.jsonl"
+    return cache_dir(cfg) / "reference" / f"{reference_fingerprint(trainer.data)}-seed{cfg.rng.seed}.jsonl"
 
 
 def reference_datasets(trainer: Trainer):

@@ -1,0 +1,80 @@
+"""Where a recipe's data comes from, how it is encoded, and the fingerprint a reference store must carry.
+
+Shared by the trainer and by recipe validation, which checks a reference store against the data
+before any process group exists (hashing the files and loading the tokenizer; nothing is tokenised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..config import DatasetSection, RecipeConfig
+from ..objectives import ROLES, required_roles
+from .dataset import DEFAULT_CACHE_DIR, data_fingerprint
+from .tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+
+
+def cache_dir(cfg: RecipeConfig) -> Path:
+    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else DEFAULT_CACHE_DIR
+
+
+def synthetic_paths(cfg: RecipeConfig) -> tuple[Path, Path]:
+    """The bundled synthetic train/valid files for ``dataset.synthetic`` (keyed by its settings)."""
+    spec = dataclasses.asdict(cfg.dataset.synthetic)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir(cfg) / "synthetic" / key
+    return folder / "train.jsonl", folder / "valid.jsonl"
+
+
+def write_synthetic_files(cfg: RecipeConfig) -> None:
+    """Materialises the synthetic files if missing (deterministic; call from one rank)."""
+    from .synthetic import generate_synthetic_records, write_jsonl
+
+    s = cfg.dataset.synthetic
+    for path, count, seed, prefix in zip(synthetic_paths(cfg), (s.num_train, s.num_valid), (s.seed, s.seed + 1),
+                                         ("train", "valid")):
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = generate_synthetic_records(count, seed=seed, long_target_words=s.long_target_words, id_prefix=prefix)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        write_jsonl(records, tmp)
+        os.replace(tmp, path)
+
+
+def data_paths(cfg: RecipeConfig) -> tuple[str, str | None]:
+    """(train, valid) files: the recipe's, or the synthetic ones when ``dataset.train_path`` is unset."""
+    ds = cfg.dataset
+    if ds.train_path is not None:
+        return ds.train_path, ds.valid_path
+    train, valid = synthetic_paths(cfg)
+    return str(train), ds.valid_path or str(valid)
+
+
+def sequence_encoder(ds: DatasetSection) -> SequenceEncoder:
+    return SequenceEncoder(
+        load_tokenizer(ds.tokenizer),
+        PromptFormat(prompt_template=ds.prompt_template, system=ds.system_prompt),
+        LengthLimits(ds.max_short_length, ds.max_long_length, ds.truncate_long_context),
+    )
+
+
+def combined_fingerprint(train_fingerprint: str, valid_fingerprint: str | None) -> str:
+    """The fingerprint a reference store for this train (+ valid) data carries."""
+    return hashlib.sha256(f"{train_fingerprint}|{valid_fingerprint or ''}".encode()).hexdigest()[:24]
+
+
+def expected_reference_fingerprint(cfg: RecipeConfig) -> str | None:
+    """The reference store fingerprint this recipe's data needs; None while the data files do not exist yet."""
+    train, valid = data_paths(cfg)
+    if not Path(train).is_file() or (valid is not None and not Path(valid).is_file()):
+        return None
+    encoder = sequence_encoder(cfg.dataset)
+    roles = required_roles(cfg.solopo.loss_config())
+    # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
+    valid_fp = data_fingerprint(valid, encoder, ROLES) if valid else None
+    return combined_fingerprint(data_fingerprint(train, encoder, roles), valid_fp)
