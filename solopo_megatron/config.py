@@ -130,6 +130,7 @@ class CheckpointSection:
     load: str | None = None  # resume from this root (its latest) or this iter_* directory instead
     save_interval: int | None = None  # steps between saves (and always at the end when save is set)
     keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
+    pretrained_hf: str | None = None  # initial weights: a Hugging Face Llama / Qwen2 directory (unless resuming)
 
 
 @dataclass

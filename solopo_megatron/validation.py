@@ -72,6 +72,7 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
         problems.append(f"dataset.tokenizer: {ds.tokenizer!r} is neither 'tiny' nor a local tokenizer directory")
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
         problems.append(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
+    problems.extend(_pretrained_problems(cfg))
 
     decay = cfg.scheduler.lr_decay_iters or t.train_iters
     if cfg.scheduler.lr_warmup_iters >= max(1, decay):
@@ -86,6 +87,18 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
         if check_reference and loss.needs_reference:
             problems.extend(_reference_store_problems(cfg))
     return problems
+
+
+def _pretrained_problems(cfg: RecipeConfig) -> list[str]:
+    """The Hugging Face checkpoint exists and the model section describes it (key by key)."""
+    path = cfg.checkpoint.pretrained_hf
+    if path is None:
+        return []
+    if not (Path(path) / "config.json").is_file():
+        return [f"checkpoint.pretrained_hf: {path} is not a Hugging Face checkpoint directory (no config.json)"]
+    from .megatron.hf_weights import check_model_matches_hf
+
+    return [f"{problem} (checkpoint.pretrained_hf={path})" for problem in check_model_matches_hf(cfg.model, path)]
 
 
 def existing_reference_store(cfg: RecipeConfig) -> Path | None:

@@ -93,7 +93,9 @@ def save_checkpoint(trainer, step: int) -> Path:
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state_dict(trainer, is_loading=False)
-    state["common"] = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world_size": trainer.layout.world_size}
+    state["common"] = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world_size": trainer.layout.world_size,
+                       "layout": _layout_sizes(trainer.layout),
+                       "distributed_optimizer": trainer.cfg.optimizer.use_distributed_optimizer}
     dist_checkpointing.save(state, str(tmp))
     _fault_injection("kill_during_save", step)
     dist.barrier()
@@ -134,21 +136,41 @@ def _prune(root: Path, keep_last: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _layout_sizes(layout) -> dict[str, int]:
+    return {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp}
+
+
+def _check_reshard(common: dict, trainer, path: Path) -> None:
+    """Model and the plain optimizer reshard across any TP/PP/CP/DP change (their sharded tensors
+    carry global shapes); the distributed optimizer's ``dp_reshardable`` state only across DP and CP."""
+    saved, now = common.get("layout"), _layout_sizes(trainer.layout)
+    if saved is None or not (common.get("distributed_optimizer") and trainer.cfg.optimizer.use_distributed_optimizer):
+        return
+    if (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+        raise ValueError(
+            f"checkpoint.load: {path} holds distributed-optimizer state saved with tensor_model_parallel_size="
+            f"{saved['tp']}, pipeline_model_parallel_size={saved['pp']}; this run has {now['tp']}, {now['pp']}. "
+            "That state reshards across data (and context) parallel sizes only: resume with the saved tp/pp, "
+            "or with optimizer.use_distributed_optimizer=false")
+
+
 def load_checkpoint(trainer, path: Path) -> int:
-    """Restores model, optimizer, scheduler and (same world size) RNG; returns the step to resume after."""
+    """Restores model, optimizer, scheduler and (same layout) RNG; returns the step to resume after."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    _check_reshard(common, trainer, path)
     state = _sharded_state_dict(trainer, is_loading=True)
-    same_world = common.get("world_size") == trainer.layout.world_size
-    if not same_world:  # per-rank RNG states do not map onto another layout
+    same_layout = common.get("layout", {}) == _layout_sizes(trainer.layout)
+    if not same_layout:  # per-rank RNG states do not map onto another layout
         del state["rng"]
     loaded = dist_checkpointing.load(state, str(path))
     trainer.model[0].module.load_state_dict(loaded["model"])
     with torch.no_grad():  # fp32 distributed-optimizer main params are views of trainable params
         trainer.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(common["scheduler"])
-    if same_world:
+    if same_layout:
         rng = loaded["rng"]
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available() and "cuda" in rng:
@@ -157,8 +179,27 @@ def load_checkpoint(trainer, path: Path) -> int:
             torch.cuda.set_rng_state(rng["cuda"])
             get_cuda_rng_tracker().set_states(rng["tracker"])
     else:
-        trainer.log(f"checkpoint from world size {common.get('world_size')}: RNG states not restored")
+        saved = " x ".join(f"{k} {v}" for k, v in common.get("layout", {}).items()) or f"world {common.get('world_size')}"
+        trainer.log(f"resharded from layout {saved}: model and optimizer state restored, per-rank RNG states not "
+                    "(they belong to the old ranks)")
     return int(common["step"])
+
+
+def _restore_torch_adam_steps(optimizer) -> None:
+    """Without TE/Apex, megatron-core's distributed optimizer runs torch Adam, whose per-parameter
+    ``step`` the dp_reshardable load overwrites with the placeholder it was given (0), although the
+    saved step is in the param groups. Put the saved step back (a no-op for the other optimizers)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is None or not hasattr(inner, "data_parallel_group"):  # distributed optimizer only
+            continue
+        for group in torch_optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def clean_partial_saves(root: str | Path) -> None:

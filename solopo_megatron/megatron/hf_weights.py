@@ -31,7 +31,9 @@ from ..config import ModelSection
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Megatron's RotaryEmbedding._apply_scaling takes only the factor; these are fixed there.
-MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+MEGATRON_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+}
 # HF keys that hold no weights (older checkpoints store RoPE's inverse frequencies).
 _IGNORED_HF_KEY = re.compile(r"\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^decoder\.layers\.\d+\.")
@@ -53,7 +55,8 @@ def _config_dict(hf_config: ConfigSource) -> dict[str, Any]:
         return dict(hf_config)
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
-    raise TypeError(f"expected a checkpoint directory, config.json path, dict or PretrainedConfig, got {type(hf_config)}")
+    raise TypeError("expected a checkpoint directory, a config.json path, a dict or a PretrainedConfig, "
+                    f"got {type(hf_config)}")
 
 
 def _architecture(cfg: Mapping[str, Any]) -> str:
@@ -79,8 +82,8 @@ def _rope_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if theta != int(theta):
         raise ValueError(f"rope_theta {theta} is not an integer (model.rotary_base is one)")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    default_factor = next(f.default for f in dataclasses.fields(ModelSection) if f.name == "rope_scaling_factor")
-    fields = {"rotary_base": int(theta), "rope_scaling": False, "rope_scaling_factor": default_factor}
+    default = next(f.default for f in dataclasses.fields(ModelSection) if f.name == "rope_scaling_factor")
+    fields = {"rotary_base": int(theta), "rope_scaling": False, "rope_scaling_factor": default}
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
@@ -88,7 +91,8 @@ def _rope_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
                          "(supported: none, or llama3)")
     for key, fixed in MEGATRON_LLAMA3_ROPE.items():
         if float(params.get(key, fixed)) != fixed:
-            raise ValueError(f"llama3 rope scaling with {key}={params[key]}: Megatron's GPTModel fixes {key}={fixed:g}")
+            raise ValueError(f"llama3 rope scaling with {key}={params[key]}: "
+                             f"Megatron's GPTModel fixes {key}={fixed:g}")
     return {**fields, "rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
 
 
@@ -104,13 +108,16 @@ def model_section_from_hf_config(hf_config_or_dir: ConfigSource) -> dict[str, An
     cfg = _config_dict(hf_config_or_dir)
     architecture = _architecture(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{architecture} with hidden_act {cfg['hidden_act']!r}: only silu (SwiGLU) is supported")
+        raise ValueError(f"{architecture} with hidden_act {cfg['hidden_act']!r}: "
+                         "only silu (SwiGLU) is supported")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{architecture} with attention_bias / mlp_bias: only Qwen2's q/k/v biases are supported")
+        raise ValueError(f"{architecture} with attention_bias / mlp_bias: "
+                         "only Qwen2's q/k/v biases are supported")
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise ValueError(f"{architecture} with sliding-window attention is not supported")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{architecture} with partial_rotary_factor {cfg['partial_rotary_factor']} is not supported")
+        raise ValueError(f"{architecture} with partial_rotary_factor {cfg['partial_rotary_factor']} "
+                         "is not supported")
     heads = int(cfg["num_attention_heads"])
     return {
         "num_layers": int(cfg["num_hidden_layers"]),
@@ -195,34 +202,45 @@ def pad_rows(rows: int | None) -> Callable[[Tensor], Tensor]:
     return pad
 
 
+def _keep(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _cat_gate_up(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.cat([gate, up])
+
+
 def _plan(model: ModelSection, fused_norms: bool, padded_vocab: int | None) -> dict[str, _Conversion]:
-    """Megatron key -> conversion, for the whole model."""
+    """Megatron key -> conversion, for the whole model (norm names: TE's fused ones or the local spec's)."""
     hidden, ffn = model.hidden_size, model.ffn_hidden_size
-    heads, groups, head_dim = (_effective(model, k) for k in ("num_attention_heads", "num_query_groups", "kv_channels"))
-    keep = lambda t: t  # noqa: E731
+    heads, groups, head_dim = (_effective(model, key) for key in ("num_attention_heads", "num_query_groups",
+                                                                    "kv_channels"))
+    q_rows, kv_rows = heads * head_dim, groups * head_dim
+    attn_norm = "self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight"
+    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight"
+    vocab_rows = pad_rows(padded_vocab)
     plan = {"embedding.word_embeddings.weight": _Conversion(("model.embed_tokens.weight",), ((None, hidden),),
-                                                            pad_rows(padded_vocab))}
+                                                            vocab_rows)}
     for i in range(model.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
-        qkv_shapes = ((heads * head_dim, hidden), (groups * head_dim, hidden), (groups * head_dim, hidden))
-        plan[mg + ("self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight")] = \
-            _Conversion((hf + "input_layernorm.weight",), ((hidden,),), keep)
+        qkv = tuple(f"{attn}{p}_proj." for p in "qkv")
+        plan[mg + attn_norm] = _Conversion((hf + "input_layernorm.weight",), ((hidden,),), _keep)
         plan[mg + "self_attention.linear_qkv.weight"] = _Conversion(
-            tuple(f"{attn}{p}_proj.weight" for p in "qkv"), qkv_shapes, _fuse_qkv(groups))
+            tuple(p + "weight" for p in qkv), ((q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden)),
+            _fuse_qkv(groups))
         if model.add_qkv_bias:
             plan[mg + "self_attention.linear_qkv.bias"] = _Conversion(
-                tuple(f"{attn}{p}_proj.bias" for p in "qkv"), tuple(s[:1] for s in qkv_shapes), _fuse_qkv(groups))
+                tuple(p + "bias" for p in qkv), ((q_rows,), (kv_rows,), (kv_rows,)), _fuse_qkv(groups))
         plan[mg + "self_attention.linear_proj.weight"] = _Conversion(
-            (attn + "o_proj.weight",), ((hidden, heads * head_dim),), keep)
-        plan[mg + ("mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight")] = \
-            _Conversion((hf + "post_attention_layernorm.weight",), ((hidden,),), keep)
+            (attn + "o_proj.weight",), ((hidden, q_rows),), _keep)
+        plan[mg + mlp_norm] = _Conversion((hf + "post_attention_layernorm.weight",), ((hidden,),), _keep)
         plan[mg + "mlp.linear_fc1.weight"] = _Conversion(
-            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), ((ffn, hidden), (ffn, hidden)), lambda g, u: torch.cat([g, u]))
-        plan[mg + "mlp.linear_fc2.weight"] = _Conversion((mlp + "down_proj.weight",), ((hidden, ffn),), keep)
-    plan["decoder.final_layernorm.weight"] = _Conversion(("model.norm.weight",), ((hidden,),), keep)
+            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), ((ffn, hidden), (ffn, hidden)), _cat_gate_up)
+        plan[mg + "mlp.linear_fc2.weight"] = _Conversion((mlp + "down_proj.weight",), ((hidden, ffn),), _keep)
+    plan["decoder.final_layernorm.weight"] = _Conversion(("model.norm.weight",), ((hidden,),), _keep)
     if not model.share_embeddings_and_output_weights:
-        plan["output_layer.weight"] = _Conversion(("lm_head.weight",), ((None, hidden),), pad_rows(padded_vocab))
+        plan["output_layer.weight"] = _Conversion(("lm_head.weight",), ((None, hidden),), vocab_rows)
     return plan
 
 
@@ -241,7 +259,9 @@ def _select(plan: dict[str, _Conversion], param_names: Iterable[str] | None) -> 
     return {key: conversion for key, conversion in plan.items() if key in names}
 
 
-def _check_keys(plan: dict[str, _Conversion], hf_state: Mapping[str, Tensor], model: ModelSection, source: str) -> None:
+def _check_keys(
+    plan: dict[str, _Conversion], hf_state: Mapping[str, Tensor], model: ModelSection, source: str
+) -> None:
     """Every needed HF tensor is there and every HF tensor is used (before any is read)."""
     for key, conversion in plan.items():
         for hf_key in conversion.hf_keys:
@@ -254,14 +274,16 @@ def _check_keys(plan: dict[str, _Conversion], hf_state: Mapping[str, Tensor], mo
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
         raise ValueError(f"{source} has tensors the model has no place for: {', '.join(unused[:5])}{more} "
-                         "(num_layers, add_qkv_bias or share_embeddings_and_output_weights differ from the checkpoint?)")
+                         "(do num_layers, add_qkv_bias or share_embeddings_and_output_weights differ "
+                         "from the checkpoint?)")
 
 
 def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) -> Tensor:
     tensors = []
     for hf_key, shape in zip(conversion.hf_keys, conversion.shapes):
         tensor = hf_state[hf_key]
-        if tensor.dim() != len(shape) or any(want is not None and want != have for want, have in zip(shape, tensor.shape)):
+        fits = tensor.dim() == len(shape) and all(w is None or w == h for w, h in zip(shape, tensor.shape))
+        if not fits:
             expected = tuple("*" if s is None else s for s in shape)
             raise ValueError(f"shape mismatch: HF {hf_key} is {tuple(tensor.shape)}, but Megatron {key} "
                              f"needs {expected} for this model section")
@@ -272,8 +294,8 @@ def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) 
 def _check_tied_copy(hf_state: Mapping[str, Tensor], model: ModelSection) -> None:
     if model.share_embeddings_and_output_weights and "lm_head.weight" in hf_state:
         if not torch.equal(hf_state["lm_head.weight"], hf_state["model.embed_tokens.weight"]):
-            raise ValueError("model.share_embeddings_and_output_weights is set but the checkpoint's lm_head.weight "
-                             "differs from model.embed_tokens.weight")
+            raise ValueError("model.share_embeddings_and_output_weights is set but the checkpoint's "
+                             "lm_head.weight differs from model.embed_tokens.weight")
 
 
 class _LazyStateDict(Mapping[str, Tensor]):
@@ -415,8 +437,12 @@ def load_hf_state_dict(directory: str | os.PathLike) -> HFCheckpoint:
     return HFCheckpoint(_tensor_files(path), source=f"Hugging Face checkpoint {path}")
 
 
-def load_hf_weights_into(model: torch.nn.Module, directory: str | os.PathLike, model_section: ModelSection,
-                         tp_group=None) -> None:
+def load_hf_weights_into(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    model_section: ModelSection,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+) -> None:
     """Loads a Llama / Qwen2 checkpoint directory into this rank's (TP/PP-sharded) GPTModel.
 
     Checks the model section against the checkpoint's config first (ValueError listing every

@@ -87,7 +87,12 @@ def prepare_data(cfg: RecipeConfig, layout: Layout) -> Data:
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
     if ds.max_tokens % multiple:
         raise ValueError(f"dataset.max_tokens={ds.max_tokens} must be a multiple of {multiple} (2 x cp, x tp with SP)")
-    return Data(datasets[0], datasets[1], roles, pad_id, len(tokenizer), multiple, ds.max_tokens)
+    vocab_size = len(tokenizer)
+    if cfg.checkpoint.pretrained_hf:  # embedding rows can exceed the tokenizer (Qwen2.5: 152064 vs 151665)
+        from .hf_weights import vocab_size_from_hf_config
+
+        vocab_size = max(vocab_size, vocab_size_from_hf_config(cfg.checkpoint.pretrained_hf))
+    return Data(datasets[0], datasets[1], roles, pad_id, vocab_size, multiple, ds.max_tokens)
 
 
 def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles, layout: Layout,
@@ -101,7 +106,10 @@ def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], 
 # ----------------------------------------------------------------------------- model and optimizer
 
 
-def build_model_and_optimizer(cfg: RecipeConfig, layout: Layout, data: Data, init_state: dict | None = None):
+def build_model_and_optimizer(cfg: RecipeConfig, layout: Layout, data: Data, init_state: dict | None = None,
+                              pretrained_hf: str | None = None):
+    """This rank's DDP-wrapped model chunk, optimizer and scheduler; initial weights from ``init_state``
+    (a full state dict), else from a Hugging Face directory, else Megatron's initialisation."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -110,12 +118,18 @@ def build_model_and_optimizer(cfg: RecipeConfig, layout: Layout, data: Data, ini
     impl = resolve_transformer_impl(cfg.model)
     config = transformer_config(cfg.model, bf16=bf16, max_tokens=data.max_tokens)
     module = build_gpt_model(cfg.model, config, data.vocab_size, data.max_tokens, impl)
-    if init_state is not None:
+    if init_state is not None or pretrained_hf is not None:
         from megatron.core import parallel_state
 
-        from .weights import load_full_state_dict
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if init_state is not None:
+            from .weights import load_full_state_dict
 
-        load_full_state_dict(module, init_state, parallel_state.get_tensor_model_parallel_group())
+            load_full_state_dict(module, init_state, tp_group)
+        else:
+            from .hf_weights import load_hf_weights_into
+
+            load_hf_weights_into(module, pretrained_hf, cfg.model, tp_group)
     module.to(layout.device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -279,7 +293,9 @@ def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[s
     validate_recipe(cfg, dist.get_world_size(), check_reference=load_reference)  # also for direct API callers
     layout = init_parallel_state(cfg.model, cfg.rng.seed)
     data = prepare_data(cfg, layout)
-    model, optimizer, scheduler, impl = build_model_and_optimizer(cfg, layout, data, init_state)
+    resume_from = _resume_path(cfg, layout)
+    pretrained = cfg.checkpoint.pretrained_hf if resume_from is None else None  # a checkpoint replaces it
+    model, optimizer, scheduler, impl = build_model_and_optimizer(cfg, layout, data, init_state, pretrained)
     tp_group, cp_group = _groups()
     ctx = StepContext(cfg.solopo.loss_config(), tp_group, cp_group, local_attention=impl == "local",
                       inplace_logits_backward=cfg.solopo.inplace_logits_backward)
@@ -288,7 +304,6 @@ def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[s
                       log=printer if layout.is_logging_rank else (lambda text: None))
     if load_reference:
         trainer.store = ensure_reference_store(trainer)
-    resume_from = _resume_path(cfg, layout)
     if resume_from is not None:
         trainer.start_step = load_checkpoint(trainer, resume_from)
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")

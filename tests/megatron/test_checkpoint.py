@@ -101,3 +101,54 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert f"resumed from {root / 'iter_0000002'} after step 2" in log
     assert not (root / "iter_0000004.tmp").exists()
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+
+
+def _phase(tmp: Path, name: str, procs: int, until: int, layout: list[str], extra: list[str] = ()) -> tuple[int, str]:
+    """Runs (or resumes) ``name`` up to step ``until`` on ``procs`` processes with ``layout`` overrides.
+    The schedule's length is pinned (lr_decay_iters), so stopping early does not change the run."""
+    cmd, _ = _command(tmp, name, ["model.context_parallel_size=1", f"train.train_iters={until}",
+                                  f"scheduler.lr_decay_iters={STEPS}", *layout, *extra])
+    if procs > 1:
+        module = cmd.index("-m")
+        cmd = [*cmd[:module], "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *cmd[module:]]
+    return _run(cmd, tmp, _env(), tmp / f"{name}-{until}.log")
+
+
+def _assert_same_losses(got: dict[int, float], expected: dict[int, float], rtol: float) -> None:
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= rtol * max(1.0, abs(expected[step])), (step, got[step], expected[step])
+
+
+def test_resume_onto_other_layouts(tmp_path):
+    """One run resumed three times, each onto another layout (TP, then PP, then CP; DP follows), reaches
+    the losses of a one-process run: model and optimizer state reshard through dist_checkpointing."""
+    code, log = _phase(tmp_path, "straight", 1, STEPS, [])
+    assert code == 0, log[-3000:]
+    expected = _losses(tmp_path / "straight.jsonl")
+    phases = [(1, 2, []), (2, 4, ["model.tensor_model_parallel_size=2"]),
+              (2, 6, ["model.pipeline_model_parallel_size=2"]), (2, STEPS, ["model.context_parallel_size=2"])]
+    for procs, until, layout in phases:
+        code, log = _phase(tmp_path, "moved", procs, until, layout)
+        assert code == 0, log[-3000:]
+        if until > 2:
+            assert f"resumed from {tmp_path / 'moved' / f'iter_{until - 2:07d}'}" in log
+            assert "resharded from layout" in log
+    # Adam divides by sqrt(v): fp32 reduction-order noise of another layout shows at ~1e-6 relative.
+    _assert_same_losses(_losses(tmp_path / "moved.jsonl"), expected, rtol=1e-4)
+
+
+def test_distributed_optimizer_reshards_over_data_parallel_only(tmp_path):
+    dist_opt = ["optimizer.use_distributed_optimizer=true"]
+    code, log = _phase(tmp_path, "straight", 2, 4, [], dist_opt)
+    assert code == 0, log[-3000:]
+    code, log = _phase(tmp_path, "moved", 2, 2, [], dist_opt)
+    assert code == 0, log[-3000:]
+    code, log = _phase(tmp_path, "moved", 1, 4, [], dist_opt)  # DP 2 -> 1
+    assert code == 0, log[-3000:]
+    assert "resharded from layout tp 1 x pp 1 x cp 1 x dp 2" in log
+    _assert_same_losses(_losses(tmp_path / "moved.jsonl"), _losses(tmp_path / "straight.jsonl"), rtol=1e-4)
+
+    code, log = _phase(tmp_path, "moved", 2, 6, ["model.tensor_model_parallel_size=2"], dist_opt)
+    assert code != 0
+    assert "checkpoint.load:" in log and "distributed-optimizer state saved with tensor_model_parallel_size=1" in log
