@@ -136,6 +136,12 @@ class CheckpointSection:
 @dataclass
 class LoggerSection:
     metrics_file: str | None = None  # JSON lines: one object per step (train metrics, eval when run)
+    tensorboard_dir: str | None = None  # TensorBoard event files (train/<metric>, eval/<metric>)
+    wandb_project: str | None = None  # Weights & Biases project (needs `pip install wandb`); None: off
+    wandb_run_name: str | None = None
+    wandb_run_id: str | None = None  # set it to continue the same wandb run after a resume
+    wandb_mode: str = "online"  # online | offline | disabled
+    peak_tflops_per_gpu: float | None = None  # for MFU; None: known GPUs by name (dense bf16), else no MFU
 
 
 @dataclass

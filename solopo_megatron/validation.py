@@ -73,6 +73,12 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
         problems.append(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
     problems.extend(_pretrained_problems(cfg))
+    from .megatron.metric_writers import wandb_problem
+
+    if (problem := wandb_problem(cfg.logger)) is not None:
+        problems.append(problem)
+    if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
+        problems.append(f"logger.wandb_mode: must be online, offline or disabled, got {cfg.logger.wandb_mode!r}")
 
     decay = cfg.scheduler.lr_decay_iters or t.train_iters
     if cfg.scheduler.lr_warmup_iters >= max(1, decay):

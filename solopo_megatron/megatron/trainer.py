@@ -9,7 +9,6 @@ example count), its optimizer and its learning-rate scheduler.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -21,15 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import RecipeConfig
+from ..config import RecipeConfig, to_dict
 from ..data.dataset import GlobalBatchSampler, TokenizedDataset, step_microbatches
 from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.reference_store import ReferenceStore, load_reference_store
 from ..data.sources import cache_dir, combined_fingerprint, data_paths, sequence_encoder, write_synthetic_files
+from ..estimates import peak_tflops_for, training_flops
 from ..objectives import ROLES, required_roles
 from ..validation import validate_recipe
 from .checkpoint import REFERENCE_COPY, clean_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
-from .model import build_gpt_model, resolve_transformer_impl, transformer_config
+from .metric_writers import MetricWriters
+from .model import build_gpt_model, padded_vocab_size, resolve_transformer_impl, transformer_config
 from .parallel import Layout, init_parallel_state, init_process_group
 from .step import StepContext, forward_step
 
@@ -58,6 +59,10 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
     start_step: int = 0  # steps already done (from a checkpoint)
     log: Callable[[str], None] = print
+
+    @property
+    def padded_vocab(self) -> int:
+        return padded_vocab_size(self.data.vocab_size, self.cfg.model)
 
 
 # ----------------------------------------------------------------------------- data
@@ -340,7 +345,7 @@ def train_step(trainer: Trainer, step: int, sampler: GlobalBatchSampler) -> dict
     mbs = step_batches(trainer.data, trainer.data.train, sampler.batch(step), trainer.data.roles, trainer.layout,
                        trainer.store)
     reports = run_schedule(trainer, mbs, forward_only=False)
-    finite = _gradients_finite(trainer)
+    finite = _step_is_finite(trainer, reports)
     if finite:
         _, grad_norm, _ = trainer.optimizer.step()
     else:  # never apply a non-finite update: the step is skipped and reported
@@ -348,20 +353,50 @@ def train_step(trainer: Trainer, step: int, sampler: GlobalBatchSampler) -> dict
     trainer.scheduler.step(increment=1)
     metrics = reduce_reports(reports, trainer.layout)
     metrics["skipped"] = 0.0 if finite else 1.0
-    real_tokens = sum(int((mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).sum()) for mb in mbs)
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                   lr=trainer.optimizer.param_groups[0]["lr"], microbatches=len(mbs), real_tokens=real_tokens)
+                   lr=trainer.optimizer.param_groups[0]["lr"], microbatches=len(mbs), **_step_work(trainer, mbs))
     return metrics
 
 
-def _gradients_finite(trainer: Trainer) -> bool:
-    """All reduced gradients finite on every rank (one flag all-reduced over the world)."""
+def _step_work(trainer: Trainer, mbs: list[Microbatch]) -> dict[str, float]:
+    """The step's real (unpadded) tokens, every role's prompt and response, and its model FLOPs, over all DP ranks.
+
+    Sequence lengths are global (not CP shards), so every CP and TP rank of a replica counts the same.
+    """
+    from megatron.core import parallel_state
+
+    lengths = [length for mb in mbs for length in (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist()]
+    work = torch.tensor([sum(lengths), training_flops(trainer.cfg.model, trainer.padded_vocab, lengths)],
+                        dtype=torch.float64, device=trainer.layout.device)
+    if trainer.layout.dp > 1:
+        dist.all_reduce(work, group=parallel_state.get_data_parallel_group())
+    return {"tokens": work[0].item(), "flops": work[1].item()}
+
+
+def _step_is_finite(trainer: Trainer, reports: list[dict]) -> bool:
+    """Loss (last stage) and all reduced gradients finite on every rank: one flag all-reduced over the world."""
     bad = torch.zeros((), dtype=torch.float32, device=trainer.layout.device)
+    for report in reports:
+        if "loss" in report:
+            bad = torch.maximum(bad, (~torch.isfinite(report["loss"])).any().float())
     for chunk in trainer.model:
         for buffer in chunk.buffers:
             bad = torch.maximum(bad, (~torch.isfinite(buffer.grad_data)).any().float())
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad.item())
+
+
+def peak_memory_gib(layout: Layout) -> float:
+    """The largest peak over all ranks: CUDA memory allocated by torch, or the process's peak RSS on CPU."""
+    if layout.device.type == "cuda":
+        local = torch.cuda.max_memory_allocated(layout.device)
+    else:
+        import resource
+
+        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = torch.tensor(float(local), dtype=torch.float64, device=layout.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 2**30
 
 
 def evaluate(trainer: Trainer) -> dict[str, float]:
@@ -389,61 +424,121 @@ def _fmt(metrics: dict[str, float], keys: Sequence[str]) -> str:
     return " ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
 
 
+TRAIN_KEYS = ("loss", "po_loss", "solo_ra_loss", "accuracy/short", "solo_ra_gap/chosen", "grad_norm", "lr")
+EVAL_KEYS = ("loss", "accuracy/short", "accuracy/long", "margin/long")
+
+
+@dataclass
+class Throughput:
+    """Per log interval: tokens/s, TFLOP/s per GPU and MFU from the steps' model FLOPs."""
+
+    world_size: int
+    peak_tflops: float | None
+    tokens: float = 0.0
+    flops: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.tokens += metrics["tokens"]
+        self.flops += metrics["flops"]
+
+    def report(self) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds = max(now - self.since, 1e-9)
+        tflops = self.flops / seconds / self.world_size / 1e12
+        out = {"tokens_per_s": self.tokens / seconds, "tflops_per_gpu": tflops}
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        self.tokens, self.flops, self.since = 0.0, 0.0, now
+        return out
+
+
+def _peak_tflops(trainer: Trainer) -> float | None:
+    if trainer.cfg.logger.peak_tflops_per_gpu:
+        return trainer.cfg.logger.peak_tflops_per_gpu
+    if trainer.layout.device.type != "cuda":
+        return None
+    return peak_tflops_for(torch.cuda.get_device_name(trainer.layout.device))
+
+
 def train(trainer: Trainer) -> list[dict]:
+    cfg = trainer.cfg
+    writers = MetricWriters(cfg.logger, to_dict(cfg), enabled=trainer.layout.is_logging_rank,
+                            resumed_step=trainer.start_step)
+    try:
+        return _train_loop(trainer, writers)
+    finally:
+        writers.close()
+
+
+def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
     cfg = trainer.cfg
     sampler = GlobalBatchSampler(len(trainer.data.train), cfg.train.global_batch_size, seed=cfg.rng.seed)
     iters, log_every = cfg.train.train_iters, max(1, cfg.train.log_interval)
     eval_every = cfg.train.eval_interval
-    keys = ("loss", "po_loss", "solo_ra_loss", "accuracy/short", "grad_norm", "lr")
-    eval_keys = ("loss", "accuracy/short", "accuracy/long", "margin/long")
     if eval_every and trainer.start_step == 0:
         result = evaluate(trainer)
         trainer.history.append({"step": 0, "eval": result})
-        _write_metrics(trainer, trainer.history[-1])
-        trainer.log(f"eval step 0: {_fmt(result, eval_keys)}")
+        writers.write(trainer.history[-1])
+        trainer.log(f"eval step 0: {_fmt(result, EVAL_KEYS)}")
     start = time.perf_counter()
-    tokens = 0
+    throughput = Throughput(trainer.layout.world_size, _peak_tflops(trainer))
     save_every = cfg.checkpoint.save_interval
     skipped_in_a_row = 0
+    progress = _progress_bar(trainer, iters)
     for step in range(trainer.start_step, iters):
         metrics = train_step(trainer, step, sampler)
+        throughput.add(metrics)
         if metrics["skipped"]:
             skipped_in_a_row += 1
-            trainer.log(f"step {step + 1}: non-finite gradients (loss {metrics.get('loss', math.nan):.4g}); update "
-                        f"skipped ({skipped_in_a_row} in a row, limit train.max_skipped_steps_in_a_row="
+            trainer.log(f"step {step + 1}: non-finite loss or gradients (loss {metrics.get('loss', math.nan):.4g}); "
+                        f"update skipped ({skipped_in_a_row} in a row, limit train.max_skipped_steps_in_a_row="
                         f"{cfg.train.max_skipped_steps_in_a_row})")
             if skipped_in_a_row >= cfg.train.max_skipped_steps_in_a_row:
                 raise RuntimeError(f"stopping: {skipped_in_a_row} steps in a row had non-finite loss or gradients "
                                    f"(last: step {step + 1})")
         else:
             skipped_in_a_row = 0
-        tokens += metrics["real_tokens"]
         entry = {"step": step + 1, "train": metrics}
         if step == 0 and trainer.store is not None and trainer.store.info.get("source") == "initial weights":
             worst = max((abs(v) for k, v in metrics.items() if k.startswith("rewards/")), default=math.nan)
             trainer.log(f"reward check: policy == reference before the first update, so rewards must be ~0: "
                         f"max |mean reward| = {worst:.3g}")
         if (step + 1) % log_every == 0 or step + 1 == iters:
+            metrics.update(throughput.report(), peak_mem_gib=peak_memory_gib(trainer.layout))
             elapsed = time.perf_counter() - start
             eta = elapsed / (step + 1 - trainer.start_step) * (iters - step - 1)
-            # tokens/s: real (unpadded) tokens of all sequences this DP rank forwarded, times DP.
-            rate = tokens * trainer.layout.dp / elapsed
-            trainer.log(f"step {step + 1}/{iters}: {_fmt(metrics, keys)} | {rate:,.0f} tokens/s | "
-                        f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+            speed = f"{metrics['tokens_per_s']:,.0f} tokens/s {metrics['tflops_per_gpu']:.3g} TFLOP/s/GPU"
+            if "mfu" in metrics:
+                speed += f" MFU {metrics['mfu']:.1%}"
+            trainer.log(f"step {step + 1}/{iters}: {_fmt(metrics, TRAIN_KEYS)} | {speed} | peak mem "
+                        f"{metrics['peak_mem_gib']:.2f} GiB | elapsed {_clock(elapsed)} eta {_clock(eta)}")
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters):
             entry["eval"] = evaluate(trainer)
-            trainer.log(f"eval step {step + 1}: {_fmt(entry['eval'], eval_keys)}")
+            trainer.log(f"eval step {step + 1}: {_fmt(entry['eval'], EVAL_KEYS)}")
         trainer.history.append(entry)
-        _write_metrics(trainer, entry)
+        writers.write(entry)
+        if progress is not None:
+            progress.update(1)
         if cfg.checkpoint.save and ((save_every and (step + 1) % save_every == 0) or step + 1 == iters):
             saved = save_checkpoint(trainer, step + 1)
             trainer.log(f"saved checkpoint {saved}")
+    if progress is not None:
+        progress.close()
     return trainer.history
 
 
-def _write_metrics(trainer: Trainer, entry: dict) -> None:
-    path = trainer.cfg.logger.metrics_file
-    if not path or not trainer.layout.is_logging_rank:
-        return
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
+def _progress_bar(trainer: Trainer, iters: int):
+    """A tqdm bar on the logging rank when stderr is a terminal (log lines stay the record otherwise)."""
+    import sys
+
+    if not (trainer.layout.is_logging_rank and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=iters, initial=trainer.start_step, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
