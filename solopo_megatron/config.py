@@ -31,6 +31,7 @@ class ModelSection:
     rotary_base: int = 10000
     rope_scaling: bool = False  # Llama-3.1 style RoPE frequency scaling
     rope_scaling_factor: float = 8.0
+    vocab_size: int | None = None  # None: the tokenizer's (or the pretrained_hf checkpoint's, if larger)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
@@ -145,6 +146,20 @@ class LoggerSection:
 
 
 @dataclass
+class ClusterSection:
+    """What the recipe is laid out for: the dry-run planner's world size and memory budget.
+    A launch takes its world size from torchrun (WORLD_SIZE); these keys do not bind it."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass
 class RngSection:
     seed: int = 1234
 
@@ -159,6 +174,7 @@ class RecipeConfig:
     solopo: SolopoSection = field(default_factory=SolopoSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     rng: RngSection = field(default_factory=RngSection)
 
 

@@ -1,5 +1,7 @@
 """``solopo-train --config RECIPE.yaml [key=value ...]``: SoLoPO training, launchable with torchrun.
 
+    solopo-train --dry-run --config RECIPE.yaml     # validate and plan, no GPUs, no process groups
+
     torchrun --standalone --nproc-per-node 2 -m solopo_megatron.train --config recipes/tiny-cpu.yaml
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m solopo_megatron.train --config RECIPE.yaml train.train_iters=1000
@@ -24,7 +26,13 @@ for _message in (r".*Transformer Engine and Apex are not installed.*", r".*Apex 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.train_iters=50")
+    parser.add_argument("overrides", nargs="*",
+                        help="overrides: key=value (e.g. train.train_iters=50), +key=value, ++key=value, ~key")
+    if prog == "solopo-train":
+        parser.add_argument("--dry-run", action="store_true",
+                            help="validate without GPUs and print the layout, lengths, microbatches, tokens and memory")
+        parser.add_argument("--world-size", type=int, default=None,
+                            help="dry run: GPUs to plan for (default: cluster.num_nodes x cluster.gpus_per_node)")
     return parser.parse_args(argv)
 
 
@@ -34,6 +42,11 @@ def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True
     args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
+        if getattr(args, "dry_run", False):
+            from .planner import dry_run
+
+            print(dry_run(cfg, args.config, args.world_size))
+            return 0
         validate_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")), check_reference=check_reference)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -38,10 +38,22 @@ def layout_problems(m: ModelSection, world_size: int | None = None) -> list[str]
     return problems
 
 
-def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True) -> list[str]:
+def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True,
+                    check_paths: bool = True) -> list[str]:
+    """Every problem, by key: the configuration's, then (``check_paths``) those of the files it names."""
+    problems = config_problems(cfg, world_size)
+    if check_paths:
+        problems.extend(path_problems(cfg, check_reference=check_reference))
+    return problems
+
+
+def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[str]:
+    """Problems of the recipe itself, whatever machine it is checked on."""
+    from .planner import largest_group_tokens
+
     problems: list[str] = []
-    m, t, ds, s = cfg.model, cfg.train, cfg.dataset, cfg.solopo
-    tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+    m, t, ds = cfg.model, cfg.train, cfg.dataset
+    tp, cp = m.tensor_model_parallel_size, m.context_parallel_size
 
     problems.extend(layout_problems(m, world_size))
     for key, value in (("train.global_batch_size", t.global_batch_size), ("train.train_iters", t.train_iters),
@@ -58,13 +70,30 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
     if cp >= 1 and ds.max_tokens % multiple:
         problems.append(f"dataset.max_tokens: {ds.max_tokens} is not a multiple of 2 x context_parallel_size"
                         f"{' x tensor_model_parallel_size (sequence parallel)' if m.sequence_parallel else ''} = {multiple}")
-    group_bound = _largest_group_bound(cfg)
+    try:
+        loss = cfg.solopo.loss_config()
+    except ValueError as error:
+        problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
+        loss = None
+    group_bound = largest_group_tokens(cfg) if loss is not None and min(tp, cp) >= 1 else None
     if group_bound is not None and group_bound > ds.max_tokens:
         problems.append(f"dataset.max_tokens: {ds.max_tokens} is below the largest possible group "
                         f"({group_bound} tokens from max_short_length / max_long_length, padded); raise it")
     if ds.on_error not in ("raise", "skip"):
         problems.append(f"dataset.on_error: must be raise or skip, got {ds.on_error!r}")
+    decay = cfg.scheduler.lr_decay_iters or t.train_iters
+    if cfg.scheduler.lr_warmup_iters >= max(1, decay):
+        problems.append(f"scheduler.lr_warmup_iters: {cfg.scheduler.lr_warmup_iters} must be below the decay "
+                        f"iterations ({decay})")
+    if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
+        problems.append(f"logger.wandb_mode: must be online, offline or disabled, got {cfg.logger.wandb_mode!r}")
+    return problems
 
+
+def path_problems(cfg: RecipeConfig, *, check_reference: bool = True) -> list[str]:
+    """Problems of the files and packages a recipe needs on the machine that checks it."""
+    problems = []
+    ds = cfg.dataset
     for key, path in (("dataset.train_path", ds.train_path), ("dataset.valid_path", ds.valid_path)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{key}: file {path} does not exist")
@@ -77,21 +106,8 @@ def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_r
 
     if (problem := wandb_problem(cfg.logger)) is not None:
         problems.append(problem)
-    if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
-        problems.append(f"logger.wandb_mode: must be online, offline or disabled, got {cfg.logger.wandb_mode!r}")
-
-    decay = cfg.scheduler.lr_decay_iters or t.train_iters
-    if cfg.scheduler.lr_warmup_iters >= max(1, decay):
-        problems.append(f"scheduler.lr_warmup_iters: {cfg.scheduler.lr_warmup_iters} must be below the decay "
-                        f"iterations ({decay})")
-
-    try:
-        loss = s.loss_config()
-    except ValueError as error:
-        problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
-    else:
-        if check_reference and loss.needs_reference:
-            problems.extend(_reference_store_problems(cfg))
+    if check_reference and _loss_ok(cfg) and cfg.solopo.loss_config().needs_reference:
+        problems.extend(_reference_store_problems(cfg))
     return problems
 
 
@@ -143,22 +159,6 @@ def _reference_store_problems(cfg: RecipeConfig) -> list[str]:
     return []
 
 
-def _largest_group_bound(cfg: RecipeConfig) -> int | None:
-    """Padded tokens of the largest group the length limits allow (None when they are not set)."""
-    from .objectives import required_roles
-
-    ds = cfg.dataset
-    roles = required_roles(cfg.solopo.loss_config()) if _loss_ok(cfg) else ()
-    multiple = 2 * cfg.model.context_parallel_size
-    total = 0
-    for role in roles:
-        limit = ds.max_short_length if role.startswith("short") else ds.max_long_length
-        if limit is None:
-            return None
-        total += -(-limit // multiple) * multiple
-    return total or None
-
-
 def _loss_ok(cfg: RecipeConfig) -> bool:
     try:
         cfg.solopo.loss_config()
@@ -167,11 +167,13 @@ def _loss_ok(cfg: RecipeConfig) -> bool:
     return True
 
 
-def validate_recipe(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True) -> None:
+def validate_recipe(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True,
+                    check_paths: bool = True) -> None:
     """Raises RecipeError listing every problem (each with its key) before any process group exists.
 
-    ``check_reference=False`` for solopo-ref-logps, which writes the store.
+    ``check_reference=False`` for solopo-ref-logps, which writes the store; ``check_paths=False`` for
+    the dry run, which may plan a cluster recipe on a machine without its files.
     """
-    problems = recipe_problems(cfg, world_size, check_reference=check_reference)
+    problems = recipe_problems(cfg, world_size, check_reference=check_reference, check_paths=check_paths)
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))

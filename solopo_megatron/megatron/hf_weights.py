@@ -162,6 +162,9 @@ def check_model_matches_hf(model: ModelSection, hf_config: ConfigSource) -> list
         same = math.isclose(have, want, rel_tol=1e-6) if isinstance(want, float) else have == want
         if not same:
             problems.append(f"model.{key}: recipe {have!r}, checkpoint {want!r}")
+    rows = vocab_size_from_hf_config(hf_config)
+    if model.vocab_size is not None and model.vocab_size != rows:
+        problems.append(f"model.vocab_size: recipe {model.vocab_size}, checkpoint {rows}")
     return problems
 
 

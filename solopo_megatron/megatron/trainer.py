@@ -92,12 +92,21 @@ def prepare_data(cfg: RecipeConfig, layout: Layout) -> Data:
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
     if ds.max_tokens % multiple:
         raise ValueError(f"dataset.max_tokens={ds.max_tokens} must be a multiple of {multiple} (2 x cp, x tp with SP)")
-    vocab_size = len(tokenizer)
-    if cfg.checkpoint.pretrained_hf:  # embedding rows can exceed the tokenizer (Qwen2.5: 152064 vs 151665)
+    return Data(datasets[0], datasets[1], roles, pad_id, model_vocab_size(cfg, len(tokenizer)), multiple, ds.max_tokens)
+
+
+def model_vocab_size(cfg: RecipeConfig, tokenizer_size: int) -> int:
+    """Embedding rows before Megatron's padding: model.vocab_size, else the tokenizer's size, raised to the
+    pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens)."""
+    if cfg.model.vocab_size is not None:
+        if cfg.model.vocab_size < tokenizer_size:
+            raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens")
+        return cfg.model.vocab_size
+    if cfg.checkpoint.pretrained_hf:
         from .hf_weights import vocab_size_from_hf_config
 
-        vocab_size = max(vocab_size, vocab_size_from_hf_config(cfg.checkpoint.pretrained_hf))
-    return Data(datasets[0], datasets[1], roles, pad_id, vocab_size, multiple, ds.max_tokens)
+        return max(tokenizer_size, vocab_size_from_hf_config(cfg.checkpoint.pretrained_hf))
+    return tokenizer_size
 
 
 def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles, layout: Layout,
