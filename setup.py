@@ -23,6 +23,8 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "omegaconf>=2.3",
         "psutil",
+        "safetensors",
+        "tensorboard",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     entry_points={
@@ -38,5 +40,6 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         # Comparison baselines for benchmarks/kernels (Transformer Engine: the `gpu` extra).
         "bench": ["liger-kernel", "megatron-core", "matplotlib"],
+        "wandb": ["wandb"],  # logger.wandb_project
     },
 )
