@@ -269,11 +269,10 @@ def apply_override(recipe, override: str):
     key, sep, _ = override.partition("=")
     if not sep or not key.strip("+"):
         raise ValueError(f"override {override!r}: expected key=value, +key=value, ++key=value or ~key")
-    force, add = key.startswith("++"), key.startswith("+") and not key.startswith("++")
+    add = key.startswith("+") and not key.startswith("++")  # ``++`` sets whether or not the recipe has it
     key = key.lstrip("+")
     if add and OmegaConf.select(recipe, key, default=_ABSENT) is not _ABSENT:
         raise ValueError(f"override {override!r}: the recipe already sets {key}; use {key}=... or ++{key}=...")
-    del force  # ``++`` sets whether or not the recipe has the key: the same as a plain set here
     value = OmegaConf.from_dotlist([f"{key}={override.partition('=')[2]}"])
     _merge_onto_schema(value, f"override {override!r}")  # unknown key or wrong type, with a suggestion
     return OmegaConf.merge(recipe, value)

@@ -74,14 +74,16 @@ def parameter_counts(m: ModelSection, padded_vocab: int) -> ParameterCounts:
 
 def sequence_training_flops(m: ModelSection, padded_vocab: int, length: int) -> float:
     """Forward + backward model FLOPs of one sequence of ``length`` tokens (causal attention)."""
-    counts = parameter_counts(m, padded_vocab)
-    linear = 6.0 * counts.matmul_per_token * length
-    attention = 6.0 * m.num_layers * m.num_attention_heads * head_dim(m) * length * length  # 3 x (QK^T + AV) / 2
-    return linear + attention
+    return training_flops(m, padded_vocab, [length])
 
 
 def training_flops(m: ModelSection, padded_vocab: int, lengths) -> float:
-    return sum(sequence_training_flops(m, padded_vocab, int(s)) for s in lengths)
+    """Model FLOPs of a step over sequences of ``lengths`` tokens: linear layers scale with the tokens,
+    causal attention (3 x (QK^T + AV) / 2) with each sequence's length squared."""
+    lengths = [int(s) for s in lengths]
+    linear = 6.0 * parameter_counts(m, padded_vocab).matmul_per_token * sum(lengths)
+    attention = 6.0 * m.num_layers * m.num_attention_heads * head_dim(m) * sum(s * s for s in lengths)
+    return linear + attention
 
 
 @dataclass(frozen=True)

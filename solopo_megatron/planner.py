@@ -10,16 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RecipeConfig
+from .data.packing import pad_multiple_for
+from .data.sources import model_vocab_size
 from .estimates import GIB, MemoryEstimate, estimate_memory, parameter_counts, training_flops
+from .megatron.model import padded_vocab_size
 from .objectives import required_roles
 
 RUNTIME_OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation: a rough allowance
 
 
 def role_limits(cfg: RecipeConfig) -> dict[str, int] | None:
-    """Each required role's token limit, padded to 2 x cp (None when a needed limit is unset)."""
-    ds, cp = cfg.dataset, cfg.model.context_parallel_size
-    multiple = 2 * cp * (cfg.model.tensor_model_parallel_size if cfg.model.sequence_parallel else 1)
+    """Each required role's token limit, padded as packing pads it (None when a needed limit is unset)."""
+    ds, m = cfg.dataset, cfg.model
+    multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
     limits = {}
     for role in required_roles(cfg.solopo.loss_config()):
         limit = ds.max_short_length if role.startswith("short") else ds.max_long_length
@@ -35,19 +38,18 @@ def largest_group_tokens(cfg: RecipeConfig) -> int | None:
 
 
 def model_vocab_rows(cfg: RecipeConfig) -> tuple[int | None, str]:
-    """Embedding rows before padding, and where the number comes from (without loading big files)."""
+    """Embedding rows before padding (the trainer's rule, from what this machine has), and their source."""
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size, "model.vocab_size"
-    hf = cfg.checkpoint.pretrained_hf
-    if hf and (Path(hf) / "config.json").is_file():
-        from .megatron.hf_weights import vocab_size_from_hf_config
-
-        return vocab_size_from_hf_config(hf), "checkpoint.pretrained_hf"
+    tokenizer_size = None
     if cfg.dataset.tokenizer == "tiny" or Path(cfg.dataset.tokenizer).is_dir():
         from .data.tokenize import load_tokenizer
 
-        return len(load_tokenizer(cfg.dataset.tokenizer)), "the tokenizer"
-    return None, "unknown (set model.vocab_size)"
+        tokenizer_size = len(load_tokenizer(cfg.dataset.tokenizer))
+    rows = model_vocab_size(cfg, tokenizer_size)
+    if rows is None:
+        return None, "unknown (set model.vocab_size)"
+    return rows, "the tokenizer" if rows == tokenizer_size else "checkpoint.pretrained_hf"
 
 
 @dataclass
@@ -72,8 +74,7 @@ def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
     m, t, ds = cfg.model, cfg.train, cfg.dataset
     dp = world_size // (m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size)
     vocab, source = model_vocab_rows(cfg)
-    multiple = m.make_vocab_size_divisible_by * m.tensor_model_parallel_size
-    padded = -(-vocab // multiple) * multiple if vocab else None
+    padded = padded_vocab_size(vocab, m) if vocab else None
     limits = role_limits(cfg)
     group = sum(limits.values()) if limits else None
     per_dp = -(-t.global_batch_size // dp)

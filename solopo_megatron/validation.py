@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ModelSection, RecipeConfig
+from .data.packing import pad_multiple_for
 
 
 class RecipeError(ValueError):
@@ -66,7 +67,7 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
         problems.append(f"train.micro_batch_size: must be 1 (a microbatch is one packed row of whole groups; "
                         f"size it with dataset.max_tokens), got {t.micro_batch_size}")
 
-    multiple = 2 * cp * (tp if m.sequence_parallel else 1)
+    multiple = pad_multiple_for(cp, tp, m.sequence_parallel)
     if cp >= 1 and ds.max_tokens % multiple:
         problems.append(f"dataset.max_tokens: {ds.max_tokens} is not a multiple of 2 x context_parallel_size"
                         f"{' x tensor_model_parallel_size (sequence parallel)' if m.sequence_parallel else ''} = {multiple}")

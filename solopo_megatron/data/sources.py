@@ -63,6 +63,23 @@ def sequence_encoder(ds: DatasetSection) -> SequenceEncoder:
     )
 
 
+def model_vocab_size(cfg: RecipeConfig, tokenizer_size: int | None) -> int | None:
+    """Embedding rows before Megatron's padding: model.vocab_size, else the larger of the tokenizer's size
+    and the pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens); None if neither is known."""
+    if cfg.model.vocab_size is not None:
+        if tokenizer_size is not None and cfg.model.vocab_size < tokenizer_size:
+            raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens")
+        return cfg.model.vocab_size
+    sizes = [tokenizer_size]
+    hf = cfg.checkpoint.pretrained_hf
+    if hf and (Path(hf) / "config.json").is_file():
+        from ..megatron.hf_weights import vocab_size_from_hf_config
+
+        sizes.append(vocab_size_from_hf_config(hf))
+    known = [size for size in sizes if size is not None]
+    return max(known) if known else None
+
+
 def combined_fingerprint(train_fingerprint: str, valid_fingerprint: str | None) -> str:
     """The fingerprint a reference store for this train (+ valid) data carries."""
     return hashlib.sha256(f"{train_fingerprint}|{valid_fingerprint or ''}".encode()).hexdigest()[:24]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 from ..config import LoggerSection
@@ -67,7 +66,3 @@ class MetricWriters:
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
-
-def ensure_parent(path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)

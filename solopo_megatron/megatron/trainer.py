@@ -24,7 +24,8 @@ from ..config import RecipeConfig, to_dict
 from ..data.dataset import GlobalBatchSampler, TokenizedDataset, step_microbatches
 from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.reference_store import ReferenceStore, load_reference_store
-from ..data.sources import cache_dir, combined_fingerprint, data_paths, sequence_encoder, write_synthetic_files
+from ..data.sources import (cache_dir, combined_fingerprint, data_paths, model_vocab_size, sequence_encoder,
+                             write_synthetic_files)
 from ..estimates import peak_tflops_for, training_flops
 from ..objectives import ROLES, required_roles
 from ..validation import validate_recipe
@@ -90,23 +91,7 @@ def prepare_data(cfg: RecipeConfig, layout: Layout) -> Data:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
-    if ds.max_tokens % multiple:
-        raise ValueError(f"dataset.max_tokens={ds.max_tokens} must be a multiple of {multiple} (2 x cp, x tp with SP)")
     return Data(datasets[0], datasets[1], roles, pad_id, model_vocab_size(cfg, len(tokenizer)), multiple, ds.max_tokens)
-
-
-def model_vocab_size(cfg: RecipeConfig, tokenizer_size: int) -> int:
-    """Embedding rows before Megatron's padding: model.vocab_size, else the tokenizer's size, raised to the
-    pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens)."""
-    if cfg.model.vocab_size is not None:
-        if cfg.model.vocab_size < tokenizer_size:
-            raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens")
-        return cfg.model.vocab_size
-    if cfg.checkpoint.pretrained_hf:
-        from .hf_weights import vocab_size_from_hf_config
-
-        return max(tokenizer_size, vocab_size_from_hf_config(cfg.checkpoint.pretrained_hf))
-    return tokenizer_size
 
 
 def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles, layout: Layout,
@@ -304,7 +289,9 @@ def ensure_reference_store(trainer: Trainer) -> ReferenceStore | None:
 def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[str], None] | None = None,
           load_reference: bool = True) -> Trainer:
     init_process_group()
-    validate_recipe(cfg, dist.get_world_size(), check_reference=load_reference)  # also for direct API callers
+    # Also for direct API callers. The reference store is checked where it is loaded (its fingerprint
+    # comes from the tokenised data then), so the data files are not hashed a second time here.
+    validate_recipe(cfg, dist.get_world_size(), check_reference=False)
     layout = init_parallel_state(cfg.model, cfg.rng.seed)
     data = prepare_data(cfg, layout)
     resume_from = _resume_path(cfg, layout)

@@ -154,20 +154,21 @@ def checkpoints(tmp_path_factory):
     return root, logits, models
 
 
+def _megatron_logits(checkpoints, world_size: int, runs: list) -> dict[str, torch.Tensor]:
+    root = checkpoints[0]
+    out = str(root / f"megatron-tp{world_size}.pt")
+    run_distributed(megatron_logits, world_size, str(root), runs, out)
+    return torch.load(out)
+
+
 @pytest.fixture(scope="module")
 def one_process(checkpoints):
-    root = checkpoints[0]
-    out = str(root / "megatron-1.pt")
-    run_distributed(megatron_logits, 1, str(root), RUNS, out)
-    return torch.load(out)
+    return _megatron_logits(checkpoints, 1, RUNS)
 
 
 @pytest.fixture(scope="module")
 def tp2(checkpoints):
-    root = checkpoints[0]
-    out = str(root / "megatron-tp2.pt")
-    run_distributed(megatron_logits, 2, str(root), TP2_RUNS, out)
-    return torch.load(out)
+    return _megatron_logits(checkpoints, 2, TP2_RUNS)
 
 
 def assert_logits_close(got: torch.Tensor, want: torch.Tensor, name: str) -> float:
