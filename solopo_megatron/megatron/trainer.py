@@ -497,9 +497,7 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
             skipped_in_a_row = 0
         entry = {"step": step + 1, "train": metrics}
         if step == 0 and trainer.store is not None and trainer.store.info.get("source") == "initial weights":
-            worst = max((abs(v) for k, v in metrics.items() if k.startswith("rewards/")), default=math.nan)
-            trainer.log(f"reward check: policy == reference before the first update, so rewards must be ~0: "
-                        f"max |mean reward| = {worst:.3g}")
+            trainer.log(reward_check_message(metrics, trainer.cfg.solopo.beta))
         if (step + 1) % log_every == 0 or step + 1 == iters:
             metrics.update(throughput.report(), peak_mem_gib=peak_memory_gib(trainer.layout))
             elapsed = time.perf_counter() - start
@@ -522,6 +520,25 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
     if progress is not None:
         progress.close()
     return trainer.history
+
+
+REWARD_CHECK_ULPS = 64  # slack over fp32's unit roundoff: the two passes may pack rows (and round) differently
+
+
+def reward_check_message(metrics: dict[str, float], beta: float) -> str:
+    """The step-1 check that the reference store matches the initial weights.
+
+    Before the first update policy == reference, so every DPO reward ``beta * (S - S_ref)`` is 0 up to
+    fp32 rounding: the reference pass and the training pass pack rows differently, so CPU matmuls may
+    round differently (different machines give ~1e-8). The bound is ``beta * |S| * 64 * 2^-24`` for the
+    largest mean log-prob sum ``|S|``; a store from other weights or data misses it by orders of magnitude.
+    """
+    worst = max((abs(v) for k, v in metrics.items() if k.startswith("rewards/")), default=math.nan)
+    largest_sum = max((abs(v) for k, v in metrics.items() if k.startswith("logps/")), default=1.0)
+    bound = beta * max(largest_sum, 1.0) * REWARD_CHECK_ULPS * 2.0**-24
+    verdict = "within" if worst <= bound else "ABOVE (the reference store does not match these weights)"
+    return (f"reward check: policy == reference before the first update, so rewards must be ~0: "
+            f"max |mean reward| = {worst:.3g}, {verdict} the fp32 rounding bound {bound:.3g}")
 
 
 def _progress_bar(trainer: Trainer, iters: int):
