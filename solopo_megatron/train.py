@@ -14,13 +14,20 @@ import os
 import sys
 import warnings
 
-from .config import load_config
-from .validation import validate_recipe
+from .data.errors import DataError
+from .recipe.errors import RecipeError
+from .recipe.loading import load_config
+from .recipe.validation import validate_recipe
 
 # Expected on machines without Transformer Engine / Apex (CPU runs): megatron-core says so at import.
-for _message in (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
-                 r".*full scope is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_message)
+EXPECTED_WARNINGS = (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
+                     r".*full scope is deprecated.*")
+
+
+def _quiet_expected_warnings() -> None:
+    """Installed by the command-line entry points only (never on import)."""
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -37,13 +44,15 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
 
 
 def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True) -> int:
-    """Loads the recipe, runs ``job(training_module, cfg)``, and turns configuration and data errors
-    (ValueError, DataError included) into one line on stderr and exit code 2."""
+    """Loads and validates the recipe, then runs ``job(cfg)`` inside the CPU compatibility layer (a
+    no-op on CUDA). Configuration and data errors (RecipeError, DataError, OSError before launch)
+    become one line on stderr and exit code 2; any other error keeps its traceback."""
+    _quiet_expected_warnings()
     args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "dry_run", False):
-            from .planner import dry_run
+            from .recipe.planner import dry_run
 
             print(dry_run(cfg, args.config, args.world_size))
             return 0
@@ -51,29 +60,37 @@ def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from .megatron import trainer as training
+    from .megatron import cpu_compat
     from .megatron.parallel import destroy
 
-    try:
-        job(training, cfg)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        destroy()
+    with cpu_compat.enabled():
+        try:
+            job(cfg)
+        except (RecipeError, DataError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        finally:
+            destroy()
     return 0
 
 
+def _train(cfg) -> None:
+    from .megatron import trainer as training
+
+    training.train(training.setup(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
-    return _run(argv, "solopo-train", lambda training, cfg: training.train(training.setup(cfg)))
+    return _run(argv, "solopo-train", _train)
 
 
-def _write_reference_store(training, cfg) -> None:
+def _write_reference_store(cfg) -> None:
+    from .megatron import trainer as training
+    from .megatron.reference import write_reference_store
+
     trainer = training.setup(cfg, load_reference=False)
-    path = training.reference_store_path(trainer)
-    store = training.compute_reference_store(trainer, training.reference_datasets(trainer), path,
-                                             training.reference_fingerprint(trainer.data))
-    trainer.log(f"wrote {len(store)} examples' reference log-probs to {path}")
+    path, count = write_reference_store(cfg, trainer.ctx, trainer.chunks, trainer.data)
+    trainer.log(f"wrote {count} examples' reference log-probs to {path}")
 
 
 def ref_logps_main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -52,3 +53,16 @@ def grid_groups(tp: int, cp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup,
         if rank % tp == t:
             cp_group = group
     return tp_group, cp_group, rank % tp, rank // tp
+
+
+def megatron_on_cpu(fn: Callable) -> Callable:
+    """Runs ``fn`` inside solopo's CPU compatibility layer (a no-op on CUDA), as the entry points do."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from solopo_megatron.megatron import cpu_compat
+
+        with cpu_compat.enabled():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from solopo_megatron.config import ModelSection, load_config
+from solopo_megatron.recipe.loading import load_config
+from solopo_megatron.recipe.schema import ModelSection
 
 
 def _write(folder: Path, name: str, text: str) -> Path:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from solopo_megatron.config import load_config
-from solopo_megatron.planner import make_plan
+from solopo_megatron.recipe.loading import load_config
+from solopo_megatron.recipe.planner import make_plan
 from solopo_megatron.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from solopo_megatron.config import load_config
-from solopo_megatron.validation import RecipeError, validate_recipe
+from solopo_megatron.recipe.loading import load_config
+from solopo_megatron.recipe.validation import RecipeError, validate_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
 
@@ -33,7 +33,24 @@ CASES = {
     "sequence parallel local": (["model.sequence_parallel=true", "model.transformer_impl=local"], 2,
                                 "model.sequence_parallel: needs the Transformer Engine layer spec"),
     "warmup": (["scheduler.lr_warmup_iters=500"], 2, "scheduler.lr_warmup_iters: 500 must be below the decay iterations (200)"),
-    "bad on_error": (["dataset.on_error=ignore"], 2, "dataset.on_error: must be raise or skip"),
+    "bad on_error": (["dataset.on_error=ignore"], 2, "dataset.on_error: must be one of raise, skip; got 'ignore'"),
+    # String choices fail here, before launch, not when Megatron builds the model or the scheduler.
+    "transformer_impl typo": (["model.transformer_impl=te"], 2,
+                              "model.transformer_impl: must be one of auto, transformer_engine, local; got 'te'"),
+    "recompute typo": (["model.recompute_granularity=ful"], 2,
+                       "model.recompute_granularity: must be one of null, full, selective; got 'ful'"),
+    "recompute method typo": (["model.recompute_method=blocks"], 2,
+                              "model.recompute_method: must be one of null, uniform, block; got 'blocks'"),
+    "cp_comm_type typo": (["model.cp_comm_type=allgather"], 2,
+                          "model.cp_comm_type: must be one of p2p, all_gather, a2a, a2a+p2p; got 'allgather'"),
+    "decay style typo": (["scheduler.lr_decay_style=cosin"], 2,
+                         "scheduler.lr_decay_style: must be one of constant, linear, cosine, inverse-square-root; "
+                         "got 'cosin'"),
+    "optimizer typo": (["optimizer.optimizer=adamw"], 2, "optimizer.optimizer: must be one of adam, sgd; got 'adamw'"),
+    "normalization typo": (["model.normalization=rmsnorm"], 2,
+                           "model.normalization: must be one of RMSNorm, LayerNorm; got 'rmsnorm'"),
+    "wandb mode": (["logger.wandb_mode=sometimes"], 2,
+                   "logger.wandb_mode: must be one of online, offline, disabled; got 'sometimes'"),
 }
 
 
@@ -81,7 +98,7 @@ def _store_for(path: Path, fingerprint: str | None) -> None:
 
 def test_store_that_does_not_match_the_data(tmp_path: Path):
     """Caught before any process group: the data files are hashed, nothing is tokenised."""
-    from solopo_megatron.data.sources import expected_reference_fingerprint
+    from solopo_megatron.recipe.sources import expected_reference_fingerprint
     from solopo_megatron.data.synthetic import generate_synthetic_records, write_jsonl
 
     for name, seed in (("train", 0), ("valid", 1)):
@@ -108,3 +125,25 @@ def test_store_that_is_not_a_store(tmp_path: Path):
     store.write_text("{}\n")
     with pytest.raises(RecipeError, match=r"solopo\.reference_store: .*ref\.jsonl:1: not a reference log-prob store"):
         validate_recipe(load_config(RECIPE, [f"solopo.reference_store={store}"]), world_size=2)
+
+
+def test_solopo_section_is_built_from_the_loss_config():
+    """The recipe's solopo: keys are SoLoPOConfig's fields (same defaults) plus the run's store settings."""
+    import dataclasses
+
+    from solopo_megatron.objectives import SoLoPOConfig
+    from solopo_megatron.recipe.schema import SolopoSection
+
+    loss_fields = {f.name: f.default for f in dataclasses.fields(SoLoPOConfig)}
+    section = {f.name: f.default for f in dataclasses.fields(SolopoSection)}
+    assert {k: section[k] for k in loss_fields} == loss_fields
+    assert set(section) - set(loss_fields) == {"reference_store", "compute_reference_if_missing", "inplace_logits_backward"}
+    cfg = load_config(RECIPE, ["solopo.beta=0.25", "solopo.solo_ra_distance=squared"])
+    assert cfg.solopo.loss_config() == SoLoPOConfig(beta=0.25, solo_ra_distance="squared")
+
+
+def test_the_dry_run_reports_a_choice_typo(capsys):
+    from solopo_megatron.train import main
+
+    assert main(["--dry-run", "--config", str(RECIPE), "model.transformer_impl=te"]) == 2
+    assert "model.transformer_impl: must be one of auto, transformer_engine, local; got 'te'" in capsys.readouterr().err

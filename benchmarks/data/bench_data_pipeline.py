@@ -27,7 +27,8 @@ STAGES = ("validate", "tokenize", "pack")
 
 def run_stage(stage: str, data: str, cache: str, max_tokens: int) -> dict:
     """Runs in the child process: one stage over the whole file."""
-    from solopo_megatron.data.dataset import GlobalBatchSampler, TokenizedDataset, step_microbatches
+    from solopo_megatron.data.dataset import TokenizedDataset
+    from solopo_megatron.data.loading import GlobalBatchSampler, step_microbatches
     from solopo_megatron.data.packing import pad_multiple_for
     from solopo_megatron.data.records import validate_file
     from solopo_megatron.data.tokenize import SequenceEncoder, load_tokenizer

@@ -120,7 +120,8 @@ def _read_short_record(line: str, path, n: int) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from .dataset import GlobalBatchSampler, TokenizedDataset, step_microbatches
+    from .dataset import TokenizedDataset
+    from .loading import GlobalBatchSampler, step_microbatches
     from .packing import pad_multiple_for
 
     encoder, roles = _encoder(args)

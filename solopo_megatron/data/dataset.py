@@ -1,4 +1,4 @@
-"""Tokenised SoLoPO data on disk, global batches, and this rank's packed microbatches for a step.
+"""Tokenised SoLoPO data on disk (the per-step microbatches of a DP rank are built by ``loading``).
 
 Tokenising streams the JSONL file into a cache directory keyed by the file's content, the
 tokenizer, the prompt format, the length limits and the roles, so memory stays bounded whatever
@@ -14,13 +14,12 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError, Problem
-from .packing import Group, Microbatch, dummy_group, pack_microbatch, plan_microbatches
+from .packing import Group, padded_sequence_length
 from .records import ReadReport, Record, iter_records
 from .reference_store import ReferenceStore
 from .tokenize import EncodedSequence, SequenceEncoder, tokenizer_fingerprint
@@ -114,7 +113,7 @@ class TokenizedDataset:
 
     def padded_length(self, i: int, pad_multiple: int) -> int:
         lengths = self.index_rows(i)[:, 1]
-        return int((-(-lengths // pad_multiple) * pad_multiple).sum())
+        return int(padded_sequence_length(lengths, pad_multiple).sum())
 
     def group(self, i: int, roles: Sequence[str] | None = None, ref_store: ReferenceStore | None = None) -> Group:
         roles = tuple(roles or self.roles)
@@ -198,68 +197,3 @@ def _with_progress(iterable, enabled: bool, description: str):
     from tqdm import tqdm
 
     return tqdm(iterable, desc=description, unit=" records", mininterval=2.0, leave=False)
-
-
-@dataclass(frozen=True)
-class GlobalBatchSampler:
-    """Example indices of each step's global batch: a fresh permutation per epoch, fixed by seed.
-
-    ``global_batch_size`` counts examples (preference groups), not sequences or tokens. The last
-    incomplete batch of an epoch is dropped (counted in ``dropped_per_epoch``).
-    """
-
-    num_examples: int
-    global_batch_size: int
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.num_examples < self.global_batch_size:
-            raise ValueError(f"{self.num_examples} examples cannot fill one global batch of {self.global_batch_size}")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_examples // self.global_batch_size
-
-    @property
-    def dropped_per_epoch(self) -> int:
-        return self.num_examples - self.steps_per_epoch * self.global_batch_size
-
-    def batch(self, step: int) -> list[int]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-        start = within * self.global_batch_size
-        return [int(i) for i in order[start : start + self.global_batch_size]]
-
-
-def step_microbatches(
-    dataset: TokenizedDataset,
-    example_indices: Sequence[int],
-    roles: Sequence[str],
-    *,
-    max_tokens: int,
-    pad_multiple: int,
-    pad_id: int,
-    dp_size: int = 1,
-    dp_rank: int = 0,
-    ref_store: ReferenceStore | None = None,
-    pad_to_max_tokens: bool = True,
-) -> list[Microbatch]:
-    """This DP rank's microbatches for one global batch (the same count on every DP rank)."""
-    if max_tokens % pad_multiple:
-        raise ValueError(f"max_tokens={max_tokens} must be a multiple of the padding multiple {pad_multiple}")
-    lengths = [dataset.padded_length(i, pad_multiple) for i in example_indices]
-    plan = plan_microbatches(lengths, max_tokens, dp_size)
-    out = []
-    for slot in plan[dp_rank]:
-        if slot:
-            groups = [dataset.group(example_indices[k], roles, ref_store) for k in slot]
-            valid = None
-        else:
-            groups, valid = [dummy_group(roles, pad_multiple, pad_id)], [False]
-        out.append(
-            pack_microbatch(groups, roles, pad_multiple=pad_multiple, pad_id=pad_id,
-                            row_length=max_tokens if pad_to_max_tokens else None, valid=valid)
-        )
-    return out

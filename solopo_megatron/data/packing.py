@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..objectives import ROLES
+from .records import ROLES
 from .cp_sharding import zigzag_indices
 from .tokenize import EncodedSequence
 
@@ -39,7 +39,7 @@ class Group:
     ref_logps: Mapping[str, float] | None = None
 
     def padded_length(self, pad_multiple: int) -> int:
-        return sum(_round_up(len(seq.ids), pad_multiple) for seq in self.sequences.values())
+        return sum(padded_sequence_length(len(seq.ids), pad_multiple) for seq in self.sequences.values())
 
 
 @dataclass
@@ -85,8 +85,10 @@ class Microbatch:
 TOKEN_FIELDS = ("tokens", "labels", "loss_mask", "segment_ids", "position_ids")
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def padded_sequence_length(length, pad_multiple: int):
+    """The one padding rule: a sequence's slot in a row, ``length`` rounded up to ``pad_multiple``.
+    Works on ints and on numpy arrays of lengths."""
+    return -(-length // pad_multiple) * pad_multiple
 
 
 def dummy_group(roles: Sequence[str], pad_multiple: int, pad_id: int) -> Group:
@@ -120,7 +122,7 @@ def pack_microbatch(
         for role in roles:
             seq = group.sequences[role]
             ids = torch.as_tensor(np.asarray(seq.ids, dtype=np.int64))
-            length, padded = ids.numel(), _round_up(ids.numel(), pad_multiple)
+            length, padded = ids.numel(), padded_sequence_length(ids.numel(), pad_multiple)
             if not 0 < seq.response_start <= length:
                 raise ValueError(f"example {group.example_id!r} role {role}: response_start out of range")
             seq_tokens = torch.full((padded,), pad_id, dtype=torch.int64)

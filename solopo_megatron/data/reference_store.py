@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..objectives import ROLES
+from .records import ROLES
 from .errors import DataError
 
 FORMAT = "solopo-ref-logps"

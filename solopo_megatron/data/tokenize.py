@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..objectives import ROLES
+from .records import ROLES
 from .errors import DataError
 from .records import Record, evidence_pieces
 

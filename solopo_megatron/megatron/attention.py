@@ -74,12 +74,10 @@ class PackedCoreAttention(MegatronModule):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
-        if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
-            self.cp_group = pg_collection.cp
-        else:
-            from megatron.core import parallel_state
-
-            self.cp_group = parallel_state.get_context_parallel_group() if config.context_parallel_size > 1 else None
+        if config.context_parallel_size > 1 and getattr(pg_collection, "cp", None) is None:
+            raise ValueError("PackedCoreAttention with context parallelism needs pg_collection.cp (megatron-core "
+                             ">= 0.16 passes the model's ProcessGroupCollection to its core attention)")
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.dropout = config.attention_dropout
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

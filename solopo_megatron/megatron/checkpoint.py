@@ -4,7 +4,7 @@ Layout of ``checkpoint.save``::
 
     iter_0000100/                   one complete sharded checkpoint (dist_checkpointing format)
     latest_checkpointed_iteration.txt
-    reference_logps.jsonl           the reference store the run trains against (copied once)
+    reference_logps.jsonl           the reference store the run trains against (``reference`` copies it)
 
 A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only when every rank has finished, and
 the ``latest`` file is replaced atomically after that, so a crash mid-save leaves the previous
@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .build import ModelAndOptimizer
+from .parallel import ParallelState
+from ..recipe.errors import RecipeError
+
 LATEST = "latest_checkpointed_iteration.txt"
-REFERENCE_COPY = "reference_logps.jsonl"
 
 
 def _iter_dir(root: Path, step: int) -> Path:
@@ -39,26 +43,24 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     path = _iter_dir(root, int(latest.read_text().strip()))
     if not path.exists():
-        raise ValueError(f"checkpoint.load: {latest} names {path.name}, which does not exist")
+        raise RecipeError(f"checkpoint.load: {latest} names {path.name}, which does not exist")
     return path
 
 
-def _metadata(trainer) -> dict | None:
-    if trainer.cfg.optimizer.use_distributed_optimizer:
+def _metadata(distributed_optimizer: bool) -> dict | None:
+    if distributed_optimizer:
         # Resharding across DP sizes; the fully sharded layouts need TE/Apex optimizers on CPU.
         return {"distrib_optim_sharding_type": "dp_reshardable"}
     return None
 
 
-def _sharded_state_dict(trainer, *, is_loading: bool) -> dict:
+def _sharded_state_dict(state: ModelAndOptimizer, parallel: ParallelState, *, distributed_optimizer: bool,
+                        is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    module = trainer.model[0].module
-    model_sd = module.sharded_state_dict()
-    optimizer = trainer.optimizer
-    if is_loading and trainer.cfg.optimizer.use_distributed_optimizer:
-        _initialise_optimizer_state(optimizer)
-    layout = trainer.layout
+    model_sd = state.chunks[0].module.sharded_state_dict()
+    if is_loading and distributed_optimizer:
+        _initialise_optimizer_state(state.optimizer)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -66,8 +68,9 @@ def _sharded_state_dict(trainer, *, is_loading: bool) -> dict:
         rng.update(cuda=torch.cuda.get_rng_state(), tracker=get_cuda_rng_tracker().get_states())
     return {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_metadata(trainer)),
-        "rng": ShardedObject("rng_state", rng, (layout.world_size,), (layout.rank,), replica_id=0),
+        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                        metadata=_metadata(distributed_optimizer)),
+        "rng": ShardedObject("rng_state", rng, (parallel.world_size,), (parallel.rank,), replica_id=0),
     }
 
 
@@ -82,31 +85,31 @@ def _initialise_optimizer_state(optimizer) -> None:
             state.setdefault("step", torch.tensor(0.0))
 
 
-def save_checkpoint(trainer, step: int) -> Path:
+def save_checkpoint(root: str | Path, step: int, state: ModelAndOptimizer, parallel: ParallelState, *,
+                    distributed_optimizer: bool, keep_last: int | None) -> Path:
+    """Saves model, optimizer, scheduler and per-rank RNG as ``root/iter_<step>`` (atomically: written
+    as ``.tmp`` and renamed once every rank is done), updates ``latest`` and prunes to ``keep_last``.
+    Collective: every rank calls it. Returns the checkpoint's directory."""
     from megatron.core import dist_checkpointing
 
-    root = Path(trainer.cfg.checkpoint.save)
+    root = Path(root)
     final, tmp = _iter_dir(root, step), root / f"iter_{step:07d}.tmp"
-    if trainer.layout.rank == 0:
+    if parallel.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state_dict(trainer, is_loading=False)
-    state["common"] = {"step": step, "scheduler": trainer.scheduler.state_dict(), "world_size": trainer.layout.world_size,
-                       "layout": _layout_sizes(trainer.layout),
-                       "distributed_optimizer": trainer.cfg.optimizer.use_distributed_optimizer}
-    dist_checkpointing.save(state, str(tmp))
+    sharded = _sharded_state_dict(state, parallel, distributed_optimizer=distributed_optimizer, is_loading=False)
+    sharded["common"] = {"step": step, "scheduler": state.scheduler.state_dict(), "world_size": parallel.world_size,
+                         "layout": parallel.sizes, "distributed_optimizer": distributed_optimizer}
+    dist_checkpointing.save(sharded, str(tmp))
     _fault_injection("kill_during_save", step)
     dist.barrier()
-    if trainer.layout.rank == 0:
+    if parallel.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomically(root / LATEST, f"{step}\n")
-        if trainer.store is not None and not (root / REFERENCE_COPY).exists():
-            shutil.copyfile(trainer.store.path, root / f"{REFERENCE_COPY}.tmp")
-            os.replace(root / f"{REFERENCE_COPY}.tmp", root / REFERENCE_COPY)
-        _prune(root, trainer.cfg.checkpoint.keep_last)
+        _prune(root, keep_last)
     dist.barrier()
     return final
 
@@ -136,40 +139,38 @@ def _prune(root: Path, keep_last: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _layout_sizes(layout) -> dict[str, int]:
-    return {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp}
-
-
-def _check_reshard(common: dict, trainer, path: Path) -> None:
+def _check_reshard(common: dict, now: dict[str, int], distributed_optimizer: bool, path: Path) -> None:
     """Model and the plain optimizer reshard across any TP/PP/CP/DP change (their sharded tensors
     carry global shapes); the distributed optimizer's ``dp_reshardable`` state only across DP and CP."""
-    saved, now = common.get("layout"), _layout_sizes(trainer.layout)
-    if saved is None or not (common.get("distributed_optimizer") and trainer.cfg.optimizer.use_distributed_optimizer):
+    saved = common.get("layout")
+    if saved is None or not (common.get("distributed_optimizer") and distributed_optimizer):
         return
     if (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
-        raise ValueError(
+        raise RecipeError(
             f"checkpoint.load: {path} holds distributed-optimizer state saved with tensor_model_parallel_size="
             f"{saved['tp']}, pipeline_model_parallel_size={saved['pp']}; this run has {now['tp']}, {now['pp']}. "
             "That state reshards across data (and context) parallel sizes only: resume with the saved tp/pp, "
             "or with optimizer.use_distributed_optimizer=false")
 
 
-def load_checkpoint(trainer, path: Path) -> int:
-    """Restores model, optimizer, scheduler and (same layout) RNG; returns the step to resume after."""
+def load_checkpoint(path: Path, state: ModelAndOptimizer, parallel: ParallelState, *, distributed_optimizer: bool,
+                    log: Callable[[str], None]) -> int:
+    """Restores model, optimizer, scheduler and (same layout) RNG into ``state``; returns the step to
+    resume after. Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))["common"]
-    _check_reshard(common, trainer, path)
-    state = _sharded_state_dict(trainer, is_loading=True)
-    same_layout = common.get("layout", {}) == _layout_sizes(trainer.layout)
+    _check_reshard(common, parallel.sizes, distributed_optimizer, path)
+    sharded = _sharded_state_dict(state, parallel, distributed_optimizer=distributed_optimizer, is_loading=True)
+    same_layout = common.get("layout", {}) == parallel.sizes
     if not same_layout:  # per-rank RNG states do not map onto another layout
-        del state["rng"]
-    loaded = dist_checkpointing.load(state, str(path))
-    trainer.model[0].module.load_state_dict(loaded["model"])
+        del sharded["rng"]
+    loaded = dist_checkpointing.load(sharded, str(path))
+    state.chunks[0].module.load_state_dict(loaded["model"])
     with torch.no_grad():  # fp32 distributed-optimizer main params are views of trainable params
-        trainer.optimizer.load_state_dict(loaded["optimizer"])
-        _restore_torch_adam_steps(trainer.optimizer)
-    trainer.scheduler.load_state_dict(common["scheduler"])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_steps(state.optimizer)
+    state.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         rng = loaded["rng"]
         torch.set_rng_state(rng["torch"])
@@ -180,8 +181,8 @@ def load_checkpoint(trainer, path: Path) -> int:
             get_cuda_rng_tracker().set_states(rng["tracker"])
     else:
         saved = " x ".join(f"{k} {v}" for k, v in common.get("layout", {}).items()) or f"world {common.get('world_size')}"
-        trainer.log(f"resharded from layout {saved}: model and optimizer state restored, per-rank RNG states not "
-                    "(they belong to the old ranks)")
+        log(f"resharded from layout {saved}: model and optimizer state restored, per-rank RNG states not "
+            "(they belong to the old ranks)")
     return int(common["step"])
 
 

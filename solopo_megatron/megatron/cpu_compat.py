@@ -3,23 +3,33 @@
 megatron-core assumes CUDA in a handful of places: ``torch.cuda.current_device()`` as an allocation
 device, literal ``device="cuda"`` allocations (schedules, optimizer, grad clipping), CUDA RNG state
 in the tensor-parallel RNG tracker, ``torch.cuda.synchronize`` in p2p communication, and
-``param.type() == "torch.cuda.FloatTensor"`` checks in the optimizers. ``enable()`` redirects each to
-the CPU. It is version-checked: an unsupported megatron-core, or one whose internals this layer
-relies on have moved, raises instead of silently running something else. Never used on CUDA.
+``param.type() == "torch.cuda.FloatTensor"`` checks in the optimizers. ``with enabled():`` redirects
+each to the CPU for the duration of a run and restores every patched function on exit; it is a
+no-op on a CUDA machine. It is version-checked: an unsupported megatron-core, or one whose internals
+this layer relies on have moved, raises instead of silently running something else.
+
+Random streams: a CPU process has one generator, so under this layer the "CUDA" generator IS the
+CPU one: ``torch.cuda.manual_seed(s)`` reseeds the CPU generator, and the CUDA ``get/set_rng_state``
+read and write its state. Megatron's tensor-parallel tracker keeps its streams as saved states and
+swaps them in only inside ``fork()`` regions (``model_parallel_cuda_manual_seed(seed)`` seeds the
+default stream with ``seed``, the value ``init_parallel_state`` also gives ``torch.manual_seed``, and
+the tensor-parallel stream with seed + 2718 + tp_rank), so those streams stay apart; but any other
+code that seeds "CUDA" also reseeds the CPU stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 SUPPORTED_VERSIONS = ("0.16", "0.17", "0.18", "0.19")
 _CPU = torch.device("cpu")
-_lock = threading.Lock()
-_enabled = False
+_lock = threading.RLock()
 
 
 class MegatronCompatError(RuntimeError):
@@ -78,46 +88,94 @@ def _called_from_megatron() -> bool:
     return frame.f_globals.get("__name__", "").startswith("megatron.")
 
 
-def enable() -> None:
-    """Installs the CPU redirections in this process (idempotent). Call before building the model."""
-    global _enabled
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """Runs megatron-core on CPU for the duration of the block and restores what it patched on exit.
+
+    Re-entrant (nested blocks share one installation); a no-op on a CUDA machine. Enter it before
+    ``init_parallel_state`` and leave it after ``destroy``.
+    """
+    global _depth
     if torch.cuda.is_available():
-        raise MegatronCompatError("the CPU compatibility layer must not be enabled on a CUDA machine")
+        yield
+        return
     with _lock:
-        if _enabled:
-            return
-        check_version()
-        import megatron.core.tensor_parallel.random as tp_random
+        if _depth == 0:
+            _install()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _uninstall()
 
-        _required(tp_random, "_get_cuda_rng_state", "_set_cuda_rng_state", "model_parallel_cuda_manual_seed")
 
-        torch.cuda.current_device = lambda: _CPU
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        torch.cuda.empty_cache = lambda *args, **kwargs: None
+def is_enabled() -> bool:
+    return _depth > 0
 
-        # The tensor-parallel RNG tracker snapshots and restores "CUDA" RNG states: use the CPU generator.
-        def get_state(*args, **kwargs):
-            return torch.get_rng_state()
 
-        def set_state(state, *args, **kwargs):
-            torch.set_rng_state(state)
+def _install() -> None:
+    check_version()
+    import megatron.core.tensor_parallel.random as tp_random
 
-        torch.cuda.get_rng_state = get_state
-        torch.cuda.set_rng_state = set_state
-        torch.cuda.manual_seed = torch.manual_seed
-        tp_random._get_cuda_rng_state = get_state
-        tp_random._set_cuda_rng_state = set_state
+    _required(tp_random, "_get_cuda_rng_state", "_set_cuda_rng_state", "model_parallel_cuda_manual_seed")
+    for owner, name in _PATCHED:
+        _saved.append((owner, name, getattr(owner(), name)))
 
-        # The optimizers accept only parameters whose type() is a torch.cuda.* tensor type.
-        plain_type = torch.Tensor.type
+    def get_state(*args, **kwargs):
+        return torch.get_rng_state()
 
-        def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
-            name = plain_type(self, dtype, non_blocking, **kwargs)
-            if dtype is None and not kwargs and _called_from_megatron() and name.startswith("torch.") \
-                    and not name.startswith("torch.cuda."):
-                return "torch.cuda." + name[len("torch."):]
-            return name
+    def set_state(state, *args, **kwargs):
+        torch.set_rng_state(state)
 
-        torch.Tensor.type = tensor_type
-        _CudaAllocationsOnCpu().__enter__()  # process-wide for the main thread, for the process's life
-        _enabled = True
+    def seed_cpu_generator(seed: int) -> None:
+        """``torch.cuda.manual_seed`` on CPU: reseeds the one CPU generator (see the module docstring)."""
+        torch.manual_seed(seed)
+
+    # The optimizers accept only parameters whose type() is a torch.cuda.* tensor type.
+    plain_type = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        name = plain_type(self, dtype, non_blocking, **kwargs)
+        if dtype is None and not kwargs and _called_from_megatron() and name.startswith("torch.") \
+                and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.empty_cache = lambda *args, **kwargs: None
+    torch.cuda.get_rng_state = get_state
+    torch.cuda.set_rng_state = set_state
+    torch.cuda.manual_seed = seed_cpu_generator
+    tp_random._get_cuda_rng_state = get_state
+    tp_random._set_cuda_rng_state = set_state
+    torch.Tensor.type = tensor_type
+    mode = _CudaAllocationsOnCpu()
+    mode.__enter__()
+    _modes.append(mode)
+
+
+def _uninstall() -> None:
+    while _modes:
+        _modes.pop().__exit__(None, None, None)
+    while _saved:
+        owner, name, original = _saved.pop()
+        setattr(owner(), name, original)
+
+
+def _tp_random():
+    import megatron.core.tensor_parallel.random as tp_random
+
+    return tp_random
+
+
+# (owner, attribute) pairs the layer replaces; owners are callables so megatron is imported lazily.
+_PATCHED = [(lambda: torch.cuda, name) for name in ("current_device", "synchronize", "empty_cache", "get_rng_state",
+                                                    "set_rng_state", "manual_seed")]
+_PATCHED += [(_tp_random, "_get_cuda_rng_state"), (_tp_random, "_set_cuda_rng_state"), (lambda: torch.Tensor, "type")]
+_saved: list = []
+_modes: list = []
+_depth = 0

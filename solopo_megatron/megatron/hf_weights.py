@@ -1,8 +1,7 @@
 """Hugging Face Llama / Qwen2 checkpoints -> our Megatron GPTModel.
 
-``model_section_from_hf_config`` turns a checkpoint's ``config.json`` into ModelSection values (and
-rejects what GPTModel cannot express); ``check_model_matches_hf`` lists a recipe's disagreements
-with a checkpoint. ``hf_to_megatron_state_dict`` converts HF tensors to the full single-process
+The checkpoint's ``config.json`` is parsed by ``recipe.hf_config`` (pure json, usable before any
+process group). ``hf_to_megatron_state_dict`` converts HF tensors to the full single-process
 Megatron state dict that ``weights.load_full_state_dict`` shards into any TP/PP layout;
 ``load_hf_weights_into`` does read + convert + load, converting one parameter at a time.
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,146 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ModelSection
+from ..recipe.hf_config import check_model_matches_hf, effective_value
+from ..recipe.schema import ModelSection
+from ..recipe.errors import RecipeError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# Megatron's RotaryEmbedding._apply_scaling takes only the factor; these are fixed there.
-MEGATRON_LLAMA3_ROPE = {
-    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-}
 # HF keys that hold no weights (older checkpoints store RoPE's inverse frequencies).
 _IGNORED_HF_KEY = re.compile(r"\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^decoder\.layers\.\d+\.")
-
-ConfigSource = Any  # a checkpoint directory, a config.json path, its dict, or a transformers PretrainedConfig
-
-
-# --------------------------------------------------------------------------------------------- config
-
-
-def _config_dict(hf_config: ConfigSource) -> dict[str, Any]:
-    if isinstance(hf_config, (str, os.PathLike)):
-        path = Path(hf_config)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no Hugging Face config at {path}")
-        return json.loads(path.read_text())
-    if isinstance(hf_config, Mapping):
-        return dict(hf_config)
-    if hasattr(hf_config, "to_dict"):
-        return hf_config.to_dict()
-    raise TypeError("expected a checkpoint directory, a config.json path, a dict or a PretrainedConfig, "
-                    f"got {type(hf_config)}")
-
-
-def _architecture(cfg: Mapping[str, Any]) -> str:
-    architectures = cfg.get("architectures")
-    if not architectures:  # a config built in code names only its model type
-        model_type = cfg.get("model_type")
-        architectures = [_ARCHITECTURE_OF_MODEL_TYPE.get(model_type, f"model_type {model_type!r}")]
-    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {', '.join(architectures)}: only "
-                         f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints can be converted")
-    return architectures[0]
-
-
-def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(rope_theta, scaling parameters) from transformers 5's ``rope_parameters`` or 4.x's keys."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    return float(theta), params
-
-
-def _rope_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    theta, params = _rope(cfg)
-    if theta != int(theta):
-        raise ValueError(f"rope_theta {theta} is not an integer (model.rotary_base is one)")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    default = next(f.default for f in dataclasses.fields(ModelSection) if f.name == "rope_scaling_factor")
-    fields = {"rotary_base": int(theta), "rope_scaling": False, "rope_scaling_factor": default}
-    if rope_type == "default":
-        return fields
-    if rope_type != "llama3":
-        raise ValueError(f"rope scaling type {rope_type!r} cannot be expressed by Megatron's GPTModel "
-                         "(supported: none, or llama3)")
-    for key, fixed in MEGATRON_LLAMA3_ROPE.items():
-        if float(params.get(key, fixed)) != fixed:
-            raise ValueError(f"llama3 rope scaling with {key}={params[key]}: "
-                             f"Megatron's GPTModel fixes {key}={fixed:g}")
-    return {**fields, "rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
-
-
-def model_section_from_hf_config(hf_config_or_dir: ConfigSource) -> dict[str, Any]:
-    """ModelSection field values describing a Llama / Qwen2 checkpoint.
-
-    Accepts a checkpoint directory, a ``config.json`` path, its dict or a transformers
-    ``PretrainedConfig``. Raises ValueError for another architecture or for what our GPTModel cannot
-    express: rope scaling other than llama3 (with Megatron's fixed parameters), biases other than
-    Qwen2's q/k/v ones, sliding-window attention, partial rotary, activations other than SiLU.
-    Parallelism, vocab padding and run-time settings are left to the recipe.
-    """
-    cfg = _config_dict(hf_config_or_dir)
-    architecture = _architecture(cfg)
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{architecture} with hidden_act {cfg['hidden_act']!r}: "
-                         "only silu (SwiGLU) is supported")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{architecture} with attention_bias / mlp_bias: "
-                         "only Qwen2's q/k/v biases are supported")
-    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
-        raise ValueError(f"{architecture} with sliding-window attention is not supported")
-    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{architecture} with partial_rotary_factor {cfg['partial_rotary_factor']} "
-                         "is not supported")
-    heads = int(cfg["num_attention_heads"])
-    return {
-        "num_layers": int(cfg["num_hidden_layers"]),
-        "hidden_size": int(cfg["hidden_size"]),
-        "ffn_hidden_size": int(cfg["intermediate_size"]),
-        "num_attention_heads": heads,
-        "num_query_groups": int(cfg.get("num_key_value_heads") or heads),
-        "kv_channels": int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": float(cfg["rms_norm_eps"]),
-        "add_qkv_bias": architecture == "Qwen2ForCausalLM",
-        "share_embeddings_and_output_weights": bool(cfg.get("tie_word_embeddings", False)),
-        **_rope_fields(cfg),
-    }
-
-
-def vocab_size_from_hf_config(hf_config_or_dir: ConfigSource) -> int:
-    """The checkpoint's embedding rows (may exceed the tokenizer's vocab, e.g. Qwen2.5)."""
-    return int(_config_dict(hf_config_or_dir)["vocab_size"])
-
-
-def _effective(model: ModelSection, key: str) -> Any:
-    value = getattr(model, key)
-    if key == "num_query_groups" and value is None:
-        return model.num_attention_heads
-    if key == "kv_channels" and value is None:
-        return model.hidden_size // model.num_attention_heads
-    return value
-
-
-def check_model_matches_hf(model: ModelSection, hf_config: ConfigSource) -> list[str]:
-    """Problems, one per ``model.*`` key, where the recipe's model differs from the checkpoint's."""
-    try:
-        expected = model_section_from_hf_config(hf_config)
-    except ValueError as error:
-        return [f"model: the checkpoint cannot be loaded: {error}"]
-    problems = []
-    for key, want in expected.items():
-        if key == "rope_scaling_factor" and not expected["rope_scaling"]:
-            continue
-        have = _effective(model, key)
-        same = math.isclose(have, want, rel_tol=1e-6) if isinstance(want, float) else have == want
-        if not same:
-            problems.append(f"model.{key}: recipe {have!r}, checkpoint {want!r}")
-    rows = vocab_size_from_hf_config(hf_config)
-    if model.vocab_size is not None and model.vocab_size != rows:
-        problems.append(f"model.vocab_size: recipe {model.vocab_size}, checkpoint {rows}")
-    return problems
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -216,7 +81,7 @@ def _cat_gate_up(gate: Tensor, up: Tensor) -> Tensor:
 def _plan(model: ModelSection, fused_norms: bool, padded_vocab: int | None) -> dict[str, _Conversion]:
     """Megatron key -> conversion, for the whole model (norm names: TE's fused ones or the local spec's)."""
     hidden, ffn = model.hidden_size, model.ffn_hidden_size
-    heads, groups, head_dim = (_effective(model, key) for key in ("num_attention_heads", "num_query_groups",
+    heads, groups, head_dim = (effective_value(model, key) for key in ("num_attention_heads", "num_query_groups",
                                                                     "kv_channels"))
     q_rows, kv_rows = heads * head_dim, groups * head_dim
     attn_norm = "self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight"
@@ -258,7 +123,7 @@ def _select(plan: dict[str, _Conversion], param_names: Iterable[str] | None) -> 
     known = {_template(key) for key in plan}
     unknown = sorted(name for name in names if _template(name) not in known)
     if unknown:
-        raise ValueError(f"model parameters with no Hugging Face counterpart: {', '.join(unknown)}")
+        raise RecipeError(f"model parameters with no Hugging Face counterpart: {', '.join(unknown)}")
     return {key: conversion for key, conversion in plan.items() if key in names}
 
 
@@ -276,7 +141,7 @@ def _check_keys(
     unused = sorted(k for k in hf_state if k not in used and not _IGNORED_HF_KEY.search(k))
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-        raise ValueError(f"{source} has tensors the model has no place for: {', '.join(unused[:5])}{more} "
+        raise RecipeError(f"{source} has tensors the model has no place for: {', '.join(unused[:5])}{more} "
                          "(do num_layers, add_qkv_bias or share_embeddings_and_output_weights differ "
                          "from the checkpoint?)")
 
@@ -288,7 +153,7 @@ def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) 
         fits = tensor.dim() == len(shape) and all(w is None or w == h for w, h in zip(shape, tensor.shape))
         if not fits:
             expected = tuple("*" if s is None else s for s in shape)
-            raise ValueError(f"shape mismatch: HF {hf_key} is {tuple(tensor.shape)}, but Megatron {key} "
+            raise RecipeError(f"shape mismatch: HF {hf_key} is {tuple(tensor.shape)}, but Megatron {key} "
                              f"needs {expected} for this model section")
         tensors.append(tensor)
     return conversion.combine(*tensors)
@@ -297,7 +162,7 @@ def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) 
 def _check_tied_copy(hf_state: Mapping[str, Tensor], model: ModelSection) -> None:
     if model.share_embeddings_and_output_weights and "lm_head.weight" in hf_state:
         if not torch.equal(hf_state["lm_head.weight"], hf_state["model.embed_tokens.weight"]):
-            raise ValueError("model.share_embeddings_and_output_weights is set but the checkpoint's "
+            raise RecipeError("model.share_embeddings_and_output_weights is set but the checkpoint's "
                              "lm_head.weight differs from model.embed_tokens.weight")
 
 
@@ -455,7 +320,7 @@ def load_hf_weights_into(
 
     problems = check_model_matches_hf(model_section, directory)
     if problems:
-        raise ValueError(f"the model does not match {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise RecipeError(f"the model does not match {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
     gpt = _unwrap(model)
     names = set(_global_layer_names(gpt).values())
     full = _lazy_megatron_state(load_hf_state_dict(directory), model_section, names, gpt.vocab_size, None)

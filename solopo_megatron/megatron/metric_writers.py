@@ -10,18 +10,7 @@ import json
 import math
 from typing import Any
 
-from ..config import LoggerSection
-
-
-def wandb_problem(logger: LoggerSection) -> str | None:
-    """Why the wandb settings cannot work here, or None (checked before training starts)."""
-    if logger.wandb_project is None:
-        return None
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        return "logger.wandb_project: wandb is not installed (pip install wandb), or unset the key"
-    return None
+from ..recipe.schema import LoggerSection
 
 
 class MetricWriters:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelSection
-
-TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+from ..recipe.schema import ModelSection
+from ..recipe.sizing import padded_vocab_size
+from ..recipe.errors import RecipeError
 
 
 def transformer_engine_available() -> bool:
@@ -23,19 +23,11 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_transformer_impl(model: ModelSection) -> str:
-    if model.transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"model.transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {model.transformer_impl!r}")
     if model.transformer_impl == "auto":
         return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
     if model.transformer_impl == "transformer_engine" and not transformer_engine_available():
-        raise ValueError("model.transformer_impl: transformer_engine is not importable here")
+        raise RecipeError("model.transformer_impl: transformer_engine is not importable here")
     return model.transformer_impl
-
-
-def padded_vocab_size(vocab_size: int, model: ModelSection) -> int:
-    """Megatron's rule: pad to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size."""
-    multiple = model.make_vocab_size_divisible_by * model.tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
@@ -89,7 +81,7 @@ def layer_spec(model: ModelSection, impl: str):
 
         return get_gpt_layer_with_transformer_engine_spec()
     if model.sequence_parallel:
-        raise ValueError("model.sequence_parallel needs the Transformer Engine layer spec (its norms support it)")
+        raise RecipeError("model.sequence_parallel needs the Transformer Engine layer spec (its norms support it)")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from .attention import PackedCoreAttention
@@ -99,9 +91,9 @@ def layer_spec(model: ModelSection, impl: str):
     return spec
 
 
-def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: int, impl: str):
-    """This pipeline stage's GPTModel (embedding on the first stage, output layer on the last)."""
-    from megatron.core import parallel_state
+def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: int, impl: str, parallel):
+    """This pipeline stage's GPTModel (embedding on the first stage, output layer on the last), built
+    with the process groups of ``parallel`` (a ``parallel.ParallelState``)."""
     from megatron.core.models.gpt import GPTModel
 
     return GPTModel(
@@ -109,12 +101,13 @@ def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: in
         transformer_layer_spec=layer_spec(model, impl),
         vocab_size=padded_vocab_size(vocab_size, model),
         max_sequence_length=max_tokens,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel.is_first_stage,
+        post_process=parallel.is_last_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
+        pg_collection=parallel.groups,
     )

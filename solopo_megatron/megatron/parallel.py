@@ -1,20 +1,32 @@
-"""Process groups: torch.distributed start-up (torchrun or a lone process) and Megatron's parallel state."""
+"""Process groups: torch.distributed start-up (torchrun or a lone process) and the one carrier of
+parallel state, ``ParallelState``.
+
+This is the only module that asks Megatron's global ``parallel_state``: it initialises the groups
+once and packs them, with the sizes, ranks and device, into a ``ParallelState`` that is passed to the
+model provider (``pg_collection=``), the step, the reductions and the checkpoints.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..config import ModelSection
+from ..recipe.schema import ModelSection
+
+_LONE_PROCESS_STORE_DIRS: list[str] = []  # file stores of one-process groups, removed by destroy()
 
 
 @dataclass(frozen=True)
-class Layout:
+class ParallelState:
+    """Sizes, ranks, device and Megatron's ``ProcessGroupCollection`` of this rank (TP fastest)."""
+
     world_size: int
     rank: int
     tp: int
@@ -26,6 +38,11 @@ class Layout:
     cp_rank: int
     dp_rank: int
     device: torch.device
+    groups: Any  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -36,10 +53,28 @@ class Layout:
         """The last pipeline stage's first replica: it holds the losses and reports."""
         return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0 and self.dp_rank == 0
 
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        """The tensor-parallel group, or None on one rank (the math's single-process default)."""
+        return self.groups.tp if self.tp > 1 else None
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return self.groups.cp if self.cp > 1 else None
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The data-parallel group without CP (replicas that see different examples), or None."""
+        return self.groups.dp if self.dp > 1 else None
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "cp": self.cp, "dp": self.dp}
+
 
 def check_layout(model: ModelSection, world_size: int) -> None:
-    """Raises ValueError naming every layout problem (the same checks as the recipe validation)."""
-    from ..validation import RecipeError, layout_problems
+    """Raises RecipeError naming every layout problem (the same checks as the recipe validation)."""
+    from ..recipe.validation import RecipeError, layout_problems
 
     problems = layout_problems(model, world_size)
     if problems:
@@ -47,7 +82,8 @@ def check_layout(model: ModelSection, world_size: int) -> None:
 
 
 def init_process_group() -> None:
-    """Joins the torchrun job described by the environment, or starts a one-process group."""
+    """Joins the torchrun job described by the environment, or starts a one-process group (whose
+    temporary rendezvous folder ``destroy()`` removes)."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -57,20 +93,22 @@ def init_process_group() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
         return
-    store = os.path.join(tempfile.mkdtemp(prefix="solopo-dist-"), "store")
+    folder = tempfile.mkdtemp(prefix="solopo-dist-")
+    _LONE_PROCESS_STORE_DIRS.append(folder)
+    store = os.path.join(folder, "store")
     dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
 
 
-def init_parallel_state(model: ModelSection, seed: int) -> Layout:
-    """Megatron's TP/PP/CP/DP groups (TP fastest) and its model-parallel RNG seeds."""
+def init_parallel_state(model: ModelSection, seed: int) -> ParallelState:
+    """Megatron's TP/PP/CP/DP groups (TP fastest) and its model-parallel RNG seeds, as one carrier.
+
+    On a machine without CUDA the CPU compatibility layer must be entered first (``cpu_compat.enabled()``).
+    """
     from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     check_layout(model, dist.get_world_size())
-    if not torch.cuda.is_available():
-        from . import cpu_compat
-
-        cpu_compat.enable()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=model.tensor_model_parallel_size,
@@ -80,7 +118,7 @@ def init_parallel_state(model: ModelSection, seed: int) -> Layout:
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Layout(
+    return ParallelState(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
         tp=model.tensor_model_parallel_size,
@@ -92,13 +130,17 @@ def init_parallel_state(model: ModelSection, seed: int) -> Layout:
         cp_rank=parallel_state.get_context_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        groups=ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "cp", "dp", "dp_cp", "embd", "pos_embd"]),
     )
 
 
 def destroy() -> None:
+    """Tears down Megatron's groups and the process group; removes a one-process group's temp folder."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _LONE_PROCESS_STORE_DIRS:
+        shutil.rmtree(_LONE_PROCESS_STORE_DIRS.pop(), ignore_errors=True)

@@ -12,35 +12,24 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..data.packing import Microbatch
 from ..logprobs import sequence_logprobs, token_logprobs
 from ..objectives import SoLoPOConfig, solopo_loss
 from .attention import packed_attention_mask
+from .parallel import ParallelState
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
+    """What the forward step and the loss closure need besides the microbatch."""
+
     loss: SoLoPOConfig
-    tp_group: dist.ProcessGroup | None
-    cp_group: dist.ProcessGroup | None
+    parallel: ParallelState
     local_attention: bool  # True: the local spec, which takes the packed mask as attention_mask
     inplace_logits_backward: bool = True
     forward_only_logps: bool = False  # reference pass: report per-sequence sums, no loss
-
-    @property
-    def tp_rank(self) -> int:
-        return dist.get_rank(self.tp_group) if self.tp_group is not None else 0
-
-    @property
-    def cp_size(self) -> int:
-        return dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
-
-    @property
-    def cp_rank(self) -> int:
-        return dist.get_rank(self.cp_group) if self.cp_group is not None else 0
 
 
 def packed_seq_params(mb: Microbatch):
@@ -64,7 +53,7 @@ def forward_step(ctx: StepContext, data_iterator, model):
     mb: Microbatch = next(data_iterator)
     mask = None
     if ctx.local_attention:
-        mask = packed_attention_mask(mb.cu_seqlens_padded, ctx.cp_size, ctx.cp_rank).to(mb.tokens.device)
+        mask = packed_attention_mask(mb.cu_seqlens_padded, ctx.parallel.cp, ctx.parallel.cp_rank).to(mb.tokens.device)
     output = model(
         input_ids=mb.tokens[None],
         position_ids=mb.position_ids[None],
@@ -82,17 +71,17 @@ def microbatch_sequence_logps(ctx: StepContext, mb: Microbatch, logits: Tensor) 
     token_logps = token_logprobs(
         logits,
         mb.labels,
-        vocab_start_index=ctx.tp_rank * logits.shape[1],
-        tp_group=ctx.tp_group,
+        vocab_start_index=ctx.parallel.tp_rank * logits.shape[1],
+        tp_group=ctx.parallel.tp_group,
         inplace_backward=ctx.inplace_logits_backward and not ctx.forward_only_logps,
     )
-    return sequence_logprobs(token_logps, mb.loss_mask, mb.segment_ids, mb.num_sequences, cp_group=ctx.cp_group)
+    return sequence_logprobs(token_logps, mb.loss_mask, mb.segment_ids, mb.num_sequences, cp_group=ctx.parallel.cp_group)
 
 
 def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
     sums = microbatch_sequence_logps(ctx, mb, output_tensor)
     valid = mb.valid
-    count = valid.sum().to(torch.int) if ctx.cp_rank == 0 else torch.zeros((), dtype=torch.int, device=valid.device)
+    count = valid.sum().to(torch.int) if ctx.parallel.cp_rank == 0 else torch.zeros((), dtype=torch.int, device=valid.device)
     if ctx.forward_only_logps:
         report = {"sequence_logps": sums.detach().view(mb.num_groups, len(mb.roles))}
         return sums.sum() * 0.0, count, report
@@ -105,3 +94,19 @@ def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
     weight = valid.to(loss.dtype)
     report = {name: torch.stack([torch.where(valid, value, zero).sum(), weight.sum()]) for name, value in metrics.items()}
     return loss_sum, count, report
+
+
+def run_schedule(ctx: StepContext, chunks: list, mbs: list[Microbatch], *, seq_length: int,
+                 forward_only: bool) -> list[dict]:
+    """One pass of Megatron's schedule (PP included) over ``mbs``; the reports (last pipeline stage only)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, ctx),
+        data_iterator=iter(mbs),
+        model=chunks,
+        num_microbatches=len(mbs),
+        seq_length=seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )

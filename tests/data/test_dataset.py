@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from solopo_megatron.data.dataset import GlobalBatchSampler, TokenizedDataset, data_fingerprint, step_microbatches
+from solopo_megatron.data.dataset import TokenizedDataset, data_fingerprint
+from solopo_megatron.data.loading import GlobalBatchSampler, step_microbatches
 from solopo_megatron.data.errors import DataError
 from solopo_megatron.data.packing import pad_multiple_for
 from solopo_megatron.data.reference_store import ReferenceStore, load_reference_store

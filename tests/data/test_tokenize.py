@@ -18,7 +18,7 @@ from solopo_megatron.data.tokenize import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
-from solopo_megatron.objectives import ROLES
+from solopo_megatron.data.records import ROLES
 
 
 @pytest.fixture(scope="module")

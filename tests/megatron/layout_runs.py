@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from distributed import megatron_on_cpu
 
 MODES = ("solopo", "short_po", "long_po")
 
@@ -32,6 +33,7 @@ def tiny_overrides(tmp: str, mode: str, tp: int, pp: int, cp: int, variant: str 
     return [f"{k}={v}" for k, v in values.items()]
 
 
+@megatron_on_cpu
 def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, tag: str, extra: dict,
                variant: str = "base") -> None:
     """Trains 3 steps per mode; rank 0 saves losses, grad norms and the full weights before and after.
@@ -40,7 +42,7 @@ def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, 
     """
     from megatron.core import parallel_state
 
-    from solopo_megatron.config import load_config
+    from solopo_megatron.recipe.loading import load_config
     from solopo_megatron.megatron import trainer as training
     from solopo_megatron.megatron.weights import gather_full_state_dict
 
@@ -50,15 +52,15 @@ def run_layout(rank: int, world_size: int, tmp: str, tp: int, pp: int, cp: int, 
         init_path = os.path.join(tmp, f"init-{variant}-{mode}.pt")
         init_state = torch.load(init_path) if os.path.exists(init_path) else None
         trainer = training.setup(cfg, init_state=init_state, log=lambda text: None)
-        groups = (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group())
-        before = gather_full_state_dict(trainer.model[0], *groups)
+        groups = (trainer.parallel.groups.tp, trainer.parallel.groups.pp)
+        before = gather_full_state_dict(trainer.chunks[0], *groups)
         history = training.train(trainer)
-        after = gather_full_state_dict(trainer.model[0], *groups)
+        after = gather_full_state_dict(trainer.chunks[0], *groups)
         # Losses live on the last pipeline stage; send them to rank 0.
         steps = [[entry["train"].get("loss", float("nan")), entry["train"]["grad_norm"], entry["train"]["microbatches"]]
                  for entry in history]
         values = torch.tensor(steps, dtype=torch.float64)
-        last = torch.distributed.get_world_size() - 1 if trainer.layout.pp > 1 else 0
+        last = torch.distributed.get_world_size() - 1 if trainer.parallel.pp > 1 else 0
         torch.distributed.broadcast(values, src=last)
         results[mode] = {"steps": values, "before": before, "after": after}
         if rank == 0 and init_state is None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from solopo_megatron.config import ModelSection
+from distributed import megatron_on_cpu
+from solopo_megatron.recipe.schema import ModelSection
 from solopo_megatron.data.packing import Group, pack_microbatch
 from solopo_megatron.data.tokenize import EncodedSequence
 from solopo_megatron.megatron.model import build_gpt_model, transformer_config
@@ -29,13 +30,14 @@ def _groups(seed: int) -> list[Group]:
     return groups
 
 
+@megatron_on_cpu
 def packed_equals_alone(rank: int, world_size: int) -> None:
     """A sequence's log-prob sum is the same alone in its row or packed with others (no leakage)."""
     model_cfg = ModelSection(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2)
-    init_parallel_state(model_cfg, seed=3)
+    parallel = init_parallel_state(model_cfg, seed=3)
     config = transformer_config(model_cfg, bf16=False, max_tokens=512)
-    model = build_gpt_model(model_cfg, config, vocab_size=256, max_tokens=512, impl="local").eval()
-    ctx = StepContext(SoLoPOConfig(mode="short_po"), None, None, local_attention=True, inplace_logits_backward=False)
+    model = build_gpt_model(model_cfg, config, vocab_size=256, max_tokens=512, impl="local", parallel=parallel).eval()
+    ctx = StepContext(SoLoPOConfig(mode="short_po"), parallel, local_attention=True, inplace_logits_backward=False)
 
     def sums(groups):
         mb = pack_microbatch(groups, ROLES, pad_multiple=2, pad_id=0, row_length=256)

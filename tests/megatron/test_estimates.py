@@ -7,10 +7,10 @@ import types
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_distributed, megatron_on_cpu
 
-from solopo_megatron.config import LoggerSection, ModelSection
-from solopo_megatron.estimates import (
+from solopo_megatron.recipe.schema import LoggerSection, ModelSection
+from solopo_megatron.recipe.sizing import (
     estimate_memory,
     parameter_counts,
     peak_tflops_for,
@@ -28,6 +28,7 @@ VARIANTS = {
 VOCAB = 384
 
 
+@megatron_on_cpu
 def count_model_parameters(rank: int, world_size: int, out: str) -> None:
     from solopo_megatron.megatron.model import build_gpt_model, transformer_config
     from solopo_megatron.megatron.parallel import init_parallel_state
@@ -35,8 +36,8 @@ def count_model_parameters(rank: int, world_size: int, out: str) -> None:
     counts = {}
     for name, fields in VARIANTS.items():
         m = ModelSection(**fields, transformer_impl="local")
-        init_parallel_state(m, seed=0)
-        model = build_gpt_model(m, transformer_config(m, bf16=False, max_tokens=64), VOCAB, 64, "local")
+        parallel = init_parallel_state(m, seed=0)
+        model = build_gpt_model(m, transformer_config(m, bf16=False, max_tokens=64), VOCAB, 64, "local", parallel)
         counts[name] = sum(p.numel() for p in model.parameters())
     torch.save(counts, out)
 
@@ -135,7 +136,8 @@ def test_wandb_gets_config_and_scalars(monkeypatch):
 
     fake = types.SimpleNamespace(init=lambda **kwargs: calls.setdefault("init", kwargs) and Run())
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    from solopo_megatron.megatron.metric_writers import MetricWriters, wandb_problem
+    from solopo_megatron.megatron.metric_writers import MetricWriters
+    from solopo_megatron.recipe.validation import wandb_problem
 
     logger = LoggerSection(wandb_project="solopo", wandb_run_name="r1", wandb_mode="offline")
     assert wandb_problem(logger) is None
@@ -148,7 +150,7 @@ def test_wandb_gets_config_and_scalars(monkeypatch):
 
 
 def test_missing_wandb_is_a_recipe_problem(monkeypatch):
-    from solopo_megatron.megatron.metric_writers import wandb_problem
+    from solopo_megatron.recipe.validation import wandb_problem
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     assert "logger.wandb_project: wandb is not installed" in wandb_problem(LoggerSection(wandb_project="p"))

@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_distributed, megatron_on_cpu
 
-from solopo_megatron.config import ModelSection
+from solopo_megatron.recipe.schema import ModelSection
 from solopo_megatron.megatron.hf_weights import (
     check_model_matches_hf,
     hf_to_megatron_state_dict,
@@ -100,6 +100,7 @@ def _forward(model, ids: torch.Tensor) -> torch.Tensor:
     return logits.reshape(n, -1)
 
 
+@megatron_on_cpu
 def megatron_logits(rank: int, world_size: int, root: str, runs: list, out: str) -> None:
     """Each run's GPTModel (local spec, fp32, TP=world_size) loaded from its checkpoint: saves its logits."""
     import torch.distributed as dist
@@ -116,10 +117,10 @@ def megatron_logits(rank: int, world_size: int, root: str, runs: list, out: str)
         fields = {**model_section_from_hf_config(directory), **overrides}
         model_section = ModelSection(**fields, tensor_model_parallel_size=world_size,
                                      transformer_impl="local")
-        init_parallel_state(model_section, seed=0)
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+        parallel = init_parallel_state(model_section, seed=0)
+        tp_group = parallel.tp_group
         config = transformer_config(model_section, bf16=False, max_tokens=TOKENS)
-        model = build_gpt_model(model_section, config, VOCAB, TOKENS, impl="local").eval()
+        model = build_gpt_model(model_section, config, VOCAB, TOKENS, impl="local", parallel=parallel).eval()
         if overrides.get("rope_scaling") is False:  # the recipe check would (rightly) refuse this model
             names = _global_layer_names(model).values()
             hf = load_hf_state_dict(directory)
@@ -383,17 +384,17 @@ def test_load_hf_state_dict_sharded_single_and_missing(checkpoints, tmp_path):
 # ------------------------------------------------------------------------------ recipe wiring
 
 
+@megatron_on_cpu
 def recipe_start_weights(rank: int, world_size: int, recipe: str, overrides: list, out: str) -> None:
     """setup() of a recipe with checkpoint.pretrained_hf, on TP=world_size: the full initial weights."""
     from megatron.core import parallel_state
 
-    from solopo_megatron.config import load_config
+    from solopo_megatron.recipe.loading import load_config
     from solopo_megatron.megatron import trainer as training
     from solopo_megatron.megatron.weights import gather_full_state_dict
 
     trainer = training.setup(load_config(recipe, overrides), log=lambda text: None)
-    full = gather_full_state_dict(trainer.model[0], parallel_state.get_tensor_model_parallel_group(),
-                                  parallel_state.get_pipeline_model_parallel_group())
+    full = gather_full_state_dict(trainer.chunks[0], trainer.parallel.groups.tp, trainer.parallel.groups.pp)
     if rank == 0:
         torch.save(full, out)
 
@@ -403,8 +404,8 @@ def test_recipe_starts_from_the_hf_weights(tmp_path):
     embedding sized by the checkpoint (its rows exceed the tokenizer's 1024 tokens here)."""
     from pathlib import Path
 
-    from solopo_megatron.config import load_config
-    from solopo_megatron.validation import RecipeError, validate_recipe
+    from solopo_megatron.recipe.loading import load_config
+    from solopo_megatron.recipe.validation import RecipeError, validate_recipe
 
     directory = tmp_path / "hf"
     build_hf_model("qwen2", 5, vocab_size=1280).save_pretrained(directory)

@@ -87,3 +87,26 @@ def test_reward_check_is_a_bound_not_bitwise_equality():
     assert "= 4.77e-08, within the fp32 rounding bound" in reward_check_message(noise, beta=0.1)
     wrong = {"rewards/short_chosen": 0.05, "logps/short_chosen": -120.0}
     assert "ABOVE (the reference store does not match these weights)" in reward_check_message(wrong, beta=0.1)
+
+
+def test_default_store_written_by_ref_logps_is_found_by_training(tmp_path):
+    """``solopo-ref-logps`` without solopo.reference_store writes the default cache path; training with
+    compute_reference_if_missing=false must find it there (one resolve_reference_store rule for both)."""
+    common = ["model.context_parallel_size=1", "dataset.synthetic.num_train=16", "dataset.synthetic.num_valid=4",
+              "train.global_batch_size=8", f"dataset.cache_dir={tmp_path / 'cache'}",
+              "solopo.compute_reference_if_missing=false", "scheduler.lr_warmup_iters=0"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    config = str(ROOT / "recipes/tiny-cpu.yaml")
+    train = [sys.executable, "-m", "solopo_megatron.train", "--config", config, *common, "train.train_iters=1",
+             "train.eval_interval=null"]
+    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "dpo needs reference log-probs, and the store is not set" in done.stderr  # no data files yet
+    done = subprocess.run(["solopo-ref-logps", "--config", config, *common], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = list((tmp_path / "cache" / "reference").glob("*.jsonl"))
+    assert len(written) == 1 and f"to {written[0]}" in done.stdout
+    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 1/1" in done.stdout and "within the fp32 rounding bound" in done.stdout

@@ -5,14 +5,12 @@ Unknown or misspelt keys and wrong types are caught earlier, by the typed schema
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from .config import ModelSection, RecipeConfig
-from .data.packing import pad_multiple_for
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message lists every problem with its key."""
+from .errors import RecipeError
+from .schema import LoggerSection, ModelSection, RecipeConfig, field_choices
+from ..data.packing import pad_multiple_for
 
 
 def layout_problems(m: ModelSection, world_size: int | None = None) -> list[str]:
@@ -39,6 +37,21 @@ def layout_problems(m: ModelSection, world_size: int | None = None) -> list[str]
     return problems
 
 
+def choice_problems(cfg: RecipeConfig) -> list[str]:
+    """String settings that must be one of the schema's choices (a typo fails here, not in Megatron)."""
+    problems = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for name, choices in field_choices(values).items():
+            value = getattr(values, name)
+            if value not in choices:
+                allowed = ", ".join("null" if c is None else str(c) for c in choices)
+                problems.append(f"{section.name}.{name}: must be one of {allowed}; got {value!r}")
+    return problems
+
+
 def recipe_problems(cfg: RecipeConfig, world_size: int | None = None, *, check_reference: bool = True,
                     check_paths: bool = True) -> list[str]:
     """Every problem, by key: the configuration's, then (``check_paths``) those of the files it names."""
@@ -56,6 +69,7 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
     m, t, ds = cfg.model, cfg.train, cfg.dataset
     tp, cp = m.tensor_model_parallel_size, m.context_parallel_size
 
+    problems.extend(choice_problems(cfg))
     problems.extend(layout_problems(m, world_size))
     for key, value in (("train.global_batch_size", t.global_batch_size), ("train.train_iters", t.train_iters),
                        ("dataset.max_tokens", ds.max_tokens)):
@@ -80,14 +94,10 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
     if group_bound is not None and group_bound > ds.max_tokens:
         problems.append(f"dataset.max_tokens: {ds.max_tokens} is below the largest possible group "
                         f"({group_bound} tokens from max_short_length / max_long_length, padded); raise it")
-    if ds.on_error not in ("raise", "skip"):
-        problems.append(f"dataset.on_error: must be raise or skip, got {ds.on_error!r}")
     decay = cfg.scheduler.lr_decay_iters or t.train_iters
     if cfg.scheduler.lr_warmup_iters >= max(1, decay):
         problems.append(f"scheduler.lr_warmup_iters: {cfg.scheduler.lr_warmup_iters} must be below the decay "
                         f"iterations ({decay})")
-    if cfg.logger.wandb_mode not in ("online", "offline", "disabled"):
-        problems.append(f"logger.wandb_mode: must be online, offline or disabled, got {cfg.logger.wandb_mode!r}")
     return problems
 
 
@@ -103,13 +113,22 @@ def path_problems(cfg: RecipeConfig, *, check_reference: bool = True) -> list[st
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
         problems.append(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
     problems.extend(_pretrained_problems(cfg))
-    from .megatron.metric_writers import wandb_problem
-
     if (problem := wandb_problem(cfg.logger)) is not None:
         problems.append(problem)
     if check_reference and _loss_ok(cfg) and cfg.solopo.loss_config().needs_reference:
         problems.extend(_reference_store_problems(cfg))
     return problems
+
+
+def wandb_problem(logger: LoggerSection) -> str | None:
+    """Why the wandb settings cannot work here, or None (checked before training starts)."""
+    if logger.wandb_project is None:
+        return None
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return "logger.wandb_project: wandb is not installed (pip install wandb), or unset the key"
+    return None
 
 
 def _pretrained_problems(cfg: RecipeConfig) -> list[str]:
@@ -119,41 +138,29 @@ def _pretrained_problems(cfg: RecipeConfig) -> list[str]:
         return []
     if not (Path(path) / "config.json").is_file():
         return [f"checkpoint.pretrained_hf: {path} is not a Hugging Face checkpoint directory (no config.json)"]
-    from .megatron.hf_weights import check_model_matches_hf
+    from .hf_config import check_model_matches_hf
 
     return [f"{problem} (checkpoint.pretrained_hf={path})" for problem in check_model_matches_hf(cfg.model, path)]
 
 
-def existing_reference_store(cfg: RecipeConfig) -> Path | None:
-    """The store a run would read: ``solopo.reference_store`` if it exists, else a checkpoint's copy
-    (a resumed run keeps its original reference)."""
-    from .megatron.checkpoint import REFERENCE_COPY
-
-    if cfg.solopo.reference_store and Path(cfg.solopo.reference_store).exists():
-        return Path(cfg.solopo.reference_store)
-    for root in (cfg.checkpoint.load, cfg.checkpoint.save):
-        if root and (Path(root) / REFERENCE_COPY).exists():
-            return Path(root) / REFERENCE_COPY
-    return None
-
-
 def _reference_store_problems(cfg: RecipeConfig) -> list[str]:
+    from ..data.errors import DataError
+    from ..data.reference_store import read_store_header
+    from .sources import expected_reference_fingerprint, resolve_reference_store
+
     s = cfg.solopo
-    path = existing_reference_store(cfg)
-    if path is None:
-        if s.compute_reference_if_missing:
-            return []
-        where = f"{s.reference_store} does not exist" if s.reference_store else "is not set"
-        return [f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
-                "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)"]
     if cfg.dataset.tokenizer != "tiny" and not Path(cfg.dataset.tokenizer).is_dir():
         return []  # reported as a dataset.tokenizer problem; the fingerprint needs the tokenizer
-    from .data.errors import DataError
-    from .data.reference_store import read_store_header
-    from .data.sources import expected_reference_fingerprint
-
     try:
         expected = expected_reference_fingerprint(cfg)
+        path = resolve_reference_store(cfg, expected)
+        if path is None or not path.exists():
+            if s.compute_reference_if_missing:
+                return []
+            where = (f"{s.reference_store} does not exist" if s.reference_store else
+                     f"is not set and the default {path} does not exist" if path else "is not set")
+            return [f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
+                    "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)"]
         read_store_header(path, data_fingerprint=expected)
     except (DataError, OSError) as error:
         return [f"solopo.reference_store: {error}"]

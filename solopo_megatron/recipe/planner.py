@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RecipeConfig
-from .data.packing import pad_multiple_for
-from .data.sources import model_vocab_size
-from .estimates import GIB, MemoryEstimate, estimate_memory, parameter_counts, training_flops
-from .megatron.model import padded_vocab_size
-from .objectives import required_roles
+from .schema import RecipeConfig
+from ..data.packing import pad_multiple_for, padded_sequence_length
+from .sources import model_vocab_size
+from .sizing import GIB, MemoryEstimate, estimate_memory, parameter_counts, training_flops
+from .sizing import padded_vocab_size
+from ..objectives import required_roles
 
 RUNTIME_OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation: a rough allowance
 
@@ -28,7 +28,7 @@ def role_limits(cfg: RecipeConfig) -> dict[str, int] | None:
         limit = ds.max_short_length if role.startswith("short") else ds.max_long_length
         if limit is None:
             return None
-        limits[role] = -(-limit // multiple) * multiple
+        limits[role] = padded_sequence_length(limit, multiple)
     return limits
 
 
@@ -43,7 +43,7 @@ def model_vocab_rows(cfg: RecipeConfig) -> tuple[int | None, str]:
         return cfg.model.vocab_size, "model.vocab_size"
     tokenizer_size = None
     if cfg.dataset.tokenizer == "tiny" or Path(cfg.dataset.tokenizer).is_dir():
-        from .data.tokenize import load_tokenizer
+        from ..data.tokenize import load_tokenizer
 
         tokenizer_size = len(load_tokenizer(cfg.dataset.tokenizer))
     rows = model_vocab_size(cfg, tokenizer_size)
@@ -150,7 +150,7 @@ def plan_warnings(cfg: RecipeConfig, plan: Plan) -> list[str]:
                         "model.make_vocab_size_divisible_by so that vocab / (it x tp) is whole")
     if plan.groups_per_row is not None and plan.groups_per_row * plan.group_tokens < 0.5 * cfg.dataset.max_tokens:
         warnings.append(f"a row fits {plan.groups_per_row} largest group(s) using under half of dataset.max_tokens")
-    tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
+    tp = cfg.model.tensor_model_parallel_size
     if tp > cfg.cluster.gpus_per_node:
         warnings.append("tensor parallelism spans nodes: keep tp <= GPUs per node")
     if cfg.train.global_batch_size % plan.dp:

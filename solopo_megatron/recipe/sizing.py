@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelSection
+from .schema import ModelSection
 
 GIB = 1024**3
+
+
+def padded_vocab_size(vocab_size: int, model: ModelSection) -> int:
+    """Megatron's rule: pad to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size."""
+    multiple = model.make_vocab_size_divisible_by * model.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
 
 # Dense bf16 tensor-core peaks (TFLOP/s per GPU) for MFU; logger.peak_tflops_per_gpu overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0,

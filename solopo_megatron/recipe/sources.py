@@ -12,10 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from ..config import DatasetSection, RecipeConfig
-from ..objectives import ROLES, required_roles
-from .dataset import DEFAULT_CACHE_DIR, data_fingerprint
-from .tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+from .schema import DatasetSection, RecipeConfig
+from ..data.records import ROLES
+from ..objectives import required_roles
+from ..data.dataset import DEFAULT_CACHE_DIR, data_fingerprint
+from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+from .errors import RecipeError
 
 
 def cache_dir(cfg: RecipeConfig) -> Path:
@@ -32,7 +34,7 @@ def synthetic_paths(cfg: RecipeConfig) -> tuple[Path, Path]:
 
 def write_synthetic_files(cfg: RecipeConfig) -> None:
     """Materialises the synthetic files if missing (deterministic; call from one rank)."""
-    from .synthetic import generate_synthetic_records, write_jsonl
+    from ..data.synthetic import generate_synthetic_records, write_jsonl
 
     s = cfg.dataset.synthetic
     for path, count, seed, prefix in zip(synthetic_paths(cfg), (s.num_train, s.num_valid), (s.seed, s.seed + 1),
@@ -68,12 +70,12 @@ def model_vocab_size(cfg: RecipeConfig, tokenizer_size: int | None) -> int | Non
     and the pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens); None if neither is known."""
     if cfg.model.vocab_size is not None:
         if tokenizer_size is not None and cfg.model.vocab_size < tokenizer_size:
-            raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens")
+            raise RecipeError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens")
         return cfg.model.vocab_size
     sizes = [tokenizer_size]
     hf = cfg.checkpoint.pretrained_hf
     if hf and (Path(hf) / "config.json").is_file():
-        from ..megatron.hf_weights import vocab_size_from_hf_config
+        from .hf_config import vocab_size_from_hf_config
 
         sizes.append(vocab_size_from_hf_config(hf))
     known = [size for size in sizes if size is not None]
@@ -95,3 +97,35 @@ def expected_reference_fingerprint(cfg: RecipeConfig) -> str | None:
     # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
     valid_fp = data_fingerprint(valid, encoder, ROLES) if valid else None
     return combined_fingerprint(data_fingerprint(train, encoder, roles), valid_fp)
+
+
+REFERENCE_COPY = "reference_logps.jsonl"  # a checkpoint root's copy of the store its run trained against
+
+
+def default_reference_store_path(cfg: RecipeConfig, fingerprint: str) -> Path:
+    """Where a run without ``solopo.reference_store`` keeps its store: the cache, keyed by data and seed."""
+    return cache_dir(cfg) / "reference" / f"{fingerprint}-seed{cfg.rng.seed}.jsonl"
+
+
+def resolve_reference_store(cfg: RecipeConfig, fingerprint: str | None = None) -> Path | None:
+    """The reference store a run reads, or the path where it writes one when none exists yet.
+
+    In order: ``solopo.reference_store`` (or, when unset, the default cache path of this data) if it
+    exists; else a checkpoint root's copy (a resumed run keeps its original reference); else the
+    first candidate, to be written. ``fingerprint`` is the data's (``combined_fingerprint``); None
+    computes it from the files (hashing them and loading the tokenizer); it stays None while the
+    data files do not exist yet, and then an unset ``solopo.reference_store`` resolves to None.
+    The trainer, ``solopo-ref-logps`` and the validation before launch all call this one rule.
+    """
+    if fingerprint is None and not cfg.solopo.reference_store:
+        fingerprint = expected_reference_fingerprint(cfg)
+    if cfg.solopo.reference_store:
+        candidate: Path | None = Path(cfg.solopo.reference_store)
+    else:
+        candidate = default_reference_store_path(cfg, fingerprint) if fingerprint is not None else None
+    if candidate is not None and candidate.exists():
+        return candidate
+    for root in (cfg.checkpoint.load, cfg.checkpoint.save):
+        if root and (Path(root) / REFERENCE_COPY).exists():
+            return Path(root) / REFERENCE_COPY
+    return candidate

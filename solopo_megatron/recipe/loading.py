@@ -1,0 +1,119 @@
+"""Recipe files -> a typed RecipeConfig: ``defaults:`` inheritance, Hydra-style overrides, schema checks.
+
+Recipes are OmegaConf YAML files that may inherit from others (``defaults:``); ``load_config(path,
+overrides)`` merges them over the schema (unknown keys and wrong types are errors naming the key and
+the file) and applies the overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .schema import RecipeConfig
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Schema defaults <- recipe YAML (with its ``defaults:`` chain) <- overrides; a typed RecipeConfig.
+
+    Overrides edit the recipe layer, Hydra style: ``a.b=c`` sets a schema key, ``+a.b=c`` sets a key
+    the recipe does not set yet (an error if it does), ``++a.b=c`` sets it either way, and ``~a.b``
+    removes the recipe's value so the schema default applies again.
+    """
+    from omegaconf import OmegaConf
+
+    recipe = load_recipe_layers(Path(path)) if path is not None else OmegaConf.create()
+    for override in overrides:
+        recipe = apply_override(recipe, override)
+    config = OmegaConf.to_object(_merge_onto_schema(recipe, "overrides" if overrides else str(path)))
+    try:
+        config.solopo.loss_config()  # validates the loss keys
+    except ValueError as error:
+        raise ValueError(str(error).replace("SoLoPOConfig.", "solopo.")) from None
+    return config
+
+
+def _merge_onto_schema(layer, where: str):
+    """Merges one untyped layer onto the typed schema; unknown keys and bad types name the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RecipeConfig), layer)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{where}: {error}".strip()) from None
+
+
+def load_recipe_layers(path: Path, _chain: tuple[Path, ...] = ()):
+    """One recipe file merged over its ``defaults:`` (paths relative to the file, earlier first;
+    ``_self_`` marks where the file's own keys go, last when absent). Each file is checked against the
+    schema on its own, so a bad key is reported with the file that has it."""
+    import yaml
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = path.resolve()
+    if path in _chain:
+        raise ValueError(f"{path}: defaults form a cycle: {' -> '.join(p.name for p in (*_chain, path))}")
+    if not path.is_file():
+        where = f"{_chain[-1]}: defaults: " if _chain else ""
+        raise ValueError(f"{where}recipe {path} does not exist")
+    try:
+        own = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as error:  # syntax errors carry the line
+        raise ValueError(f"{path}: {error}") from None
+    if not isinstance(own, DictConfig):
+        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(own).__name__}")
+    entries = own.pop("defaults", None)
+    entries = [] if entries is None else entries
+    if not isinstance(entries, (ListConfig, list)):
+        raise ValueError(f"{path}: defaults: must be a list of recipe paths, got {entries!r}")
+    own_keys = OmegaConf.create(own)
+    _merge_onto_schema(own_keys, str(path))
+    entries = list(entries)
+    if "_self_" not in entries:
+        entries.append("_self_")
+    layers = []
+    for i, entry in enumerate(entries):
+        if entry == "_self_":
+            layers.append(own_keys)
+        elif isinstance(entry, str):
+            base = path.parent / (entry if entry.endswith((".yaml", ".yml")) else f"{entry}.yaml")
+            layers.append(load_recipe_layers(base, (*_chain, path)))
+        else:
+            raise ValueError(f"{path}: defaults[{i}]: entries are recipe paths relative to this file "
+                             f"(config groups are not supported), got {entry!r}")
+    return OmegaConf.merge(*layers)
+
+
+_ABSENT = object()
+
+
+def apply_override(recipe, override: str):
+    """Applies one ``a.b=c`` / ``+a.b=c`` / ``++a.b=c`` / ``~a.b`` override to the recipe layer."""
+    from omegaconf import OmegaConf
+
+    if override.startswith("~"):
+        key = override[1:].split("=", 1)[0]
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(recipe, parent_key) if parent_key else recipe
+        if parent is None or leaf not in parent:
+            raise ValueError(f"override {override!r}: the recipe does not set {key}, so there is nothing to remove")
+        del parent[leaf]
+        return recipe
+    key, sep, _ = override.partition("=")
+    if not sep or not key.strip("+"):
+        raise ValueError(f"override {override!r}: expected key=value, +key=value, ++key=value or ~key")
+    add = key.startswith("+") and not key.startswith("++")  # ``++`` sets whether or not the recipe has it
+    key = key.lstrip("+")
+    if add and OmegaConf.select(recipe, key, default=_ABSENT) is not _ABSENT:
+        raise ValueError(f"override {override!r}: the recipe already sets {key}; use {key}=... or ++{key}=...")
+    value = OmegaConf.from_dotlist([f"{key}={override.partition('=')[2]}"])
+    _merge_onto_schema(value, f"override {override!r}")  # unknown key or wrong type, with a suggestion
+    return OmegaConf.merge(recipe, value)
+
+
+def to_dict(config: RecipeConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

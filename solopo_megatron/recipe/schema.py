@@ -1,0 +1,185 @@
+"""Recipe schema: Megatron-Core key names in Megatron-Bridge-style sections plus ``solopo:``.
+
+``recipe.loading.load_config`` reads YAML recipes onto these dataclasses.
+``train.global_batch_size`` counts examples (preference groups), not sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..objectives import SoLoPOConfig
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of ``choices`` (checked by ``recipe.validation`` before launch)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def field_choices(section: Any) -> dict[str, tuple]:
+    """{field name: allowed values} of a section's choice-valued fields."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(section) if "choices" in f.metadata}
+
+
+@dataclass
+class ModelSection:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention
+    kv_channels: int | None = None
+    normalization: str = choice("RMSNorm", "RMSNorm", "LayerNorm")
+    layernorm_epsilon: float = 1e-6
+    add_qkv_bias: bool = False
+    share_embeddings_and_output_weights: bool = False
+    rotary_base: int = 10000
+    rope_scaling: bool = False  # Llama-3.1 style RoPE frequency scaling
+    rope_scaling_factor: float = 8.0
+    vocab_size: int | None = None  # None: the tokenizer's (or the pretrained_hf checkpoint's, if larger)
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    cp_comm_type: str = choice("p2p", "p2p", "all_gather", "a2a", "a2a+p2p")
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = choice(None, None, "full", "selective")
+    recompute_method: str | None = choice(None, None, "uniform", "block")  # block/uniform: full recompute
+    recompute_num_layers: int | None = None
+    transformer_impl: str = choice("auto", "auto", "transformer_engine", "local")  # auto: TE when importable
+    bf16: bool | None = None  # None: bf16 on CUDA, fp32 on CPU
+    use_cpu_initialization: bool | None = None  # None: only without CUDA (true: same init on any device)
+
+
+@dataclass
+class TrainSection:
+    global_batch_size: int = 16  # examples per optimizer step, over all DP ranks
+    micro_batch_size: int = 1  # packed rows per microbatch; a row holds several whole groups
+    train_iters: int = 100
+    max_skipped_steps_in_a_row: int = 3  # non-finite loss or gradients: skip the update; stop after this many
+    eval_interval: int | None = None
+    eval_iters: int | None = None  # None: the whole validation set
+    log_interval: int = 10
+
+
+@dataclass
+class OptimizerSection:
+    optimizer: str = choice("adam", "adam", "sgd")
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class SchedulerSection:
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: train.train_iters
+    lr_decay_style: str = choice("cosine", "constant", "linear", "cosine", "inverse-square-root")
+
+
+@dataclass
+class SyntheticSection:
+    num_train: int = 512
+    num_valid: int = 64
+    seed: int = 0
+    long_target_words: int = 120
+
+
+@dataclass
+class DatasetSection:
+    train_path: str | None = None  # None: the bundled synthetic data (dataset.synthetic)
+    valid_path: str | None = None
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    tokenizer: str = "tiny"
+    prompt_template: str = "{context}\n\nQuestion: {question}"
+    system_prompt: str | None = None
+    max_short_length: int | None = None
+    max_long_length: int | None = None
+    truncate_long_context: bool = False
+    max_tokens: int = 2048  # tokens per packed microbatch row (whole sequences, before CP sharding)
+    on_error: str = choice("raise", "raise", "skip")  # skip: drop bad records, report counts
+    cache_dir: str | None = None
+
+
+def _loss_config(self) -> SoLoPOConfig:
+    """The loss's keys of this section as a validated SoLoPOConfig (ValueError naming the key)."""
+    return SoLoPOConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SoLoPOConfig)})
+
+
+# ``solopo:``: every SoLoPOConfig field (same names, types and defaults: the loss owns them), plus the
+# run's reference-store and kernel settings.
+SolopoSection = dataclasses.make_dataclass(
+    "SolopoSection",
+    [(f.name, typing.get_type_hints(SoLoPOConfig)[f.name], field(default=f.default))
+     for f in dataclasses.fields(SoLoPOConfig)]
+    + [
+        ("reference_store", Optional[str], field(default=None)),  # reference log-prob store (dpo); solopo-ref-logps
+        ("compute_reference_if_missing", bool, field(default=True)),  # else compute it from the initial weights
+        ("inplace_logits_backward", bool, field(default=True)),  # Triton path: gradient into the logits' buffer
+    ],
+    namespace={"loss_config": _loss_config, "__module__": __name__},
+)
+
+
+@dataclass
+class CheckpointSection:
+    save: str | None = None  # checkpoint root; training resumes from its latest checkpoint if one exists
+    load: str | None = None  # resume from this root (its latest) or this iter_* directory instead
+    save_interval: int | None = None  # steps between saves (and always at the end when save is set)
+    keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
+    pretrained_hf: str | None = None  # initial weights: a Hugging Face Llama / Qwen2 directory (unless resuming)
+
+
+@dataclass
+class LoggerSection:
+    metrics_file: str | None = None  # JSON lines: one object per step (train metrics, eval when run)
+    tensorboard_dir: str | None = None  # TensorBoard event files (train/<metric>, eval/<metric>)
+    wandb_project: str | None = None  # Weights & Biases project (needs `pip install wandb`); None: off
+    wandb_run_name: str | None = None
+    wandb_run_id: str | None = None  # set it to continue the same wandb run after a resume
+    wandb_mode: str = choice("online", "online", "offline", "disabled")
+    peak_tflops_per_gpu: float | None = None  # for MFU; None: known GPUs by name (dense bf16), else no MFU
+
+
+@dataclass
+class ClusterSection:
+    """What the recipe is laid out for: the dry-run planner's world size and memory budget.
+    A launch takes its world size from torchrun (WORLD_SIZE); these keys do not bind it."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass
+class RngSection:
+    seed: int = 1234
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    solopo: SolopoSection = field(default_factory=SolopoSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logger: LoggerSection = field(default_factory=LoggerSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    rng: RngSection = field(default_factory=RngSection)
