@@ -1,0 +1,66 @@
+"""This rank's training inputs: the tokenised datasets (rank 0 tokenises, the others then read its
+cache) and, per step, the microbatches planned for its DP rank and sharded for its CP rank."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ..data.dataset import TokenizedDataset
+from ..data.loading import step_microbatches
+from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
+from ..data.records import ROLES
+from ..data.reference_store import ReferenceStore
+from ..objectives import required_roles
+from ..recipe.schema import RecipeConfig
+from ..recipe.sources import cache_dir, data_paths, model_vocab_size, sequence_encoder, write_synthetic_files
+from .parallel import ParallelState
+
+
+@dataclass
+class Data:
+    """The run's datasets and the packing settings every step uses."""
+
+    train: TokenizedDataset
+    valid: TokenizedDataset | None
+    roles: tuple[str, ...]  # the roles training forwards (validation forwards all of ROLES)
+    pad_id: int
+    vocab_size: int  # embedding rows before Megatron's padding
+    pad_multiple: int
+    max_tokens: int
+
+
+def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
+    """Writes the synthetic files if the recipe uses them, then tokenises (rank 0 first) and opens the data."""
+    ds = cfg.dataset
+    if ds.train_path is None and parallel.rank == 0:
+        write_synthetic_files(cfg)
+    dist.barrier()
+    train_path, valid_path = data_paths(cfg)
+    encoder = sequence_encoder(ds)
+    tokenizer = encoder.tokenizer
+    roles = required_roles(cfg.solopo.loss_config())
+    datasets: list[TokenizedDataset | None] = []
+    for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
+        if (parallel.rank == 0) == rank_turn:
+            train, _ = TokenizedDataset.build(train_path, encoder, roles, cache_dir=cache_dir(cfg),
+                                              on_error=ds.on_error, progress=parallel.rank == 0)
+            # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
+            valid = TokenizedDataset.build(valid_path, encoder, ROLES, cache_dir=cache_dir(cfg), on_error=ds.on_error,
+                                           progress=parallel.rank == 0)[0] if valid_path else None
+            datasets = [train, valid]
+        dist.barrier()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    m = cfg.model
+    multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
+    return Data(datasets[0], datasets[1], roles, pad_id, model_vocab_size(cfg, len(tokenizer)), multiple, ds.max_tokens)
+
+
+def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles: Sequence[str],
+                 parallel: ParallelState, store: ReferenceStore | None) -> list[Microbatch]:
+    """This rank's microbatches for one global batch: planned for its DP rank, sharded for its CP rank."""
+    mbs = step_microbatches(dataset, indices, roles, max_tokens=data.max_tokens, pad_multiple=data.pad_multiple,
+                            pad_id=data.pad_id, dp_size=parallel.dp, dp_rank=parallel.dp_rank, ref_store=store)
+    return [shard_microbatch(mb, parallel.cp, parallel.cp_rank).to(parallel.device) for mb in mbs]
