@@ -9,10 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The repository's kernels/ directory installs as `solopo_kernels`: the name `kernels` belongs to
-    # an unrelated PyPI package.
-    packages=find_packages(include=["solopo_megatron", "solopo_megatron.*"]) + ["solopo_kernels"],
-    package_dir={"solopo_kernels": "kernels"},
+    packages=find_packages(include=["solopo_megatron", "solopo_megatron.*", "solopo_kernels", "solopo_kernels.*"]),
     package_data={"solopo_megatron": ["assets/tiny-tokenizer/*"]},
     install_requires=[
         "torch>=2.4",
@@ -31,7 +28,7 @@ setup(
         "console_scripts": [
             "solopo-train = solopo_megatron.train:main",
             "solopo-ref-logps = solopo_megatron.train:ref_logps_main",
-            "solopo-data = solopo_megatron.data.cli:main",
+            "solopo-data = solopo_megatron.cli:main",
         ]
     },
     extras_require={

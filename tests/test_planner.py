@@ -27,7 +27,7 @@ MODELS = ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct")
 @pytest.fixture(autouse=True)
 def default_paths(monkeypatch):
     """The recipes' path defaults, whatever this machine's environment says (the output names them)."""
-    for name in ("SOLOPO_DATA", "SOLOPO_MODELS", "SOLOPO_RUNS", "SOLOPO_CACHE"):
+    for name in ("SOLOPO_DATA", "SOLOPO_MODELS", "SOLOPO_RUNS", "SOLOPO_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
 
 

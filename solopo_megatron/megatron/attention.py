@@ -6,16 +6,19 @@ every rank holds a zigzag share of every sequence; keys and values are all-gathe
 group (autograd-correct: the backward sums every rank's gradient for this rank's keys and values)
 and the mask is built from global token positions, so the result equals one process's attention.
 
-The mask arrives through GPTModel's ``attention_mask`` argument, built once per microbatch by
-``packed_attention_mask``: bool [t_local, t_global], True where query i may attend key j, keys in
-CP-rank-major order (the all-gather's order). Compute is torch SDPA with that dense mask, which is
-meant for CPU tests and small runs; on GPUs the Transformer Engine spec (fused THD + CP attention)
-is the production path, and flash-attn's varlen kernel serves CP=1 when installed.
+Without flash-attn, attention runs one sequence at a time with torch SDPA (``sequence_spans`` finds
+each sequence's queries and, under CP, its keys among the gathered ones): causal SDPA when CP = 1,
+else a [local queries, sequence keys] mask in global positions. Extra memory is bounded by the
+longest sequence, not by the packed row, and no work is spent on pairs of different sequences.
+``packed_attention_mask`` (the dense [t_local, t_global] mask of a whole row) is the tests' oracle.
+On GPUs the Transformer Engine spec (fused THD + CP attention) is the production path, and
+flash-attn's varlen kernel serves CP = 1 when installed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,8 +29,40 @@ from torch import Tensor
 from ..data.cp_sharding import zigzag_indices
 
 
+@dataclass(frozen=True)
+class SequenceSpan:
+    """One packed sequence as this CP rank sees it."""
+
+    start: int  # its first query among this rank's tokens
+    end: int
+    key_rows: Tensor | None  # CP: its keys' rows among the all-gathered keys (CP-rank-major order)
+    mask: Tensor | None  # CP: bool [end - start, sequence length], causal in global positions
+
+
+def sequence_spans(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> list[SequenceSpan]:
+    """Every sequence's queries on this rank and, under CP, its keys and causal mask (zigzag order)."""
+    bounds = cu_seqlens_padded.to("cpu", torch.int64).tolist()
+    local_tokens = bounds[-1] // cp_size
+    spans = []
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        if end == begin:
+            continue
+        start, stop = begin // cp_size, end // cp_size
+        if cp_size == 1:
+            spans.append(SequenceSpan(start, stop, None, None))
+            continue
+        whole = [0, end - begin]  # the sequence alone: positions relative to its start
+        query_positions = zigzag_indices(whole, cp_size, cp_rank)
+        key_positions = torch.cat([zigzag_indices(whole, cp_size, r) for r in range(cp_size)])
+        key_rows = torch.cat([torch.arange(r * local_tokens + start, r * local_tokens + stop) for r in range(cp_size)])
+        spans.append(SequenceSpan(start, stop, key_rows, key_positions[None, :] <= query_positions[:, None]))
+    return spans
+
+
 def packed_attention_mask(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> Tensor:
-    """bool [t_local, t_global]: causal within each sequence, in global (pre-sharding) positions."""
+    """bool [t_local, t_global]: causal within each sequence, in global (pre-sharding) positions.
+
+    The dense mask of a whole row: the oracle the per-sequence path is tested against."""
     bounds = cu_seqlens_padded.to("cpu", torch.int64)
     total = int(bounds[-1])
     segment = torch.repeat_interleave(torch.arange(bounds.numel() - 1), bounds[1:] - bounds[:-1])
@@ -101,14 +136,20 @@ class PackedCoreAttention(MegatronModule):
             out = flash(query, key, value, cu, cu, packed_seq_params.max_seqlen_q, packed_seq_params.max_seqlen_kv,
                         dropout_p=self.dropout if self.training else 0.0, softmax_scale=self._scale(query), causal=True)
             return out.reshape(out.shape[0], -1)
-        if attention_mask is None:
-            raise ValueError("PackedCoreAttention needs the packed attention mask (see packed_attention_mask)")
         if cp:
             key = _AllGatherTokens.apply(key, self.cp_group)
             value = _AllGatherTokens.apply(value, self.cp_group)
-        out = self._attend(query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-                           mask=attention_mask, causal=False)
-        return out[0].transpose(0, 1).reshape(query.shape[0], -1)
+        cp_size, cp_rank = (dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)) if cp else (1, 0)
+        outputs = []
+        for span in sequence_spans(packed_seq_params.cu_seqlens_q_padded, cp_size, cp_rank):
+            rows = slice(span.start, span.end)
+            k = key[span.key_rows] if span.key_rows is not None else key[rows]
+            v = value[span.key_rows] if span.key_rows is not None else value[rows]
+            mask = span.mask.to(query.device) if span.mask is not None else None
+            out = self._attend(query[rows].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                               mask=mask, causal=mask is None)
+            outputs.append(out[0].transpose(0, 1))
+        return torch.cat(outputs).reshape(query.shape[0], -1)
 
     def _scale(self, query: Tensor) -> float:
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])

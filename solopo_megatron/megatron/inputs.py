@@ -60,7 +60,12 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
 
 def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles: Sequence[str],
                  parallel: ParallelState, store: ReferenceStore | None) -> list[Microbatch]:
-    """This rank's microbatches for one global batch: planned for its DP rank, sharded for its CP rank."""
+    """This rank's microbatches for one global batch: planned for its DP rank, sharded for its CP rank.
+
+    Rows are padded to ``dataset.max_tokens`` only under pipeline parallelism (its stages exchange
+    fixed-shape activations); otherwise a row ends with its last sequence, so no compute goes to padding.
+    """
     mbs = step_microbatches(dataset, indices, roles, max_tokens=data.max_tokens, pad_multiple=data.pad_multiple,
-                            pad_id=data.pad_id, dp_size=parallel.dp, dp_rank=parallel.dp_rank, ref_store=store)
+                            pad_id=data.pad_id, dp_size=parallel.dp, dp_rank=parallel.dp_rank, ref_store=store,
+                            pad_to_max_tokens=parallel.pp > 1)
     return [shard_microbatch(mb, parallel.cp, parallel.cp_rank).to(parallel.device) for mb in mbs]

@@ -17,7 +17,6 @@ from torch import Tensor
 from ..data.packing import Microbatch
 from ..logprobs import sequence_logprobs, token_logprobs
 from ..objectives import SoLoPOConfig, solopo_loss
-from .attention import packed_attention_mask
 from .parallel import ParallelState
 
 
@@ -27,7 +26,6 @@ class StepContext:
 
     loss: SoLoPOConfig
     parallel: ParallelState
-    local_attention: bool  # True: the local spec, which takes the packed mask as attention_mask
     inplace_logits_backward: bool = True
     forward_only_logps: bool = False  # reference pass: report per-sequence sums, no loss
 
@@ -51,13 +49,10 @@ def packed_seq_params(mb: Microbatch):
 def forward_step(ctx: StepContext, data_iterator, model):
     """Megatron forward_step_func: this rank's (CP-sharded) microbatch through this pipeline stage."""
     mb: Microbatch = next(data_iterator)
-    mask = None
-    if ctx.local_attention:
-        mask = packed_attention_mask(mb.cu_seqlens_padded, ctx.parallel.cp, ctx.parallel.cp_rank).to(mb.tokens.device)
     output = model(
         input_ids=mb.tokens[None],
         position_ids=mb.position_ids[None],
-        attention_mask=mask,
+        attention_mask=None,  # THD: sequences are delimited by packed_seq_params
         packed_seq_params=packed_seq_params(mb),
     )
     return output, partial(loss_func, ctx, mb)

@@ -148,8 +148,7 @@ def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[s
     pretrained = cfg.checkpoint.pretrained_hf if resume_from is None else None  # a checkpoint replaces it
     state = build_model_and_optimizer(cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state,
                                       pretrained_hf=pretrained)
-    ctx = StepContext(cfg.solopo.loss_config(), parallel, local_attention=state.transformer_impl == "local",
-                      inplace_logits_backward=cfg.solopo.inplace_logits_backward)
+    ctx = StepContext(cfg.solopo.loss_config(), parallel, inplace_logits_backward=cfg.solopo.inplace_logits_backward)
     printer = log or (lambda text: print(text, flush=True))
     trainer = Trainer(cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None))
     if load_reference:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from solopo_megatron.data.cli import main
+from solopo_megatron.cli import main
 from solopo_megatron.data.records import iter_records
 
 

@@ -11,7 +11,6 @@ from solopo_megatron.data.tokenize import EncodedSequence
 from solopo_megatron.megatron.model import build_gpt_model, transformer_config
 from solopo_megatron.megatron.parallel import init_parallel_state
 from solopo_megatron.megatron.step import StepContext, microbatch_sequence_logps, packed_seq_params
-from solopo_megatron.megatron.attention import packed_attention_mask
 from solopo_megatron.objectives import SoLoPOConfig
 
 ROLES = ("short_chosen", "short_rejected")
@@ -37,13 +36,12 @@ def packed_equals_alone(rank: int, world_size: int) -> None:
     parallel = init_parallel_state(model_cfg, seed=3)
     config = transformer_config(model_cfg, bf16=False, max_tokens=512)
     model = build_gpt_model(model_cfg, config, vocab_size=256, max_tokens=512, impl="local", parallel=parallel).eval()
-    ctx = StepContext(SoLoPOConfig(mode="short_po"), parallel, local_attention=True, inplace_logits_backward=False)
+    ctx = StepContext(SoLoPOConfig(mode="short_po"), parallel, inplace_logits_backward=False)
 
     def sums(groups):
         mb = pack_microbatch(groups, ROLES, pad_multiple=2, pad_id=0, row_length=256)
-        mask = packed_attention_mask(mb.cu_seqlens_padded, 1, 0)
         with torch.no_grad():
-            logits = model(input_ids=mb.tokens[None], position_ids=mb.position_ids[None], attention_mask=mask,
+            logits = model(input_ids=mb.tokens[None], position_ids=mb.position_ids[None], attention_mask=None,
                            packed_seq_params=packed_seq_params(mb))
             return microbatch_sequence_logps(ctx, mb, logits)
 

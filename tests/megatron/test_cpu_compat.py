@@ -23,3 +23,30 @@ def test_moved_internals_fail_loudly():
     fake = types.ModuleType("megatron.core.tensor_parallel.random")
     with pytest.raises(cpu_compat.MegatronCompatError, match="no longer has _get_cuda_rng_state"):
         cpu_compat._required(fake, "_get_cuda_rng_state")
+
+
+def test_enabled_is_scoped_and_restores_what_it_patched():
+    """The layer is entered explicitly, nests, and leaves torch as it found it."""
+    import torch
+
+    import megatron.core.tensor_parallel.random as tp_random
+
+    if torch.cuda.is_available():
+        pytest.skip("a no-op on CUDA machines")
+    originals = (torch.cuda.current_device, torch.cuda.manual_seed, torch.Tensor.type, tp_random._get_cuda_rng_state)
+    assert not cpu_compat.is_enabled()
+    with cpu_compat.enabled():
+        assert torch.cuda.current_device() == torch.device("cpu")
+        assert torch.zeros(2, device="cuda").device.type == "cpu"  # literal CUDA allocations land on the CPU
+        with cpu_compat.enabled():  # nested: one installation
+            assert cpu_compat.is_enabled()
+        assert torch.cuda.current_device() == torch.device("cpu")
+        torch.cuda.manual_seed(7)  # reseeds the one CPU generator (documented in the module)
+        first = torch.rand(3)
+        torch.manual_seed(7)
+        assert torch.equal(first, torch.rand(3))
+    assert not cpu_compat.is_enabled()
+    assert (torch.cuda.current_device, torch.cuda.manual_seed, torch.Tensor.type,
+            tp_random._get_cuda_rng_state) == originals
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
+        torch.zeros(2, device="cuda")  # no CUDA here, and no redirection any more

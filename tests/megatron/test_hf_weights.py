@@ -14,12 +14,8 @@ import torch
 from distributed import run_distributed, megatron_on_cpu
 
 from solopo_megatron.recipe.schema import ModelSection
-from solopo_megatron.megatron.hf_weights import (
-    check_model_matches_hf,
-    hf_to_megatron_state_dict,
-    load_hf_state_dict,
-    model_section_from_hf_config,
-)
+from solopo_megatron.megatron.hf_weights import hf_to_megatron_state_dict, load_hf_state_dict
+from solopo_megatron.recipe.hf_config import check_model_matches_hf, model_section_from_hf_config
 
 TOKENS = 256  # long enough for llama3 rope scaling's low frequencies to move the logits
 VOCAB = 256

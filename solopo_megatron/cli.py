@@ -15,8 +15,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..objectives import MODES, SoLoPOConfig, required_roles
-from .errors import DataError
+from .objectives import MODES, SoLoPOConfig, required_roles
+from .data.errors import DataError
 
 
 def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _encoder(args):
-    from .tokenize import DEFAULT_PROMPT_TEMPLATE, LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+    from .data.tokenize import DEFAULT_PROMPT_TEMPLATE, LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
 
     limits = LengthLimits(args.max_short_length, args.max_long_length, args.truncate_long_context)
     fmt = PromptFormat(prompt_template=args.prompt_template or DEFAULT_PROMPT_TEMPLATE)
@@ -39,8 +39,8 @@ def _encoder(args):
 
 
 def cmd_validate(args) -> int:
-    from .dataset import encode_records
-    from .records import ReadReport, validate_file
+    from .data.dataset import encode_records
+    from .data.records import ReadReport, validate_file
 
     if args.tokenizer_check:
         encoder, roles = _encoder(args)
@@ -60,7 +60,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_synthetic(args) -> int:
-    from .synthetic import generate_synthetic_records, write_jsonl
+    from .data.synthetic import generate_synthetic_records, write_jsonl
 
     records = generate_synthetic_records(args.num_records, seed=args.seed, long_target_words=args.long_target_words)
     count = write_jsonl(records, args.out)
@@ -69,9 +69,9 @@ def cmd_synthetic(args) -> int:
 
 
 def cmd_build_long(args) -> int:
-    from .long_context import build_long_records, load_distractor_corpus
-    from .records import iter_records
-    from .tokenize import load_tokenizer
+    from .data.long_context import build_long_records, load_distractor_corpus
+    from .data.records import iter_records
+    from .data.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
 
@@ -120,9 +120,9 @@ def _read_short_record(line: str, path, n: int) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from .dataset import TokenizedDataset
-    from .loading import GlobalBatchSampler, step_microbatches
-    from .packing import pad_multiple_for
+    from .data.dataset import TokenizedDataset
+    from .data.loading import GlobalBatchSampler, step_microbatches
+    from .data.packing import pad_multiple_for
 
     encoder, roles = _encoder(args)
     dataset, report = TokenizedDataset.build(args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip")
@@ -148,7 +148,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_tiny_tokenizer(args) -> int:
-    from .tiny_tokenizer import main
+    from .data.tiny_tokenizer import main
 
     return main(["--out", str(args.out)])
 
