@@ -12,6 +12,8 @@ to the logits' dtype, optionally writing into the logits' own storage.
 
 No atomics: each token's statistics come from one program in a fixed order that depends only on the
 vocab size, so a sequence alone or packed among others gets bitwise the same log-probs.
+
+Imported only when a Triton path runs (see ``dispatch``); ``import solopo_kernels`` does not load it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import check_token_logprob_inputs
+from .common import check_token_logprob_inputs
+from .dispatch import TRITON_LOGPROBS_DTYPES, triton_interpret_enabled
+
+__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "backward_into", "forward_logprobs", "token_logprobs_triton"]
 
 # Decorating under TRITON_INTERPRET=1 makes these kernels run on CPU tensors (the CPU tests).
-INTERPRETED = bool(triton.knobs.runtime.interpret)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INTERPRETED = triton_interpret_enabled()
+SUPPORTED_DTYPES = TRITON_LOGPROBS_DTYPES
 
 
 @triton.jit

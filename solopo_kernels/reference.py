@@ -6,7 +6,7 @@ logits and the rest live on the other ranks of ``tp_group``.
 
 Memory: for backward it keeps a reference to the caller's ``logits`` (no copy), the labels and one
 fp32 log-sum-exp per token ([T]). Forward and backward work through row chunks so the fp32
-temporaries never exceed ``CHUNK_ELEMENTS`` elements, whatever T x V_local is; the gradient is
+temporaries never exceed ``common.CHUNK_ELEMENTS`` elements, whatever T x V_local is; the gradient is
 formed in fp32 per chunk and rounded once to the logits' dtype.
 """
 
@@ -16,60 +16,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Upper bound on the fp32 temporaries (elements) of one row chunk: 64 MiB.
-CHUNK_ELEMENTS = 1 << 24
+from .common import check_token_logprob_inputs, compute_dtype, group_size, owned_labels, row_chunks
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _group_size(group: dist.ProcessGroup | None) -> int:
-    if group is None:
-        return 1
-    return dist.get_world_size(group)
-
-
-def _row_chunks(num_rows: int, row_elements: int):
-    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
-    for start in range(0, num_rows, step):
-        yield slice(start, min(start + step, num_rows))
-
-
-def check_token_logprob_inputs(logits: Tensor, labels: Tensor) -> None:
-    """Shapes and dtypes shared by every token_logprobs implementation; ValueError naming the problem."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-
-
-def _owned_labels(labels: Tensor, vocab_start_index: int, local_vocab: int, ignore_index: int):
-    """(owned mask, safe local index): which tokens' labels live in this rank's vocab shard."""
-    local = labels - vocab_start_index
-    owned = (local >= 0) & (local < local_vocab) & (labels != ignore_index)
-    return owned, torch.where(owned, local, torch.zeros_like(local))
+__all__ = ["segment_sum_reference", "token_logprobs_reference"]
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index):
         num_tokens, local_vocab = logits.shape
-        dtype = _compute_dtype(logits.dtype)
-        owned, local_labels = _owned_labels(labels, vocab_start_index, local_vocab, ignore_index)
+        dtype = compute_dtype(logits.dtype)
+        owned, local_labels = owned_labels(labels, vocab_start_index, local_vocab, ignore_index)
         target = logits.gather(1, local_labels[:, None]).squeeze(1).to(dtype)
         target = torch.where(owned, target, torch.zeros_like(target))
 
         # The max is exact in any dtype, so it needs no fp32 copy of the logits.
         row_max = logits.amax(dim=1).to(dtype)
-        distributed = _group_size(tp_group) > 1
+        distributed = group_size(tp_group) > 1
         if distributed:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
 
         sum_exp = torch.empty(num_tokens, dtype=dtype, device=logits.device)
-        for rows in _row_chunks(num_tokens, local_vocab):
+        for rows in row_chunks(num_tokens, local_vocab):
             shifted = logits[rows].to(dtype) - row_max[rows, None]
             sum_exp[rows] = shifted.exp_().sum(dim=1)
         if distributed:
@@ -91,10 +59,10 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, labels, lse = ctx.saved_tensors
         num_tokens, local_vocab = logits.shape
-        owned, local_labels = _owned_labels(labels, ctx.vocab_start_index, local_vocab, ctx.ignore_index)
+        owned, local_labels = owned_labels(labels, ctx.vocab_start_index, local_vocab, ctx.ignore_index)
         grad_out = torch.where(labels != ctx.ignore_index, grad_out.to(lse.dtype), torch.zeros_like(lse))
         grad_logits = torch.empty_like(logits)
-        for rows in _row_chunks(num_tokens, local_vocab):
+        for rows in row_chunks(num_tokens, local_vocab):
             g = grad_out[rows]
             # d out / d logit_v = onehot(label) - softmax_v, formed in fp32 and rounded once.
             chunk = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(-g[:, None])

@@ -13,26 +13,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .reference import _group_size, _owned_labels, _row_chunks
+from .common import group_size, owned_labels, row_chunks
+
+__all__ = ["linear_token_logprobs"]
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start_index, tp_group, ignore_index):
         num_tokens, local_vocab = hidden.shape[0], weight.shape[0]
-        owned, local_labels = _owned_labels(labels, vocab_start_index, local_vocab, ignore_index)
+        owned, local_labels = owned_labels(labels, vocab_start_index, local_vocab, ignore_index)
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         row_max = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
         sum_exp = torch.empty_like(row_max)
         target = torch.empty_like(row_max)
         w = weight.to(dtype)
-        for rows in _row_chunks(num_tokens, local_vocab):
+        for rows in row_chunks(num_tokens, local_vocab):
             logits = hidden[rows].to(dtype) @ w.T
             row_max[rows] = logits.amax(dim=1)
             sum_exp[rows] = (logits - row_max[rows, None]).exp_().sum(dim=1)
             picked = logits.gather(1, local_labels[rows, None]).squeeze(1)
             target[rows] = torch.where(owned[rows], picked, torch.zeros_like(picked))
-        if _group_size(tp_group) > 1:
+        if group_size(tp_group) > 1:
             global_max = row_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
             stats = torch.stack([sum_exp * torch.exp(row_max - global_max), target])
@@ -50,13 +52,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
         num_tokens, local_vocab = hidden.shape[0], weight.shape[0]
-        owned, local_labels = _owned_labels(labels, ctx.vocab_start_index, local_vocab, ctx.ignore_index)
+        owned, local_labels = owned_labels(labels, ctx.vocab_start_index, local_vocab, ctx.ignore_index)
         dtype = lse.dtype
         g_all = torch.where(labels != ctx.ignore_index, grad_out.to(dtype), torch.zeros_like(lse))
         w = weight.to(dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        for rows in _row_chunks(num_tokens, local_vocab):
+        for rows in row_chunks(num_tokens, local_vocab):
             x = hidden[rows].to(dtype)
             g = g_all[rows]
             grad_logits = (x @ w.T - lse[rows, None]).exp_().mul_(-g[:, None])

@@ -1,0 +1,68 @@
+"""Helpers shared by the log-prob implementations: input checks, label ownership, row chunking.
+
+Pure torch (no Triton). ``CHUNK_ELEMENTS`` bounds the fp32 temporaries of the chunked pure-torch
+paths (the reference and the fused LM head); ``row_chunks`` reads it on every call, so tests may
+patch it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "check_token_logprob_inputs",
+    "compute_dtype",
+    "group_size",
+    "owned_labels",
+    "row_chunks",
+]
+
+# Upper bound on the fp32 temporaries (elements) of one row chunk: 64 MiB.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """World size of ``group``; 1 for None (single process)."""
+    if group is None:
+        return 1
+    return dist.get_world_size(group)
+
+
+def row_chunks(num_rows: int, row_elements: int) -> Iterator[slice]:
+    """Slices covering ``range(num_rows)`` whose rows hold at most ``CHUNK_ELEMENTS`` elements (at least one row)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def check_token_logprob_inputs(logits: Tensor, labels: Tensor) -> None:
+    """Shapes and dtypes shared by every token_logprobs implementation; ValueError naming the problem."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, V_local], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be [T] = [{logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def owned_labels(
+    labels: Tensor, vocab_start_index: int, local_vocab: int, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """(owned mask, safe local index): which tokens' labels live in this rank's vocab shard.
+
+    The local index is ``labels - vocab_start_index`` where owned and 0 elsewhere, so it can index
+    (gather, scatter) the shard's columns without going out of range.
+    """
+    local = labels - vocab_start_index
+    owned = (local >= 0) & (local < local_vocab) & (labels != ignore_index)
+    return owned, torch.where(owned, local, torch.zeros_like(local))
