@@ -2,6 +2,11 @@
 
 TRITON_INTERPRET must be set before any @triton.jit decoration, so it is set here, before the
 tests import the kernels; spawned gloo workers inherit it.
+
+The kernels' default backend (``backend=None``) is ``SOLOPO_KERNELS``, read once per process and
+cached (``solopo_kernels.dispatch.default_backend``). Every test starts and ends with that cache
+cleared, so a test (or a conftest below this one) that sets ``SOLOPO_KERNELS`` is obeyed in this
+process as well as in the ranks it spawns.
 """
 
 from __future__ import annotations
@@ -14,25 +19,39 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from triton_support import triton_runs_on_cpu  # noqa: E402  (after TRITON_INTERPRET is set)
+from triton_support import set_default_backend, triton_runs_on_cpu  # noqa: E402  (after TRITON_INTERPRET)
+
+from solopo_kernels.dispatch import default_backend  # noqa: E402
 
 IMPLEMENTATIONS = ("torch", "triton")
 
 
+@pytest.fixture(autouse=True)
+def fresh_default_backend():
+    """Clears the cached default backend around each test (see the module docstring)."""
+    default_backend.cache_clear()
+    yield
+    default_backend.cache_clear()
+
+
 @pytest.fixture()
 def cpu_triton(monkeypatch):
-    """Forces the Triton kernels for CPU tensors; skips where they cannot run (CUDA machines)."""
+    """Makes the Triton kernels the default for CPU tensors; skips where they cannot run (CUDA machines)."""
     if not triton_runs_on_cpu():
         pytest.skip("CPU tensors run Triton only in interpreter mode (machines without CUDA)")
-    monkeypatch.setenv("SOLOPO_KERNELS", "triton")
+    set_default_backend(monkeypatch, "triton")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 def kernel_impl(request, monkeypatch):
-    """Runs a test once with the pure-torch reference and once with the Triton kernels (CPU tensors)."""
+    """Runs a test once with the pure-torch reference and once with the Triton kernels (CPU tensors).
+
+    Sets the default backend, so calls that take no ``backend`` (e.g. ``sequence_logprobs``) use it;
+    returns its name for tests that pass ``backend=`` explicitly.
+    """
     if request.param == "triton" and not triton_runs_on_cpu():
         pytest.skip("CPU tensors run Triton only in interpreter mode (machines without CUDA)")
-    monkeypatch.setenv("SOLOPO_KERNELS", request.param)
+    set_default_backend(monkeypatch, request.param)
     return request.param
 
 

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from distributed import grid_groups, run_distributed
 
-import solopo_kernels.reference as reference
-from solopo_kernels import linear_token_logprobs
+from solopo_kernels import common, linear_token_logprobs
 
 IGNORE = -100
 
@@ -31,7 +30,7 @@ def _oracle(x, w, labels):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=str)
 def test_matches_float64_values_and_gradients(dtype, tol, monkeypatch):
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 7 * 50)  # several token chunks
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 7 * 50)  # several token chunks
     x, w, labels, grad = _inputs(23, 16, 50, dtype, seed=1)
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     out = linear_token_logprobs(xl, wl, labels, ignore_index=IGNORE)

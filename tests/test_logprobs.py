@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_support import set_default_backend
 
-import solopo_kernels.reference as reference
+from solopo_kernels import common, segment_sum
+from solopo_kernels.dispatch import default_backend, triton_interpret_enabled
 from solopo_megatron.data.cp_sharding import zigzag_indices
 from solopo_megatron.logprobs import sequence_logprobs, token_logprobs
 
@@ -70,22 +77,20 @@ def test_gradcheck_float64():
 
 
 def test_row_chunking_gives_identical_results(monkeypatch):
-    monkeypatch.setenv("SOLOPO_KERNELS", "torch")  # the reference's row chunks
     logits, labels, grad_out = random_inputs(50, 64, torch.float32, seed=4)
     results = []
     for chunk in (1 << 24, 64 * 3, 64):  # one chunk, 3 rows per chunk, one row per chunk
-        monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(common, "CHUNK_ELEMENTS", chunk)
         leaf = logits.clone().requires_grad_()
-        out = token_logprobs(leaf, labels, ignore_index=IGNORE)
+        out = token_logprobs(leaf, labels, ignore_index=IGNORE, backend="torch")  # the reference's row chunks
         out.backward(grad_out.float())
         results.append((out, leaf.grad))
     for out, grad in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_keeps_no_fp32_copy_of_the_logits(monkeypatch):
+def test_keeps_no_fp32_copy_of_the_logits():
     """Reference: saved for backward are the caller's logits (same storage), labels and an fp32 [T] lse."""
-    monkeypatch.setenv("SOLOPO_KERNELS", "torch")
     logits, labels, _ = random_inputs(32, 256, torch.bfloat16, seed=5)
     leaf = logits.clone().requires_grad_()
     saved = []
@@ -95,7 +100,7 @@ def test_keeps_no_fp32_copy_of_the_logits(monkeypatch):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_logprobs(leaf, labels, ignore_index=IGNORE)
+        token_logprobs(leaf, labels, ignore_index=IGNORE, backend="torch")
     big = [t for t in saved if t.numel() >= leaf.numel()]
     assert len(big) == 1 and big[0].data_ptr() == leaf.data_ptr() and big[0].dtype == torch.bfloat16
     assert all(t.numel() <= leaf.shape[0] for t in saved if t is not big[0])
@@ -225,9 +230,69 @@ def test_forced_triton_rejects_unsupported_dtype(cpu_triton, monkeypatch):
     logits, labels, _ = random_inputs(3, 5, torch.float64, seed=14)
     with pytest.raises(RuntimeError, match="does not take torch.float64"):
         token_logprobs(logits, labels)
-    monkeypatch.setenv("SOLOPO_KERNELS", "cuda")
+    set_default_backend(monkeypatch, "cuda")
     with pytest.raises(ValueError, match="SOLOPO_KERNELS must be one of auto, triton, torch"):
         token_logprobs(logits, labels)
+
+
+def test_backend_argument_overrides_the_default(monkeypatch):
+    """``backend=`` beats SOLOPO_KERNELS either way; fp64 shows which path ran (only Triton rejects it)."""
+    logits, labels, _ = random_inputs(3, 5, torch.float64, seed=17)
+    set_default_backend(monkeypatch, "torch")
+    expected = token_logprobs(logits, labels)
+    with pytest.raises(RuntimeError, match="'triton' backend"):
+        token_logprobs(logits, labels, backend="triton")  # forced, on fp64 (or, with CUDA, on a CPU tensor)
+    set_default_backend(monkeypatch, "triton")
+    assert torch.equal(token_logprobs(logits, labels, backend="torch"), expected)
+    assert torch.equal(token_logprobs(logits, labels, backend="auto"), expected)  # auto: fp64 -> reference
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, torch or None, got 'cuda'"):
+        token_logprobs(logits, labels, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        segment_sum(logits[:, 0], torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long), 1, backend="cuda")
+
+
+def test_default_backend_is_read_once(monkeypatch):
+    set_default_backend(monkeypatch, "torch")
+    assert default_backend() == "torch"
+    monkeypatch.setenv("SOLOPO_KERNELS", "triton")
+    assert default_backend() == "torch"  # cached: the variable is read once
+    default_backend.cache_clear()
+    assert default_backend() == "triton"
+    monkeypatch.delenv("SOLOPO_KERNELS")
+    default_backend.cache_clear()
+    assert default_backend() == "auto"
+
+
+def test_segment_sum_backends_agree(cpu_triton):
+    """Explicit backends on one input: Triton (the default here) and the reference, values and gradients."""
+    g = torch.Generator().manual_seed(18)
+    values = torch.randn(300, generator=g, dtype=torch.float64)
+    keep = torch.rand(300, generator=g) < 0.7
+    segments = torch.sort(torch.randint(-1, 6, (300,), generator=g)).values
+    results = {}
+    for backend in ("triton", "torch"):
+        leaf = values.clone().requires_grad_()
+        sums = segment_sum(leaf, keep, segments, 6, backend=backend)
+        sums.backward(torch.arange(6, dtype=torch.float64))
+        results[backend] = (sums.detach(), leaf.grad)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(results["triton"][1], results["torch"][1])
+
+
+def test_interpreter_flag_falls_back_to_the_environment(monkeypatch):
+    """Older Triton releases (no ``triton.knobs``) read TRITON_INTERPRET; so does the dispatch."""
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))  # an old Triton: no knobs
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpret_enabled() is expected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_interpret_enabled() is False
+
+
+def test_importing_the_package_does_not_import_triton():
+    code = "import sys, solopo_kernels, solopo_megatron.logprobs; assert 'triton' not in sys.modules"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SOLOPO_KERNELS": "triton"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 def test_masked_vocab_gives_finite_log_probs(kernel_impl):
@@ -264,7 +329,7 @@ def test_segment_sum_ignores_out_of_range_ids_forward_and_backward(kernel_impl):
 
 
 def test_segment_spans_handle_padding_and_empty_segments():
-    from solopo_kernels.segment_sum import segment_spans
+    from solopo_kernels.segmented_sum import segment_spans
 
     first, end = segment_spans(torch.tensor([-1, 0, 0, 2, 2, 2, -1, 7]), 4)
     assert first.tolist() == [1, 8, 3, 8] and end.tolist() == [3, 0, 6, 0]

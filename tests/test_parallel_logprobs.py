@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from distributed import grid_groups, run_distributed
 from packed_problems import make_packed_problem, run_sharded
-from triton_support import triton_runs_on_cpu
+from triton_support import set_default_backend, triton_runs_on_cpu
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
 from solopo_megatron.objectives import MODES, PREFERENCE_LOSSES, SoLoPOConfig
@@ -64,5 +64,5 @@ def _check_layout(rank: int, world_size: int, tp: int, cp: int, dtype_name: str,
 def test_layout_matches_one_process(monkeypatch, impl, tp, cp, dtype, local_vocab):
     if impl == "triton" and not triton_runs_on_cpu():
         pytest.skip("CPU tensors run Triton only in interpreter mode (machines without CUDA)")
-    monkeypatch.setenv("SOLOPO_KERNELS", impl)  # inherited by the spawned ranks
+    set_default_backend(monkeypatch, impl)  # SOLOPO_KERNELS, inherited by the spawned ranks
     run_distributed(_check_layout, tp * cp, tp, cp, dtype, local_vocab)
