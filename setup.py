@@ -9,7 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["solopo_megatron", "solopo_megatron.*", "solopo_kernels", "solopo_kernels.*"]),
+    packages=find_packages(
+        include=["solopo_megatron", "solopo_megatron.*", "solopo_kernels", "solopo_kernels.*"]
+    ),
     package_data={"solopo_megatron": ["assets/tiny-tokenizer/*"]},
     install_requires=[
         "torch>=2.4",
@@ -32,7 +34,8 @@ setup(
         ]
     },
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
+        # ruff and import-linter pinned: CI's lint must not change under a new release.
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib", "ruff==0.17.6", "import-linter==2.17"],
         # Optional, GPU-only accelerators; everything works without them.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         # Comparison baselines for benchmarks/kernels (Transformer Engine: the `gpu` extra).

@@ -88,7 +88,13 @@ def linear_token_logprobs(
     caller as for any column-parallel layer) and ``weight``.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [T, H] and weight [V_local, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [T, H] and weight [V_local, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be an integer tensor [T] = [{hidden.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
-    return _LinearTokenLogprobs.apply(hidden, weight, labels.long(), int(vocab_start_index), tp_group, int(ignore_index))
+        raise ValueError(
+            f"labels must be an integer tensor [T] = [{hidden.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
+        )
+    return _LinearTokenLogprobs.apply(
+        hidden, weight, labels.long(), int(vocab_start_index), tp_group, int(ignore_index)
+    )

@@ -136,7 +136,11 @@ def _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, s
 
 
 def forward_logprobs(
-    logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int, tp_group: dist.ProcessGroup | None
+    logits: Tensor,
+    labels: Tensor,
+    vocab_start_index: int,
+    ignore_index: int,
+    tp_group: dist.ProcessGroup | None,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs [T], log-sum-exp [T]), both fp32, over the vocab split across ``tp_group``.
 
@@ -238,5 +242,10 @@ def token_logprobs_triton(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return _TritonTokenLogprobs.apply(
-        logits, labels.contiguous(), int(vocab_start_index), tp_group, int(ignore_index), bool(inplace_backward)
+        logits,
+        labels.contiguous(),
+        int(vocab_start_index),
+        tp_group,
+        int(ignore_index),
+        bool(inplace_backward),
     )

@@ -1,10 +1,10 @@
 """``solopo-data``: build, validate and inspect SoLoPO data.
 
-    solopo-data synthetic --out train.jsonl --num-records 2000 --seed 0
-    solopo-data validate train.jsonl [--tokenizer tiny --max-long-length 4096]
-    solopo-data build-long short.jsonl --distractors docs/ --out long.jsonl --target-tokens 32768
-    solopo-data inspect train.jsonl --tokenizer tiny --max-tokens 4096 --cp 2
-    solopo-data tiny-tokenizer --out DIR
+solopo-data synthetic --out train.jsonl --num-records 2000 --seed 0
+solopo-data validate train.jsonl [--tokenizer tiny --max-long-length 4096]
+solopo-data build-long short.jsonl --distractors docs/ --out long.jsonl --target-tokens 32768
+solopo-data inspect train.jsonl --tokenizer tiny --max-tokens 4096 --cp 2
+solopo-data tiny-tokenizer --out DIR
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from .objectives import MODES, SoLoPOConfig, required_roles
 from .data.errors import DataError
+from .objectives import MODES, SoLoPOConfig, required_roles
 
 
 def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", default="tiny", help="'tiny' (bundled) or a local HF tokenizer directory")
+    parser.add_argument(
+        "--tokenizer", default="tiny", help="'tiny' (bundled) or a local HF tokenizer directory"
+    )
     parser.add_argument("--mode", choices=MODES, default="solopo")
     parser.add_argument("--align-rejected", action="store_true", help="SoLo-RA on both answers (4 sequences)")
     parser.add_argument("--max-short-length", type=int)
@@ -30,7 +32,13 @@ def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _encoder(args):
-    from .data.tokenize import DEFAULT_PROMPT_TEMPLATE, LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+    from .data.tokenize import (
+        DEFAULT_PROMPT_TEMPLATE,
+        LengthLimits,
+        PromptFormat,
+        SequenceEncoder,
+        load_tokenizer,
+    )
 
     limits = LengthLimits(args.max_short_length, args.max_long_length, args.truncate_long_context)
     fmt = PromptFormat(prompt_template=args.prompt_template or DEFAULT_PROMPT_TEMPLATE)
@@ -62,7 +70,9 @@ def cmd_validate(args) -> int:
 def cmd_synthetic(args) -> int:
     from .data.synthetic import generate_synthetic_records, write_jsonl
 
-    records = generate_synthetic_records(args.num_records, seed=args.seed, long_target_words=args.long_target_words)
+    records = generate_synthetic_records(
+        args.num_records, seed=args.seed, long_target_words=args.long_target_words
+    )
     count = write_jsonl(records, args.out)
     print(f"wrote {count} records to {args.out}")
     return 0
@@ -81,13 +91,23 @@ def cmd_build_long(args) -> int:
     paths = []
     for item in args.distractors:
         item = Path(item)
-        paths.extend(sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".jsonl")) if item.is_dir() else [item])
+        paths.extend(
+            sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".jsonl")) if item.is_dir() else [item]
+        )
     corpus = load_distractor_corpus(paths)
     # Short-context input: long_context may be absent or a placeholder, so read it leniently.
     records = (_read_short_record(line, args.input, n) for n, line in _numbered_lines(args.input))
-    built = build_long_records(records, corpus, count_tokens=count_tokens, target_tokens=args.target_tokens,
-                               compression_ratio=args.compression_ratio, depth_mode=args.depth_mode,
-                               depth=args.depth, num_depths=args.num_depths, seed=args.seed)
+    built = build_long_records(
+        records,
+        corpus,
+        count_tokens=count_tokens,
+        target_tokens=args.target_tokens,
+        compression_ratio=args.compression_ratio,
+        depth_mode=args.depth_mode,
+        depth=args.depth,
+        num_depths=args.num_depths,
+        seed=args.seed,
+    )
     count = 0
     with open(args.out, "w", encoding="utf-8") as handle:
         for record in built:
@@ -125,25 +145,39 @@ def cmd_inspect(args) -> int:
     from .data.packing import pad_multiple_for
 
     encoder, roles = _encoder(args)
-    dataset, report = TokenizedDataset.build(args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip")
+    dataset, report = TokenizedDataset.build(
+        args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip"
+    )
     print(report.summary())
     print(f"cache: {dataset.directory}")
     table = dataset.lengths()
     for r, role in enumerate(roles):
         lengths = table[:, r, 0]
         responses = lengths - table[:, r, 1]
-        print(f"{role:15s} tokens mean {statistics.fmean(lengths.tolist()):8.1f} max {int(lengths.max()):7d}"
-              f"   response tokens mean {statistics.fmean(responses.tolist()):6.1f}")
+        print(
+            f"{role:15s} tokens mean {statistics.fmean(lengths.tolist()):8.1f} max {int(lengths.max()):7d}"
+            f"   response tokens mean {statistics.fmean(responses.tolist()):6.1f}"
+        )
     multiple = pad_multiple_for(args.cp, args.tp, args.sequence_parallel)
     batch_size = min(args.global_batch_size, len(dataset))
     batch = GlobalBatchSampler(len(dataset), batch_size, seed=0).batch(0)
     pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else encoder.eos
-    mbs = step_microbatches(dataset, batch, roles, max_tokens=args.max_tokens, pad_multiple=multiple, pad_id=pad_id,
-                            dp_size=args.dp, dp_rank=0)
+    mbs = step_microbatches(
+        dataset,
+        batch,
+        roles,
+        max_tokens=args.max_tokens,
+        pad_multiple=multiple,
+        pad_id=pad_id,
+        dp_size=args.dp,
+        dp_rank=0,
+    )
     used = sum(int((mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).sum()) for mb in mbs)
-    print(f"first global batch ({batch_size} examples, dp={args.dp}, cp={args.cp}): {len(mbs)} microbatches of "
-          f"{args.max_tokens} tokens per DP rank; rank 0 fill {used / (len(mbs) * args.max_tokens):.0%}; "
-          f"{args.max_tokens // args.cp} tokens per CP rank")
+    print(
+        f"first global batch ({batch_size} examples, dp={args.dp}, cp={args.cp}): {len(mbs)} microbatches of "
+        f"{args.max_tokens} tokens per DP rank; rank 0 fill {used / (len(mbs) * args.max_tokens):.0%}; "
+        f"{args.max_tokens // args.cp} tokens per CP rank"
+    )
     return 0
 
 
@@ -154,15 +188,20 @@ def cmd_tiny_tokenizer(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="solopo-data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="solopo-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a JSONL file; lists every bad line")
     p.add_argument("file", type=Path)
     p.add_argument("--max-problems", type=int, default=50)
-    p.add_argument("--no-tokenizer-check", dest="tokenizer_check", action="store_false",
-                   help="schema only: skip tokenising and the length limits")
+    p.add_argument(
+        "--no-tokenizer-check",
+        dest="tokenizer_check",
+        action="store_false",
+        help="schema only: skip tokenising and the length limits",
+    )
     _add_tokenizer_args(p)
     p.set_defaults(func=cmd_validate)
 

@@ -228,8 +228,14 @@ def solopo_loss(
         for role, (s_extra, n_extra, ref_extra) in extra.items():
             s[role] = s_extra.to(dtype)
             mean[role] = s[role] / n_extra.to(dtype).clamp(min=1)
-            rewards.update(_rewards(cfg, {role: s[role]}, {role: mean[role]},
-                                    None if ref_extra is None else {role: ref_extra.to(dtype)}))
+            rewards.update(
+                _rewards(
+                    cfg,
+                    {role: s[role]},
+                    {role: mean[role]},
+                    None if ref_extra is None else {role: ref_extra.to(dtype)},
+                )
+            )
     for role in s:
         metrics[f"rewards/{role}"] = rewards[role]
         metrics[f"logps/{role}"] = s[role]
@@ -241,7 +247,9 @@ def solopo_loss(
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
-def _extra_roles(logps, num_tokens, ref_logps, required, batch) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+def _extra_roles(
+    logps, num_tokens, ref_logps, required, batch
+) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
     """Roles given beyond ``required`` with everything their reward needs (else ignored)."""
     extra = {}
     for role in ROLES:

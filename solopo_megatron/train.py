@@ -20,8 +20,11 @@ from .recipe.loading import load_config
 from .recipe.validation import validate_recipe
 
 # Expected on machines without Transformer Engine / Apex (CPU runs): megatron-core says so at import.
-EXPECTED_WARNINGS = (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
-                     r".*full scope is deprecated.*")
+EXPECTED_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*full scope is deprecated.*",
+)
 
 
 def _quiet_expected_warnings() -> None:
@@ -31,15 +34,27 @@ def _quiet_expected_warnings() -> None:
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="recipe YAML")
-    parser.add_argument("overrides", nargs="*",
-                        help="overrides: key=value (e.g. train.train_iters=50), +key=value, ++key=value, ~key")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="overrides: key=value (e.g. train.train_iters=50), +key=value, ++key=value, ~key",
+    )
     if prog == "solopo-train":
-        parser.add_argument("--dry-run", action="store_true",
-                            help="validate without GPUs and print the layout, lengths, microbatches, tokens and memory")
-        parser.add_argument("--world-size", type=int, default=None,
-                            help="dry run: GPUs to plan for (default: cluster.num_nodes x cluster.gpus_per_node)")
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="validate without GPUs and print the layout, lengths, microbatches, tokens and memory",
+        )
+        parser.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            help="dry run: GPUs to plan for (default: cluster.num_nodes x cluster.gpus_per_node)",
+        )
     return parser.parse_args(argv)
 
 

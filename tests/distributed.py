@@ -34,7 +34,9 @@ def run_distributed(fn: Callable, world_size: int, *args) -> None:
     ``fn`` must be importable by module name (define it at module level).
     """
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world_size, os.path.join(tmp, "store"), fn, args), nprocs=world_size, join=True)
+        mp.spawn(
+            _entry, args=(world_size, os.path.join(tmp, "store"), fn, args), nprocs=world_size, join=True
+        )
 
 
 def grid_groups(tp: int, cp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int, int]:

@@ -104,7 +104,11 @@ def run_sharded(
         logits, problem.labels[tokens], vocab_start_index=start, tp_group=tp_group, ignore_index=IGNORE_INDEX
     )
     sums = sequence_logprobs(
-        token_logps, problem.loss_mask[tokens], problem.segment_ids[tokens], problem.num_segments, cp_group=cp_group
+        token_logps,
+        problem.loss_mask[tokens],
+        problem.segment_ids[tokens],
+        problem.num_segments,
+        cp_group=cp_group,
     )
     by_role = sums.view(problem.batch, len(problem.roles))
     logps = {role: by_role[:, i] for i, role in enumerate(problem.roles)}

@@ -19,9 +19,13 @@ def _write(folder: Path, name: str, text: str) -> Path:
 
 @pytest.fixture
 def recipes(tmp_path: Path) -> Path:
-    _write(tmp_path, "base/model.yaml", "model:\n  num_layers: 4\n  hidden_size: 128\ntrain:\n  train_iters: 7\n")
+    _write(
+        tmp_path, "base/model.yaml", "model:\n  num_layers: 4\n  hidden_size: 128\ntrain:\n  train_iters: 7\n"
+    )
     _write(tmp_path, "base/loss.yaml", "solopo:\n  preference_loss: simpo\n  beta: 2.0\n")
-    _write(tmp_path, "child.yaml", "defaults:\n  - base/model\n  - base/loss.yaml\nmodel:\n  hidden_size: 256\n")
+    _write(
+        tmp_path, "child.yaml", "defaults:\n  - base/model\n  - base/loss.yaml\nmodel:\n  hidden_size: 256\n"
+    )
     return tmp_path
 
 
@@ -34,7 +38,9 @@ def test_defaults_are_inherited_and_the_file_wins(recipes: Path):
 
 
 def test_self_first_lets_the_defaults_win(recipes: Path):
-    path = _write(recipes, "self_first.yaml", "defaults:\n  - _self_\n  - base/model\nmodel:\n  num_layers: 12\n")
+    path = _write(
+        recipes, "self_first.yaml", "defaults:\n  - _self_\n  - base/model\nmodel:\n  num_layers: 12\n"
+    )
     assert load_config(path).model.num_layers == 4
 
 
@@ -44,12 +50,15 @@ def test_chained_defaults(recipes: Path):
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.train_iters) == (4, 256, 9)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("defaults: [missing]\n", r"child\.yaml: defaults: recipe .*missing\.yaml does not exist"),
-    ("defaults: [loop]\n", r"defaults form a cycle: loop\.yaml -> loop\.yaml"),
-    ("defaults:\n  - model: llama\n", r"defaults\[0\]: entries are recipe paths"),
-    ("defaults: base/model\n", r"defaults: must be a list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("defaults: [missing]\n", r"child\.yaml: defaults: recipe .*missing\.yaml does not exist"),
+        ("defaults: [loop]\n", r"defaults form a cycle: loop\.yaml -> loop\.yaml"),
+        ("defaults:\n  - model: llama\n", r"defaults\[0\]: entries are recipe paths"),
+        ("defaults: base/model\n", r"defaults: must be a list"),
+    ],
+)
 def test_bad_defaults_name_the_file(recipes: Path, text: str, message: str):
     name = "loop.yaml" if "loop" in text else "child.yaml"
     path = _write(recipes, name, text)
@@ -59,7 +68,9 @@ def test_bad_defaults_name_the_file(recipes: Path, text: str, message: str):
 
 def test_a_bad_key_in_a_base_names_that_file(recipes: Path):
     _write(recipes, "base/model.yaml", "model:\n  num_layer: 4\n")
-    with pytest.raises(ValueError, match=r"base/model\.yaml: Key 'num_layer' not in 'ModelSection'\. Did you mean"):
+    with pytest.raises(
+        ValueError, match=r"base/model\.yaml: Key 'num_layer' not in 'ModelSection'\. Did you mean"
+    ):
         load_config(recipes / "child.yaml")
 
 
@@ -77,7 +88,9 @@ def test_plain_override_sets_a_schema_key(recipes: Path):
 def test_plus_adds_only_keys_the_recipe_does_not_set(recipes: Path):
     cfg = load_config(recipes / "child.yaml", ["+model.num_query_groups=2"])
     assert cfg.model.num_query_groups == 2
-    with pytest.raises(ValueError, match=r"the recipe already sets model\.hidden_size; use model\.hidden_size=\.\.\."):
+    with pytest.raises(
+        ValueError, match=r"the recipe already sets model\.hidden_size; use model\.hidden_size=\.\.\."
+    ):
         load_config(recipes / "child.yaml", ["+model.hidden_size=64"])
     assert load_config(recipes / "child.yaml", ["++model.hidden_size=64"]).model.hidden_size == 64
     assert load_config(recipes / "child.yaml", ["++model.num_query_groups=2"]).model.num_query_groups == 2
@@ -92,13 +105,19 @@ def test_tilde_removes_the_recipe_value(recipes: Path):
         load_config(recipes / "child.yaml", ["~model.kv_channels"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.hiden_size=3", r"override 'model\.hiden_size=3': Key 'hiden_size' not in 'ModelSection'\. Did you mean"),
-    ("+model.hiden_size=3", r"Key 'hiden_size' not in 'ModelSection'"),
-    ("train.train_iters=many", r"(?s)override 'train\.train_iters=many'.*full_key: train\.train_iters"),
-    ("model.num_layers", r"expected key=value, \+key=value, \+\+key=value or ~key"),
-    ("+=3", r"expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.hiden_size=3",
+            r"override 'model\.hiden_size=3': Key 'hiden_size' not in 'ModelSection'\. Did you mean",
+        ),
+        ("+model.hiden_size=3", r"Key 'hiden_size' not in 'ModelSection'"),
+        ("train.train_iters=many", r"(?s)override 'train\.train_iters=many'.*full_key: train\.train_iters"),
+        ("model.num_layers", r"expected key=value, \+key=value, \+\+key=value or ~key"),
+        ("+=3", r"expected key=value"),
+    ],
+)
 def test_bad_overrides_name_the_override(recipes: Path, override: str, message: str):
     with pytest.raises(ValueError, match=message):
         load_config(recipes / "child.yaml", [override])

@@ -28,7 +28,9 @@ def _oracle(x, w, labels):
     return torch.where(labels == IGNORE, torch.zeros_like(picked), picked)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=str)
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=str
+)
 def test_matches_float64_values_and_gradients(dtype, tol, monkeypatch):
     monkeypatch.setattr(common, "CHUNK_ELEMENTS", 7 * 50)  # several token chunks
     x, w, labels, grad = _inputs(23, 16, 50, dtype, seed=1)
@@ -46,8 +48,10 @@ def test_matches_float64_values_and_gradients(dtype, tol, monkeypatch):
 
 def test_gradcheck():
     x, w, labels, _ = _inputs(5, 4, 7, torch.float64, seed=2)
-    assert torch.autograd.gradcheck(lambda a, b: linear_token_logprobs(a, b, labels, ignore_index=IGNORE),
-                                    (x.requires_grad_(), w.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: linear_token_logprobs(a, b, labels, ignore_index=IGNORE),
+        (x.requires_grad_(), w.requires_grad_()),
+    )
 
 
 def test_saves_no_logits():
@@ -67,11 +71,14 @@ def _tp_worker(rank: int, world_size: int) -> None:
     local = 40 // world_size
     xl = x.clone().requires_grad_()
     wl = w[tp_rank * local : (tp_rank + 1) * local].clone().requires_grad_()
-    out = linear_token_logprobs(xl, wl, labels, vocab_start_index=tp_rank * local, tp_group=tp_group,
-                                ignore_index=IGNORE)
+    out = linear_token_logprobs(
+        xl, wl, labels, vocab_start_index=tp_rank * local, tp_group=tp_group, ignore_index=IGNORE
+    )
     out.backward(grad)
     torch.testing.assert_close(out, _oracle(x, w, labels), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(wl.grad, wo.grad[tp_rank * local : (tp_rank + 1) * local], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        wl.grad, wo.grad[tp_rank * local : (tp_rank + 1) * local], rtol=1e-10, atol=1e-12
+    )
     dx = xl.grad.clone()
     torch.distributed.all_reduce(dx, group=tp_group)  # what the column-parallel LM head's backward does
     torch.testing.assert_close(dx, xo.grad, rtol=1e-10, atol=1e-12)

@@ -119,7 +119,10 @@ def test_vocab_start_index_shifts_label_ownership(kernel_impl):
     labels = torch.tensor([100, 105, 109, 99, 110, IGNORE])
     out = token_logprobs(logits, labels, vocab_start_index=100, ignore_index=IGNORE)
     lse = torch.logsumexp(logits, dim=1)
-    expected = torch.stack([logits[0, 0], logits[1, 5], logits[2, 9], torch.tensor(0.0), torch.tensor(0.0)]) - lse[:5]
+    expected = (
+        torch.stack([logits[0, 0], logits[1, 5], logits[2, 9], torch.tensor(0.0), torch.tensor(0.0)])
+        - lse[:5]
+    )
     torch.testing.assert_close(out[:5], expected)
     assert out[5] == 0 and out.dtype == torch.float32
 
@@ -248,7 +251,9 @@ def test_backend_argument_overrides_the_default(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of auto, triton, torch or None, got 'cuda'"):
         token_logprobs(logits, labels, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
-        segment_sum(logits[:, 0], torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long), 1, backend="cuda")
+        segment_sum(
+            logits[:, 0], torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long), 1, backend="cuda"
+        )
 
 
 def test_default_backend_is_read_once(monkeypatch):
@@ -324,7 +329,9 @@ def test_segment_sum_ignores_out_of_range_ids_forward_and_backward(kernel_impl):
     torch.testing.assert_close(sums, torch.tensor([1.0, 2.0]))
     sums.sum().backward()
     torch.testing.assert_close(values.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
-    empty = sequence_logprobs(values.detach(), torch.ones(4, dtype=torch.bool), torch.tensor([0, 1, 5, -1]), 0)
+    empty = sequence_logprobs(
+        values.detach(), torch.ones(4, dtype=torch.bool), torch.tensor([0, 1, 5, -1]), 0
+    )
     assert empty.shape == (0,)
 
 

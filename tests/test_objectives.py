@@ -20,7 +20,9 @@ from solopo_megatron.objectives import (
 
 # Every combination of the switches that changes the formula.
 CONFIGS = [
-    SoLoPOConfig(mode=mode, preference_loss=loss, solo_ra_chosen_only=chosen_only, solo_ra_distance=distance, **extra)
+    SoLoPOConfig(
+        mode=mode, preference_loss=loss, solo_ra_chosen_only=chosen_only, solo_ra_distance=distance, **extra
+    )
     for mode, loss, chosen_only, distance, extra in itertools.product(
         ("solopo", "short_po", "long_po"),
         ("dpo", "simpo", "orpo"),
@@ -79,8 +81,7 @@ def random_batch(batch: int, seed: int, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     num_tokens = {role: torch.randint(1, 60, (batch,), generator=g) for role in ROLES}
     logps = {
-        role: -(0.05 + 3 * torch.rand(batch, generator=g, dtype=dtype)) * num_tokens[role]
-        for role in ROLES
+        role: -(0.05 + 3 * torch.rand(batch, generator=g, dtype=dtype)) * num_tokens[role] for role in ROLES
     }
     ref = {role: logps[role] + torch.randn(batch, generator=g, dtype=dtype) * 4 for role in ROLES}
     return logps, num_tokens, ref
@@ -90,10 +91,16 @@ def test_hand_computed_dpo_solopo():
     # short: r_w = 0.1 * (-10 + 12) = 0.2, r_l = 0.1 * (-15 + 14) = -0.1, margin 0.3
     # long:  r_w = 0.1 * (-20 + 21) = 0.1; SoLo-RA = |0.2 - 0.1| = 0.1
     # loss = log(1 + exp(-0.3)) + 0.1 = 0.5543552 + 0.1
-    logps = {"short_chosen": torch.tensor([-10.0]), "short_rejected": torch.tensor([-15.0]),
-             "long_chosen": torch.tensor([-20.0])}
-    ref = {"short_chosen": torch.tensor([-12.0]), "short_rejected": torch.tensor([-14.0]),
-           "long_chosen": torch.tensor([-21.0])}
+    logps = {
+        "short_chosen": torch.tensor([-10.0]),
+        "short_rejected": torch.tensor([-15.0]),
+        "long_chosen": torch.tensor([-20.0]),
+    }
+    ref = {
+        "short_chosen": torch.tensor([-12.0]),
+        "short_rejected": torch.tensor([-14.0]),
+        "long_chosen": torch.tensor([-21.0]),
+    }
     n = {role: torch.tensor([5]) for role in logps}
     loss, metrics = solopo_loss(logps, n, SoLoPOConfig(), ref)
     assert loss.item() == pytest.approx(0.6543552, abs=1e-6)
@@ -199,7 +206,9 @@ def test_only_required_roles_enter_the_loss_extra_roles_add_metrics():
     loss_short, metrics = solopo_loss(short, n, cfg, ref)
     torch.testing.assert_close(loss_all, loss_short)
     assert not any("long" in key for key in metrics)
-    margin = 0.1 * ((logps["long_chosen"] - ref["long_chosen"]) - (logps["long_rejected"] - ref["long_rejected"]))
+    margin = 0.1 * (
+        (logps["long_chosen"] - ref["long_chosen"]) - (logps["long_rejected"] - ref["long_rejected"])
+    )
     torch.testing.assert_close(metrics_all["margin/long"], margin)
     loss_all.sum().backward()
     assert leaves["long_chosen"].grad is None or torch.all(leaves["long_chosen"].grad == 0)

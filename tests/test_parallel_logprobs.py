@@ -26,17 +26,31 @@ def _check_layout(rank: int, world_size: int, tp: int, cp: int, dtype_name: str,
         problem = make_packed_problem(cfg, seed=100 + i, dtype=dtype, vocab=local_vocab * tp)
         one = run_sharded(problem, cfg)
         mine = run_sharded(
-            problem, cfg, tp_size=tp, tp_rank=tp_rank, tp_group=tp_group, cp_size=cp, cp_rank=cp_rank, cp_group=cp_group
+            problem,
+            cfg,
+            tp_size=tp,
+            tp_rank=tp_rank,
+            tp_group=tp_group,
+            cp_size=cp,
+            cp_rank=cp_rank,
+            cp_group=cp_group,
         )
         tokens = zigzag_indices(problem.cu_seqlens, cp, cp_rank)
         local_vocab = problem.logits.shape[1] // tp
         columns = slice(tp_rank * local_vocab, (tp_rank + 1) * local_vocab)
         where = f"rank {rank} (tp {tp_rank}/{tp}, cp {cp_rank}/{cp}) {cfg}"
-        torch.testing.assert_close(mine.token_logps, one.token_logps[tokens], **tol, msg=lambda m: f"{where}: {m}")
-        torch.testing.assert_close(mine.sequence_sums, one.sequence_sums, **tol, msg=lambda m: f"{where}: {m}")
-        torch.testing.assert_close(mine.loss, one.loss, **tol, msg=lambda m: f"{where}: {m}")
         torch.testing.assert_close(
-            mine.grad_logits, one.grad_logits[tokens, columns], **tol, msg=lambda m: f"{where}: {m}"
+            mine.token_logps, one.token_logps[tokens], **tol, msg=lambda m, where=where: f"{where}: {m}"
+        )
+        torch.testing.assert_close(
+            mine.sequence_sums, one.sequence_sums, **tol, msg=lambda m, where=where: f"{where}: {m}"
+        )
+        torch.testing.assert_close(mine.loss, one.loss, **tol, msg=lambda m, where=where: f"{where}: {m}")
+        torch.testing.assert_close(
+            mine.grad_logits,
+            one.grad_logits[tokens, columns],
+            **tol,
+            msg=lambda m, where=where: f"{where}: {m}",
         )
         assert mine.grad_logits.dtype == dtype
         # The layout really split the work.

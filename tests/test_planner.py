@@ -19,8 +19,11 @@ from solopo_megatron.train import main
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "recipes" / "cluster"
 GOLDEN = Path(__file__).parent / "golden" / "dry_run"
-RECIPES = sorted(p.relative_to(CLUSTER) for p in CLUSTER.glob("*/*.yaml")
-                 if p.parent.name not in ("models", "layouts", "losses"))
+RECIPES = sorted(
+    p.relative_to(CLUSTER)
+    for p in CLUSTER.glob("*/*.yaml")
+    if p.parent.name not in ("models", "layouts", "losses")
+)
 MODELS = ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct")
 
 
@@ -33,7 +36,11 @@ def default_paths(monkeypatch):
 
 def test_every_combination_has_a_recipe():
     names = {p.name for p in RECIPES}
-    expected = {f"solopo-{loss}-{length}.yaml" for loss in ("dpo", "simpo", "orpo") for length in ("32k", "64k", "128k")}
+    expected = {
+        f"solopo-{loss}-{length}.yaml"
+        for loss in ("dpo", "simpo", "orpo")
+        for length in ("32k", "64k", "128k")
+    }
     expected |= {f"long_po-dpo-{length}.yaml" for length in ("32k", "64k", "128k")} | {"short_po-dpo.yaml"}
     for model in MODELS:
         assert {p.name for p in RECIPES if p.parent.name == model} == expected
@@ -70,7 +77,10 @@ def test_plan_is_consistent(recipe):
     assert plan.group_tokens <= ds.max_tokens and plan.groups_per_row >= 1
     assert plan.microbatches * plan.groups_per_row >= plan.examples_per_dp_rank
     assert plan.memory.total / 2**30 + 4 <= cfg.cluster.gpu_memory_gib, "the recipe does not fit its GPUs"
-    assert plan.parameters == {"qwen2.5-7b-instruct": 7_615_616_512, "llama-3.1-8b-instruct": 8_030_261_248}[recipe.parent.name]
+    assert (
+        plan.parameters
+        == {"qwen2.5-7b-instruct": 7_615_616_512, "llama-3.1-8b-instruct": 8_030_261_248}[recipe.parent.name]
+    )
     limit = {"32k": 32768, "64k": 65536, "128k": 131072}.get(recipe.stem.rsplit("-", 1)[-1])
     if limit is not None:
         assert ds.max_long_length == limit
@@ -79,8 +89,14 @@ def test_plan_is_consistent(recipe):
 
 
 def test_layouts_cover_tp_cp_and_pp():
-    layouts = {(c.model.tensor_model_parallel_size, c.model.context_parallel_size, c.model.pipeline_model_parallel_size)
-               for c in (load_config(CLUSTER / r) for r in RECIPES)}
+    layouts = {
+        (
+            c.model.tensor_model_parallel_size,
+            c.model.context_parallel_size,
+            c.model.pipeline_model_parallel_size,
+        )
+        for c in (load_config(CLUSTER / r) for r in RECIPES)
+    }
     assert any(tp > 1 for tp, _, _ in layouts) and any(cp > 1 for _, cp, _ in layouts)
     assert any(pp > 1 for _, _, pp in layouts)
 
@@ -89,13 +105,27 @@ def test_dry_run_reports_problems_and_overrides(capsys):
     recipe = str(CLUSTER / "qwen2.5-7b-instruct" / "solopo-dpo-32k.yaml")
     assert main(["--dry-run", "--config", recipe, "model.tensor_model_parallel_size=8"]) == 2
     err = capsys.readouterr().err
-    assert "num_attention_heads / num_query_groups: 28 / 4 must be divisible by tensor_model_parallel_size=8" in err
+    assert (
+        "num_attention_heads / num_query_groups: 28 / 4 must be divisible by tensor_model_parallel_size=8"
+        in err
+    )
     assert main(["--dry-run", "--config", recipe, "--world-size", "16"]) == 0
     out = capsys.readouterr().out
     assert "tp 2 x cp 4 x pp 1 x dp 2 = 16 GPUs" in out
     assert "64 examples / dp 2 = 32 per DP rank -> 32 microbatch(es)" in out
-    assert main(["--dry-run", "--config", recipe, "model.recompute_granularity=null",
-                 "optimizer.use_distributed_optimizer=false", "cluster.gpu_memory_gib=40"]) == 0
+    assert (
+        main(
+            [
+                "--dry-run",
+                "--config",
+                recipe,
+                "model.recompute_granularity=null",
+                "optimizer.use_distributed_optimizer=false",
+                "cluster.gpu_memory_gib=40",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert re.search(r"of 40 \(cluster\.gpu_memory_gib\): DOES NOT FIT", out)
     assert "warning: the estimate exceeds cluster.gpu_memory_gib" in out

@@ -49,12 +49,27 @@ def run_stage(stage: str, data: str, cache: str, max_tokens: int) -> dict:
             sampler = GlobalBatchSampler(len(dataset), 64, seed=0)
             microbatches = 0
             for step in range(sampler.steps_per_epoch):
-                microbatches += len(step_microbatches(dataset, sampler.batch(step), roles, max_tokens=max_tokens,
-                                                      pad_multiple=pad_multiple_for(2), pad_id=0, dp_size=1))
+                microbatches += len(
+                    step_microbatches(
+                        dataset,
+                        sampler.batch(step),
+                        roles,
+                        max_tokens=max_tokens,
+                        pad_multiple=pad_multiple_for(2),
+                        pad_id=0,
+                        dp_size=1,
+                    )
+                )
             count = sampler.steps_per_epoch * 64
     seconds = time.perf_counter() - start
-    return {"stage": stage, "records": count, "seconds": seconds, "records_per_s": count / seconds,
-            "peak_rss_MiB": _status_kib("VmHWM") / 1024, "rss_after_imports_MiB": baseline_kib / 1024}
+    return {
+        "stage": stage,
+        "records": count,
+        "seconds": seconds,
+        "records_per_s": count / seconds,
+        "peak_rss_MiB": _status_kib("VmHWM") / 1024,
+        "rss_after_imports_MiB": baseline_kib / 1024,
+    }
 
 
 def _status_kib(key: str) -> int:
@@ -68,7 +83,9 @@ def _status_kib(key: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 30_000, 100_000])
     parser.add_argument("--long-target-words", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8192)
@@ -82,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     from solopo_megatron.data.synthetic import generate_synthetic_records, write_jsonl
 
     # Record i depends only on (seed, i), so the smaller files are prefixes of the largest.
-    all_records = generate_synthetic_records(max(args.sizes), seed=0, long_target_words=args.long_target_words)
+    all_records = generate_synthetic_records(
+        max(args.sizes), seed=0, long_target_words=args.long_target_words
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -91,13 +110,28 @@ def main(argv: list[str] | None = None) -> int:
             file_mib = data.stat().st_size / 2**20
             cache = Path(tmp) / f"cache-{size}"
             for stage in STAGES:
-                cmd = [sys.executable, __file__, "--child", stage, str(data), str(cache), "--max-tokens", str(args.max_tokens)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    stage,
+                    str(data),
+                    str(cache),
+                    "--max-tokens",
+                    str(args.max_tokens),
+                ]
+                out = (
+                    subprocess.run(cmd, check=True, capture_output=True, text=True)
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 row = {"file_records": size, "file_MiB": round(file_mib, 1), **json.loads(out)}
                 results.append(row)
-                print(f"{size:7d} records ({file_mib:6.1f} MiB) {stage:9s} {row['records_per_s']:9.0f} records/s "
-                      f"peak RSS {row['peak_rss_MiB']:7.1f} MiB (after imports {row['rss_after_imports_MiB']:.1f})",
-                      flush=True)
+                print(
+                    f"{size:7d} records ({file_mib:6.1f} MiB) {stage:9s} {row['records_per_s']:9.0f} records/s "
+                    f"peak RSS {row['peak_rss_MiB']:7.1f} MiB (after imports {row['rss_after_imports_MiB']:.1f})",
+                    flush=True,
+                )
 
     report = {
         "benchmark": "data_pipeline",
@@ -105,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "settings": {"mode": "solopo", "tokenizer": "tiny", "long_target_words": args.long_target_words,
-                     "max_tokens": args.max_tokens, "global_batch_size": 64},
+        "settings": {
+            "mode": "solopo",
+            "tokenizer": "tiny",
+            "long_target_words": args.long_target_words,
+            "max_tokens": args.max_tokens,
+            "global_batch_size": 64,
+        },
         "results": results,
     }
     out = args.out or ROOT / "benchmarks" / "results" / "data-pipeline-cpu.json"
@@ -127,14 +166,22 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _commit() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
         return sha.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None

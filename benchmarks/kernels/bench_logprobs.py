@@ -32,7 +32,6 @@ if "--smoke" in sys.argv:  # must precede the first Triton import
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -228,20 +227,28 @@ def _versions() -> dict:
 
 def _commit() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
         return sha.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreted Triton")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), help="default: all that import")
     parser.add_argument("--tokens", nargs="+", type=int, help=f"default {FULL_TOKENS}")
     parser.add_argument("--vocabs", nargs="+", type=int, help=f"default {FULL_VOCABS}")
-    parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/logprobs-<device>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="results JSON (default benchmarks/results/logprobs-<device>.json)"
+    )
     args = parser.parse_args(argv)
 
     device = "cpu" if args.smoke else "cuda"
@@ -251,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     vocabs = args.vocabs or ((512,) if args.smoke else FULL_VOCABS)
     providers = args.providers or (SMOKE_PROVIDERS if args.smoke else tuple(PROVIDERS))
     tp_group = _single_rank_group(device)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
+    device_name = (
+        torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
+    )
 
     report = {
         "benchmark": "token_logprobs",
@@ -282,19 +291,30 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     rows = measure(name, fn, in_place, t, v, device)
                 except torch.OutOfMemoryError:
-                    report["skipped"].append({"provider": name, "tokens": t, "vocab_local": v, "reason": "out of memory"})
+                    report["skipped"].append(
+                        {"provider": name, "tokens": t, "vocab_local": v, "reason": "out of memory"}
+                    )
                     print(f"{name:34s} T={t:6d} V={v:6d}: out of memory", flush=True)
                     rows = []
                 except Exception as error:  # noqa: BLE001
-                    report["skipped"].append({"provider": name, "tokens": t, "vocab_local": v, "reason": repr(error)})
+                    report["skipped"].append(
+                        {"provider": name, "tokens": t, "vocab_local": v, "reason": repr(error)}
+                    )
                     print(f"{name:34s} T={t:6d} V={v:6d}: error {error!r}", flush=True)
                     rows = []
                 for r in rows:
                     r["fraction_of_copy_bandwidth"] = r["GBps"] / copy_bw if copy_bw else None
                     report["results"].append(r)
                     frac = f" ({r['fraction_of_copy_bandwidth']:.0%} of copy)" if copy_bw else ""
-                    mem = f", extra {r['extra_bytes_per_token']:.1f} B/token" if r["extra_bytes_per_token"] is not None else ""
-                    print(f"{name:34s} T={t:6d} V={v:6d} {r['mode']:8s} {r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s{frac}{mem}", flush=True)
+                    mem = (
+                        f", extra {r['extra_bytes_per_token']:.1f} B/token"
+                        if r["extra_bytes_per_token"] is not None
+                        else ""
+                    )
+                    print(
+                        f"{name:34s} T={t:6d} V={v:6d} {r['mode']:8s} {r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s{frac}{mem}",
+                        flush=True,
+                    )
                 if device == "cuda":
                     torch.cuda.empty_cache()
 

@@ -38,8 +38,10 @@ def table(report: dict) -> str:
     for tokens, vocab in shapes:
         for mode in ("fwd+bwd", "fwd"):
             ours = by_key.get((OURS, tokens, vocab, mode))
-            for r in sorted((r for r in rows if (r["tokens"], r["vocab_local"], r["mode"]) == (tokens, vocab, mode)),
-                            key=lambda r: r["ms"]):
+            for r in sorted(
+                (r for r in rows if (r["tokens"], r["vocab_local"], r["mode"]) == (tokens, vocab, mode)),
+                key=lambda r: r["ms"],
+            ):
                 speedup = None if ours is None or r["provider"] == OURS else r["ms"] / ours["ms"]
                 lines.append(
                     f"| {tokens} | {vocab} | {mode} | {r['provider']} | {r['ms']:.3f} | {r['GBps']:.0f} | "
@@ -81,7 +83,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("results", type=Path)
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args(argv)

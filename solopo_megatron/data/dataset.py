@@ -90,7 +90,9 @@ class TokenizedDataset:
         size = np.dtype(dtype).itemsize
         data = os.pread(self._fds[name], size * count, size * offset)
         if len(data) != size * count:
-            raise DataError(f"{self.directory / name}: truncated cache file (delete the folder to rebuild it)")
+            raise DataError(
+                f"{self.directory / name}: truncated cache file (delete the folder to rebuild it)"
+            )
         return np.frombuffer(data, dtype=dtype)
 
     def index_rows(self, i: int) -> np.ndarray:
@@ -108,14 +110,18 @@ class TokenizedDataset:
 
     def lengths(self) -> np.ndarray:
         """[N, R, 2] int64 (sequence length, response start), read in one pass (for inspection)."""
-        rows = np.fromfile(self.directory / "index.bin", dtype=np.int64).reshape(len(self), len(self.roles), 3)
+        rows = np.fromfile(self.directory / "index.bin", dtype=np.int64).reshape(
+            len(self), len(self.roles), 3
+        )
         return rows[:, :, 1:3]
 
     def padded_length(self, i: int, pad_multiple: int) -> int:
         lengths = self.index_rows(i)[:, 1]
         return int(padded_sequence_length(lengths, pad_multiple).sum())
 
-    def group(self, i: int, roles: Sequence[str] | None = None, ref_store: ReferenceStore | None = None) -> Group:
+    def group(
+        self, i: int, roles: Sequence[str] | None = None, ref_store: ReferenceStore | None = None
+    ) -> Group:
         roles = tuple(roles or self.roles)
         rows = self.index_rows(i)
         sequences = {}
@@ -153,15 +159,26 @@ class TokenizedDataset:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            num_tokens = _write_cache_files(tmp, encode_records(path, encoder, roles, on_error=on_error, report=report),
-                                            roles, progress, f"tokenising {path}")
+            num_tokens = _write_cache_files(
+                tmp,
+                encode_records(path, encoder, roles, on_error=on_error, report=report),
+                roles,
+                progress,
+                f"tokenising {path}",
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         meta = {
-            "cache_version": CACHE_VERSION, "fingerprint": fingerprint, "source": str(path), "roles": list(roles),
-            "num_examples": report.num_records, "num_tokens": num_tokens, "num_skipped": report.num_skipped,
-            "num_truncated": encoder.num_truncated, "problems": [dataclasses.asdict(p) for p in report.problems],
+            "cache_version": CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "source": str(path),
+            "roles": list(roles),
+            "num_examples": report.num_records,
+            "num_tokens": num_tokens,
+            "num_skipped": report.num_skipped,
+            "num_truncated": encoder.num_truncated,
+            "problems": [dataclasses.asdict(p) for p in report.problems],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -174,8 +191,12 @@ class TokenizedDataset:
 def _write_cache_files(directory: Path, stream, roles, progress: bool, description: str) -> int:
     """Appends each example's token ids, index rows and id to the cache files; returns the token count."""
     num_tokens = id_bytes = 0
-    with open(directory / "tokens.bin", "wb") as tokens, open(directory / "index.bin", "wb") as index, \
-            open(directory / "id_index.bin", "wb") as id_index, open(directory / "ids.bin", "wb") as ids:
+    with (
+        open(directory / "tokens.bin", "wb") as tokens,
+        open(directory / "index.bin", "wb") as index,
+        open(directory / "id_index.bin", "wb") as id_index,
+        open(directory / "ids.bin", "wb") as ids,
+    ):
         for record, sequences in _with_progress(stream, progress, description):
             rows = np.zeros((len(roles), 3), dtype=np.int64)
             for r, role in enumerate(roles):

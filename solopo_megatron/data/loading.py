@@ -30,7 +30,9 @@ class GlobalBatchSampler:
         if self.global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.num_examples < self.global_batch_size:
-            raise ValueError(f"{self.num_examples} examples cannot fill one global batch of {self.global_batch_size}")
+            raise ValueError(
+                f"{self.num_examples} examples cannot fill one global batch of {self.global_batch_size}"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -73,7 +75,13 @@ def step_microbatches(
         else:
             groups, valid = [dummy_group(roles, pad_multiple, pad_id)], [False]
         out.append(
-            pack_microbatch(groups, roles, pad_multiple=pad_multiple, pad_id=pad_id,
-                            row_length=max_tokens if pad_to_max_tokens else None, valid=valid)
+            pack_microbatch(
+                groups,
+                roles,
+                pad_multiple=pad_multiple,
+                pad_id=pad_id,
+                row_length=max_tokens if pad_to_max_tokens else None,
+                valid=valid,
+            )
         )
     return out

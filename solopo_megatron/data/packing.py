@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .records import ROLES
 from .cp_sharding import zigzag_indices
+from .records import ROLES
 from .tokenize import EncodedSequence
 
 IGNORE_INDEX = -100
@@ -215,7 +215,11 @@ def _first_fit_least_loaded(order, lengths, capacity, num_bins):
     loads = [0] * num_bins
     bins: list[list[int]] = [[] for _ in range(num_bins)]
     for i in order:
-        best = min((b for b in range(num_bins) if loads[b] + lengths[i] <= capacity), key=lambda b: (loads[b], b), default=None)
+        best = min(
+            (b for b in range(num_bins) if loads[b] + lengths[i] <= capacity),
+            key=lambda b: (loads[b], b),
+            default=None,
+        )
         if best is None:
             return None
         loads[best] += lengths[i]

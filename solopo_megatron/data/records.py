@@ -27,7 +27,6 @@ from typing import Any
 # API (DESIGN section 3) names it and which sits below the data layer; everything above the math imports
 # it from here.
 from ..objectives import ROLES as ROLES
-
 from .errors import DataError, Problem
 
 TEXT_FIELDS = ("id", "question", "short_context", "long_context", "chosen", "rejected")
@@ -87,7 +86,12 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
     for name, kind in OPTIONAL_FIELDS.items():
         if name in obj and obj[name] is not None and not isinstance(obj[name], kind):
             problems.append(
-                Problem(path, line, name, f"must be a {'string' if kind is str else 'JSON object'}, got {type(obj[name]).__name__}")
+                Problem(
+                    path,
+                    line,
+                    name,
+                    f"must be a {'string' if kind is str else 'JSON object'}, got {type(obj[name]).__name__}",
+                )
             )
     if problems:
         return None, problems
@@ -98,7 +102,12 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
         if piece not in long_context:
             preview = piece if len(piece) <= 60 else piece[:57] + "..."
             problems.append(
-                Problem(path, line, "long_context", f"does not contain evidence piece {i} of short_context: {preview!r}")
+                Problem(
+                    path,
+                    line,
+                    "long_context",
+                    f"does not contain evidence piece {i} of short_context: {preview!r}",
+                )
             )
     if obj["chosen"] == obj["rejected"]:
         problems.append(Problem(path, line, "rejected", "identical to chosen"))
@@ -164,7 +173,9 @@ class ReadReport:
         return text
 
 
-def iter_records(path: str | Path, *, on_error: str = "raise", report: ReadReport | None = None) -> Iterator[Record]:
+def iter_records(
+    path: str | Path, *, on_error: str = "raise", report: ReadReport | None = None
+) -> Iterator[Record]:
     """Streams the valid records of a JSONL file.
 
     on_error: ``raise`` stops at the first bad line with a DataError naming file, line and field;
@@ -195,18 +206,34 @@ def iter_records(path: str | Path, *, on_error: str = "raise", report: ReadRepor
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    fail([Problem(path, line_number, None, f"not valid UTF-8 (byte {error.start} of the line)")])
+                    fail(
+                        [
+                            Problem(
+                                path, line_number, None, f"not valid UTF-8 (byte {error.start} of the line)"
+                            )
+                        ]
+                    )
                     continue
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as error:
-                    fail([Problem(path, line_number, None, f"invalid JSON: {error.msg} at column {error.colno}")])
+                    fail(
+                        [
+                            Problem(
+                                path, line_number, None, f"invalid JSON: {error.msg} at column {error.colno}"
+                            )
+                        ]
+                    )
                     continue
                 record, problems = check_record(obj, path, line_number)
                 if record is not None:
                     first = seen.add(record.id, line_number)
                     if first is not None:
-                        problems = [Problem(path, line_number, "id", f"duplicate id {record.id!r} (first on line {first})")]
+                        problems = [
+                            Problem(
+                                path, line_number, "id", f"duplicate id {record.id!r} (first on line {first})"
+                            )
+                        ]
                         record = None
                 if problems:
                     fail(problems)

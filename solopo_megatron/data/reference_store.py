@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .records import ROLES
 from .errors import DataError
+from .records import ROLES
 
 FORMAT = "solopo-ref-logps"
 VERSION = 1
@@ -61,7 +61,9 @@ class ReferenceStore:
             )
         missing = [role for role in roles if role not in entry]
         if missing:
-            raise DataError(f"{self.path}: example id {example_id!r} has no reference log-prob for {', '.join(missing)}")
+            raise DataError(
+                f"{self.path}: example id {example_id!r} has no reference log-prob for {', '.join(missing)}"
+            )
         return {role: entry[role] for role in roles}
 
     def __len__(self) -> int:
@@ -71,8 +73,13 @@ class ReferenceStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        header = {"format": FORMAT, "version": VERSION, "roles": list(self.roles),
-                  "data_fingerprint": self.data_fingerprint, "info": self.info}
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "roles": list(self.roles),
+            "data_fingerprint": self.data_fingerprint,
+            "info": self.info,
+        }
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(header) + "\n")
             for example_id in sorted(self.values):
@@ -99,7 +106,9 @@ def read_store_header(path: str | Path, *, data_fingerprint: str | None = None) 
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise DataError(f"{path}:1: not a reference log-prob store (expected format {FORMAT!r})")
     if header.get("version") != VERSION:
-        raise DataError(f"{path}:1: field 'version': store version {header.get('version')!r}, this code reads {VERSION}")
+        raise DataError(
+            f"{path}:1: field 'version': store version {header.get('version')!r}, this code reads {VERSION}"
+        )
     roles = tuple(header.get("roles") or ())
     if not roles or any(role not in ROLES for role in roles):
         raise DataError(f"{path}:1: field 'roles': expected a non-empty subset of {ROLES}, got {list(roles)}")
@@ -131,6 +140,8 @@ def load_reference_store(path: str | Path, *, data_fingerprint: str | None = Non
                 raise DataError(f"{path}:{line_number}: field 'id': missing or not a string")
             for role, value in entry.items():
                 if role not in roles or not isinstance(value, (int, float)):
-                    raise DataError(f"{path}:{line_number}: field {role!r}: not a role of this store or not a number")
+                    raise DataError(
+                        f"{path}:{line_number}: field {role!r}: not a role of this store or not a number"
+                    )
             store.values[example_id] = {role: _as_fp32(value) for role, value in entry.items()}
     return store

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .records import ROLES
 from .errors import DataError
-from .records import Record, evidence_pieces
+from .records import ROLES, Record, evidence_pieces
 
 DEFAULT_PROMPT_TEMPLATE = "{context}\n\nQuestion: {question}"
 _MAX_TRUNCATION_ROUNDS = 64
@@ -68,14 +67,18 @@ def load_tokenizer(name_or_path: str):
 
         name_or_path = str(TINY_TOKENIZER_DIR)
     if not Path(name_or_path).is_dir():
-        raise DataError(f"tokenizer: {name_or_path!r} is not a directory (use 'tiny' or a local tokenizer folder)")
+        raise DataError(
+            f"tokenizer: {name_or_path!r} is not a directory (use 'tiny' or a local tokenizer folder)"
+        )
     return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever tokenisation could: vocabulary/merges, template and special tokens."""
     parts: dict[str, Any] = {
-        "backend": tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer),
+        "backend": tokenizer.backend_tokenizer.to_str()
+        if hasattr(tokenizer, "backend_tokenizer")
+        else repr(tokenizer),
         "chat_template": getattr(tokenizer, "chat_template", None),
         "bos": tokenizer.bos_token_id,
         "eos": tokenizer.eos_token_id,
@@ -102,7 +105,9 @@ class SequenceEncoder:
         system = record.system if record.system is not None else self.fmt.system
         user = self.fmt.prompt_template.format(context=context, question=record.question)
         if getattr(self.tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user}
+            ]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return self._text_ids(text)
         text = self.fmt.plain_template.format(system=f"{system}\n\n" if system else "", user=user)
@@ -111,7 +116,10 @@ class SequenceEncoder:
 
     def encode_group(self, record: Record, roles: tuple[str, ...] = ROLES) -> dict[str, EncodedSequence]:
         """role -> EncodedSequence for the requested roles; over-long -> DataError (or truncation)."""
-        responses = {"chosen": self._text_ids(record.chosen) + [self.eos], "rejected": self._text_ids(record.rejected) + [self.eos]}
+        responses = {
+            "chosen": self._text_ids(record.chosen) + [self.eos],
+            "rejected": self._text_ids(record.rejected) + [self.eos],
+        }
         out = {}
         for kind in ("short", "long"):
             wanted = [role for role in roles if role.startswith(kind)]
@@ -133,7 +141,9 @@ class SequenceEncoder:
         if kind == "short" or not self.limits.truncate_long_context:
             hint = "" if kind == "short" else " (or set truncate_long_context to cut distractor text)"
             raise DataError.at(
-                record.path, record.line, field,
+                record.path,
+                record.line,
+                field,
                 f"sequence of {len(prompt) + response_tokens} tokens exceeds max_{kind}_length={limit}{hint}",
             )
         for _ in range(_MAX_TRUNCATION_ROUNDS):
@@ -147,7 +157,9 @@ class SequenceEncoder:
             context = shorter
             prompt = self.prompt_ids(record, context)
         raise DataError.at(
-            record.path, record.line, field,
+            record.path,
+            record.line,
+            field,
             f"cannot fit max_long_length={limit} by cutting distractor text: evidence, question and "
             f"response alone need {len(prompt) + response_tokens} tokens",
         )
@@ -155,7 +167,9 @@ class SequenceEncoder:
 
 def _distractor_spans(context: str, evidence: list[str]) -> list[tuple[int, int]]:
     """Character spans of ``context`` outside every evidence occurrence (first occurrence each)."""
-    protected = sorted((start, start + len(piece)) for piece in evidence if (start := context.find(piece)) >= 0)
+    protected = sorted(
+        (start, start + len(piece)) for piece in evidence if (start := context.find(piece)) >= 0
+    )
     spans, cursor = [], 0
     for start, end in protected:
         if start > cursor:

@@ -54,7 +54,9 @@ def sequence_spans(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> lis
         whole = [0, end - begin]  # the sequence alone: positions relative to its start
         query_positions = zigzag_indices(whole, cp_size, cp_rank)
         key_positions = torch.cat([zigzag_indices(whole, cp_size, r) for r in range(cp_size)])
-        key_rows = torch.cat([torch.arange(r * local_tokens + start, r * local_tokens + stop) for r in range(cp_size)])
+        key_rows = torch.cat(
+            [torch.arange(r * local_tokens + start, r * local_tokens + stop) for r in range(cp_size)]
+        )
         spans.append(SequenceSpan(start, stop, key_rows, key_positions[None, :] <= query_positions[:, None]))
     return spans
 
@@ -104,19 +106,38 @@ def _flash_varlen():
 class PackedCoreAttention(MegatronModule):
     """Drop-in ``core_attention`` submodule for THD-packed sequences with optional context parallelism."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
-                 softmax_scale=None, pg_collection=None, **kwargs):
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type="self",
+        cp_comm_type=None,
+        softmax_scale=None,
+        pg_collection=None,
+        **kwargs,
+    ):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         if config.context_parallel_size > 1 and getattr(pg_collection, "cp", None) is None:
-            raise ValueError("PackedCoreAttention with context parallelism needs pg_collection.cp (megatron-core "
-                             ">= 0.16 passes the model's ProcessGroupCollection to its core attention)")
+            raise ValueError(
+                "PackedCoreAttention with context parallelism needs pg_collection.cp (megatron-core "
+                ">= 0.16 passes the model's ProcessGroupCollection to its core attention)"
+            )
         self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.dropout = config.attention_dropout
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> Tensor:
         if attention_bias is not None:
             raise NotImplementedError("PackedCoreAttention does not take an attention bias")
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
@@ -124,30 +145,55 @@ class PackedCoreAttention(MegatronModule):
             if self.cp_group is not None:
                 raise NotImplementedError("context parallelism needs packed (THD) inputs")
             s, b = query.shape[:2]
-            out = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-                               mask=None, causal=True)
+            out = self._attend(
+                query.permute(1, 2, 0, 3),
+                key.permute(1, 2, 0, 3),
+                value.permute(1, 2, 0, 3),
+                mask=None,
+                causal=True,
+            )
             return out.permute(2, 0, 1, 3).reshape(s, b, -1)
         # THD: [t, heads, d] -> [1, heads, t, d]
         cp = self.cp_group is not None and dist.get_world_size(self.cp_group) > 1
         flash = _flash_varlen() if query.is_cuda and not cp else None
         if flash is not None:
-            cu = packed_seq_params.cu_seqlens_q_padded if packed_seq_params.cu_seqlens_q_padded is not None \
+            cu = (
+                packed_seq_params.cu_seqlens_q_padded
+                if packed_seq_params.cu_seqlens_q_padded is not None
                 else packed_seq_params.cu_seqlens_q
-            out = flash(query, key, value, cu, cu, packed_seq_params.max_seqlen_q, packed_seq_params.max_seqlen_kv,
-                        dropout_p=self.dropout if self.training else 0.0, softmax_scale=self._scale(query), causal=True)
+            )
+            out = flash(
+                query,
+                key,
+                value,
+                cu,
+                cu,
+                packed_seq_params.max_seqlen_q,
+                packed_seq_params.max_seqlen_kv,
+                dropout_p=self.dropout if self.training else 0.0,
+                softmax_scale=self._scale(query),
+                causal=True,
+            )
             return out.reshape(out.shape[0], -1)
         if cp:
             key = _AllGatherTokens.apply(key, self.cp_group)
             value = _AllGatherTokens.apply(value, self.cp_group)
-        cp_size, cp_rank = (dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)) if cp else (1, 0)
+        cp_size, cp_rank = (
+            (dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)) if cp else (1, 0)
+        )
         outputs = []
         for span in sequence_spans(packed_seq_params.cu_seqlens_q_padded, cp_size, cp_rank):
             rows = slice(span.start, span.end)
             k = key[span.key_rows] if span.key_rows is not None else key[rows]
             v = value[span.key_rows] if span.key_rows is not None else value[rows]
             mask = span.mask.to(query.device) if span.mask is not None else None
-            out = self._attend(query[rows].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                               mask=mask, causal=mask is None)
+            out = self._attend(
+                query[rows].transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                mask=mask,
+                causal=mask is None,
+            )
             outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs).reshape(query.shape[0], -1)
 
@@ -161,6 +207,11 @@ class PackedCoreAttention(MegatronModule):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self._scale(q),
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self._scale(q),
             dropout_p=self.dropout if self.training else 0.0,
         )

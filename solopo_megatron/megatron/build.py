@@ -25,11 +25,22 @@ class ModelAndOptimizer:
         return self.chunks[0].config
 
 
-def build_model_and_optimizer(cfg: RecipeConfig, parallel: ParallelState, vocab_size: int, max_tokens: int, *,
-                              init_state: dict | None = None, pretrained_hf: str | None = None) -> ModelAndOptimizer:
+def build_model_and_optimizer(
+    cfg: RecipeConfig,
+    parallel: ParallelState,
+    vocab_size: int,
+    max_tokens: int,
+    *,
+    init_state: dict | None = None,
+    pretrained_hf: str | None = None,
+) -> ModelAndOptimizer:
     """This rank's DDP-wrapped model chunk, optimizer and scheduler; initial weights from ``init_state``
     (a full state dict), else from a Hugging Face directory, else Megatron's initialisation."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -58,9 +69,17 @@ def build_model_and_optimizer(cfg: RecipeConfig, parallel: ParallelState, vocab_
     o = cfg.optimizer
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
-            params_dtype=config.params_dtype, use_distributed_optimizer=o.use_distributed_optimizer,
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=o.use_distributed_optimizer,
         ),
         chunks,
     )

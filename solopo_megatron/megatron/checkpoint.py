@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..recipe.errors import RecipeError
 from .build import ModelAndOptimizer
 from .parallel import ParallelState
-from ..recipe.errors import RecipeError
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -54,8 +54,9 @@ def _metadata(distributed_optimizer: bool) -> dict | None:
     return None
 
 
-def _sharded_state_dict(state: ModelAndOptimizer, parallel: ParallelState, *, distributed_optimizer: bool,
-                        is_loading: bool) -> dict:
+def _sharded_state_dict(
+    state: ModelAndOptimizer, parallel: ParallelState, *, distributed_optimizer: bool, is_loading: bool
+) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     model_sd = state.chunks[0].module.sharded_state_dict()
@@ -68,8 +69,9 @@ def _sharded_state_dict(state: ModelAndOptimizer, parallel: ParallelState, *, di
         rng.update(cuda=torch.cuda.get_rng_state(), tracker=get_cuda_rng_tracker().get_states())
     return {
         "model": model_sd,
-        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                        metadata=_metadata(distributed_optimizer)),
+        "optimizer": state.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_metadata(distributed_optimizer)
+        ),
         "rng": ShardedObject("rng_state", rng, (parallel.world_size,), (parallel.rank,), replica_id=0),
     }
 
@@ -85,8 +87,15 @@ def _initialise_optimizer_state(optimizer) -> None:
             state.setdefault("step", torch.tensor(0.0))
 
 
-def save_checkpoint(root: str | Path, step: int, state: ModelAndOptimizer, parallel: ParallelState, *,
-                    distributed_optimizer: bool, keep_last: int | None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    state: ModelAndOptimizer,
+    parallel: ParallelState,
+    *,
+    distributed_optimizer: bool,
+    keep_last: int | None,
+) -> Path:
     """Saves model, optimizer, scheduler and per-rank RNG as ``root/iter_<step>`` (atomically: written
     as ``.tmp`` and renamed once every rank is done), updates ``latest`` and prunes to ``keep_last``.
     Collective: every rank calls it. Returns the checkpoint's directory."""
@@ -99,9 +108,16 @@ def save_checkpoint(root: str | Path, step: int, state: ModelAndOptimizer, paral
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    sharded = _sharded_state_dict(state, parallel, distributed_optimizer=distributed_optimizer, is_loading=False)
-    sharded["common"] = {"step": step, "scheduler": state.scheduler.state_dict(), "world_size": parallel.world_size,
-                         "layout": parallel.sizes, "distributed_optimizer": distributed_optimizer}
+    sharded = _sharded_state_dict(
+        state, parallel, distributed_optimizer=distributed_optimizer, is_loading=False
+    )
+    sharded["common"] = {
+        "step": step,
+        "scheduler": state.scheduler.state_dict(),
+        "world_size": parallel.world_size,
+        "layout": parallel.sizes,
+        "distributed_optimizer": distributed_optimizer,
+    }
     dist_checkpointing.save(sharded, str(tmp))
     _fault_injection("kill_during_save", step)
     dist.barrier()
@@ -150,18 +166,27 @@ def _check_reshard(common: dict, now: dict[str, int], distributed_optimizer: boo
             f"checkpoint.load: {path} holds distributed-optimizer state saved with tensor_model_parallel_size="
             f"{saved['tp']}, pipeline_model_parallel_size={saved['pp']}; this run has {now['tp']}, {now['pp']}. "
             "That state reshards across data (and context) parallel sizes only: resume with the saved tp/pp, "
-            "or with optimizer.use_distributed_optimizer=false")
+            "or with optimizer.use_distributed_optimizer=false"
+        )
 
 
-def load_checkpoint(path: Path, state: ModelAndOptimizer, parallel: ParallelState, *, distributed_optimizer: bool,
-                    log: Callable[[str], None]) -> int:
+def load_checkpoint(
+    path: Path,
+    state: ModelAndOptimizer,
+    parallel: ParallelState,
+    *,
+    distributed_optimizer: bool,
+    log: Callable[[str], None],
+) -> int:
     """Restores model, optimizer, scheduler and (same layout) RNG into ``state``; returns the step to
     resume after. Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))["common"]
     _check_reshard(common, parallel.sizes, distributed_optimizer, path)
-    sharded = _sharded_state_dict(state, parallel, distributed_optimizer=distributed_optimizer, is_loading=True)
+    sharded = _sharded_state_dict(
+        state, parallel, distributed_optimizer=distributed_optimizer, is_loading=True
+    )
     same_layout = common.get("layout", {}) == parallel.sizes
     if not same_layout:  # per-rank RNG states do not map onto another layout
         del sharded["rng"]
@@ -180,9 +205,14 @@ def load_checkpoint(path: Path, state: ModelAndOptimizer, parallel: ParallelStat
             torch.cuda.set_rng_state(rng["cuda"])
             get_cuda_rng_tracker().set_states(rng["tracker"])
     else:
-        saved = " x ".join(f"{k} {v}" for k, v in common.get("layout", {}).items()) or f"world {common.get('world_size')}"
-        log(f"resharded from layout {saved}: model and optimizer state restored, per-rank RNG states not "
-            "(they belong to the old ranks)")
+        saved = (
+            " x ".join(f"{k} {v}" for k, v in common.get("layout", {}).items())
+            or f"world {common.get('world_size')}"
+        )
+        log(
+            f"resharded from layout {saved}: model and optimizer state restored, per-rank RNG states not "
+            "(they belong to the old ranks)"
+        )
     return int(common["step"])
 
 

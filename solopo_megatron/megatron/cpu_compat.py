@@ -139,9 +139,14 @@ def _install() -> None:
 
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         name = plain_type(self, dtype, non_blocking, **kwargs)
-        if dtype is None and not kwargs and _called_from_megatron() and name.startswith("torch.") \
-                and not name.startswith("torch.cuda."):
-            return "torch.cuda." + name[len("torch."):]
+        if (
+            dtype is None
+            and not kwargs
+            and _called_from_megatron()
+            and name.startswith("torch.")
+            and not name.startswith("torch.cuda.")
+        ):
+            return "torch.cuda." + name[len("torch.") :]
         return name
 
     torch.cuda.current_device = lambda: _CPU
@@ -173,9 +178,22 @@ def _tp_random():
 
 
 # (owner, attribute) pairs the layer replaces; owners are callables so megatron is imported lazily.
-_PATCHED = [(lambda: torch.cuda, name) for name in ("current_device", "synchronize", "empty_cache", "get_rng_state",
-                                                    "set_rng_state", "manual_seed")]
-_PATCHED += [(_tp_random, "_get_cuda_rng_state"), (_tp_random, "_set_cuda_rng_state"), (lambda: torch.Tensor, "type")]
+_PATCHED = [
+    (lambda: torch.cuda, name)
+    for name in (
+        "current_device",
+        "synchronize",
+        "empty_cache",
+        "get_rng_state",
+        "set_rng_state",
+        "manual_seed",
+    )
+]
+_PATCHED += [
+    (_tp_random, "_get_cuda_rng_state"),
+    (_tp_random, "_set_cuda_rng_state"),
+    (lambda: torch.Tensor, "type"),
+]
 _saved: list = []
 _modes: list = []
 _depth = 0

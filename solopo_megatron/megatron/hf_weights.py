@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..recipe.errors import RecipeError
 from ..recipe.hf_config import check_model_matches_hf, effective_value
 from ..recipe.schema import ModelSection
-from ..recipe.errors import RecipeError
 
 # HF keys that hold no weights (older checkpoints store RoPE's inverse frequencies).
 _IGNORED_HF_KEY = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -81,30 +81,39 @@ def _cat_gate_up(gate: Tensor, up: Tensor) -> Tensor:
 def _plan(model: ModelSection, fused_norms: bool, padded_vocab: int | None) -> dict[str, _Conversion]:
     """Megatron key -> conversion, for the whole model (norm names: TE's fused ones or the local spec's)."""
     hidden, ffn = model.hidden_size, model.ffn_hidden_size
-    heads, groups, head_dim = (effective_value(model, key) for key in ("num_attention_heads", "num_query_groups",
-                                                                    "kv_channels"))
+    heads, groups, head_dim = (
+        effective_value(model, key) for key in ("num_attention_heads", "num_query_groups", "kv_channels")
+    )
     q_rows, kv_rows = heads * head_dim, groups * head_dim
     attn_norm = "self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight"
     mlp_norm = "mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight"
     vocab_rows = pad_rows(padded_vocab)
-    plan = {"embedding.word_embeddings.weight": _Conversion(("model.embed_tokens.weight",), ((None, hidden),),
-                                                            vocab_rows)}
+    plan = {
+        "embedding.word_embeddings.weight": _Conversion(
+            ("model.embed_tokens.weight",), ((None, hidden),), vocab_rows
+        )
+    }
     for i in range(model.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
         qkv = tuple(f"{attn}{p}_proj." for p in "qkv")
         plan[mg + attn_norm] = _Conversion((hf + "input_layernorm.weight",), ((hidden,),), _keep)
         plan[mg + "self_attention.linear_qkv.weight"] = _Conversion(
-            tuple(p + "weight" for p in qkv), ((q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden)),
-            _fuse_qkv(groups))
+            tuple(p + "weight" for p in qkv),
+            ((q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden)),
+            _fuse_qkv(groups),
+        )
         if model.add_qkv_bias:
             plan[mg + "self_attention.linear_qkv.bias"] = _Conversion(
-                tuple(p + "bias" for p in qkv), ((q_rows,), (kv_rows,), (kv_rows,)), _fuse_qkv(groups))
+                tuple(p + "bias" for p in qkv), ((q_rows,), (kv_rows,), (kv_rows,)), _fuse_qkv(groups)
+            )
         plan[mg + "self_attention.linear_proj.weight"] = _Conversion(
-            (attn + "o_proj.weight",), ((hidden, q_rows),), _keep)
+            (attn + "o_proj.weight",), ((hidden, q_rows),), _keep
+        )
         plan[mg + mlp_norm] = _Conversion((hf + "post_attention_layernorm.weight",), ((hidden,),), _keep)
         plan[mg + "mlp.linear_fc1.weight"] = _Conversion(
-            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), ((ffn, hidden), (ffn, hidden)), _cat_gate_up)
+            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), ((ffn, hidden), (ffn, hidden)), _cat_gate_up
+        )
         plan[mg + "mlp.linear_fc2.weight"] = _Conversion((mlp + "down_proj.weight",), ((hidden, ffn),), _keep)
     plan["decoder.final_layernorm.weight"] = _Conversion(("model.norm.weight",), ((hidden,),), _keep)
     if not model.share_embeddings_and_output_weights:
@@ -141,9 +150,11 @@ def _check_keys(
     unused = sorted(k for k in hf_state if k not in used and not _IGNORED_HF_KEY.search(k))
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-        raise RecipeError(f"{source} has tensors the model has no place for: {', '.join(unused[:5])}{more} "
-                         "(do num_layers, add_qkv_bias or share_embeddings_and_output_weights differ "
-                         "from the checkpoint?)")
+        raise RecipeError(
+            f"{source} has tensors the model has no place for: {', '.join(unused[:5])}{more} "
+            "(do num_layers, add_qkv_bias or share_embeddings_and_output_weights differ "
+            "from the checkpoint?)"
+        )
 
 
 def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) -> Tensor:
@@ -153,8 +164,10 @@ def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) 
         fits = tensor.dim() == len(shape) and all(w is None or w == h for w, h in zip(shape, tensor.shape))
         if not fits:
             expected = tuple("*" if s is None else s for s in shape)
-            raise RecipeError(f"shape mismatch: HF {hf_key} is {tuple(tensor.shape)}, but Megatron {key} "
-                             f"needs {expected} for this model section")
+            raise RecipeError(
+                f"shape mismatch: HF {hf_key} is {tuple(tensor.shape)}, but Megatron {key} "
+                f"needs {expected} for this model section"
+            )
         tensors.append(tensor)
     return conversion.combine(*tensors)
 
@@ -162,8 +175,10 @@ def _convert(key: str, conversion: _Conversion, hf_state: Mapping[str, Tensor]) 
 def _check_tied_copy(hf_state: Mapping[str, Tensor], model: ModelSection) -> None:
     if model.share_embeddings_and_output_weights and "lm_head.weight" in hf_state:
         if not torch.equal(hf_state["lm_head.weight"], hf_state["model.embed_tokens.weight"]):
-            raise RecipeError("model.share_embeddings_and_output_weights is set but the checkpoint's "
-                             "lm_head.weight differs from model.embed_tokens.weight")
+            raise RecipeError(
+                "model.share_embeddings_and_output_weights is set but the checkpoint's "
+                "lm_head.weight differs from model.embed_tokens.weight"
+            )
 
 
 class _LazyStateDict(Mapping[str, Tensor]):
@@ -291,8 +306,10 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     for path in paths:
         files.update(dict.fromkeys(torch.load(path, map_location="cpu", mmap=True, weights_only=True), path))
     if not files:
-        raise FileNotFoundError(f"no Hugging Face weights in {directory}: expected *.safetensors "
-                                "(or model.safetensors.index.json), or pytorch_model*.bin")
+        raise FileNotFoundError(
+            f"no Hugging Face weights in {directory}: expected *.safetensors "
+            "(or model.safetensors.index.json), or pytorch_model*.bin"
+        )
     return files
 
 
@@ -320,7 +337,9 @@ def load_hf_weights_into(
 
     problems = check_model_matches_hf(model_section, directory)
     if problems:
-        raise RecipeError(f"the model does not match {directory}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise RecipeError(
+            f"the model does not match {directory}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     gpt = _unwrap(model)
     names = set(_global_layer_names(gpt).values())
     full = _lazy_megatron_state(load_hf_state_dict(directory), model_section, names, gpt.vocab_size, None)

@@ -45,27 +45,66 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
     datasets: list[TokenizedDataset | None] = []
     for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
         if (parallel.rank == 0) == rank_turn:
-            train, _ = TokenizedDataset.build(train_path, encoder, roles, cache_dir=cache_dir(cfg),
-                                              on_error=ds.on_error, progress=parallel.rank == 0)
+            train, _ = TokenizedDataset.build(
+                train_path,
+                encoder,
+                roles,
+                cache_dir=cache_dir(cfg),
+                on_error=ds.on_error,
+                progress=parallel.rank == 0,
+            )
             # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
-            valid = TokenizedDataset.build(valid_path, encoder, ROLES, cache_dir=cache_dir(cfg), on_error=ds.on_error,
-                                           progress=parallel.rank == 0)[0] if valid_path else None
+            valid = (
+                TokenizedDataset.build(
+                    valid_path,
+                    encoder,
+                    ROLES,
+                    cache_dir=cache_dir(cfg),
+                    on_error=ds.on_error,
+                    progress=parallel.rank == 0,
+                )[0]
+                if valid_path
+                else None
+            )
             datasets = [train, valid]
         dist.barrier()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
-    return Data(datasets[0], datasets[1], roles, pad_id, model_vocab_size(cfg, len(tokenizer)), multiple, ds.max_tokens)
+    return Data(
+        datasets[0],
+        datasets[1],
+        roles,
+        pad_id,
+        model_vocab_size(cfg, len(tokenizer)),
+        multiple,
+        ds.max_tokens,
+    )
 
 
-def step_batches(data: Data, dataset: TokenizedDataset, indices: Sequence[int], roles: Sequence[str],
-                 parallel: ParallelState, store: ReferenceStore | None) -> list[Microbatch]:
+def step_batches(
+    data: Data,
+    dataset: TokenizedDataset,
+    indices: Sequence[int],
+    roles: Sequence[str],
+    parallel: ParallelState,
+    store: ReferenceStore | None,
+) -> list[Microbatch]:
     """This rank's microbatches for one global batch: planned for its DP rank, sharded for its CP rank.
 
     Rows are padded to ``dataset.max_tokens`` only under pipeline parallelism (its stages exchange
     fixed-shape activations); otherwise a row ends with its last sequence, so no compute goes to padding.
     """
-    mbs = step_microbatches(dataset, indices, roles, max_tokens=data.max_tokens, pad_multiple=data.pad_multiple,
-                            pad_id=data.pad_id, dp_size=parallel.dp, dp_rank=parallel.dp_rank, ref_store=store,
-                            pad_to_max_tokens=parallel.pp > 1)
+    mbs = step_microbatches(
+        dataset,
+        indices,
+        roles,
+        max_tokens=data.max_tokens,
+        pad_multiple=data.pad_multiple,
+        pad_id=data.pad_id,
+        dp_size=parallel.dp,
+        dp_rank=parallel.dp_rank,
+        ref_store=store,
+        pad_to_max_tokens=parallel.pp > 1,
+    )
     return [shard_microbatch(mb, parallel.cp, parallel.cp_rank).to(parallel.device) for mb in mbs]

@@ -14,7 +14,9 @@ from ..recipe.schema import LoggerSection
 
 
 class MetricWriters:
-    def __init__(self, logger: LoggerSection, run_config: dict[str, Any], *, enabled: bool, resumed_step: int = 0):
+    def __init__(
+        self, logger: LoggerSection, run_config: dict[str, Any], *, enabled: bool, resumed_step: int = 0
+    ):
         self.enabled = enabled
         self.metrics_file = logger.metrics_file if enabled else None
         self.tensorboard = None
@@ -25,13 +27,20 @@ class MetricWriters:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote after its last checkpoint.
-            self.tensorboard = SummaryWriter(logger.tensorboard_dir, purge_step=resumed_step + 1 if resumed_step else None)
+            self.tensorboard = SummaryWriter(
+                logger.tensorboard_dir, purge_step=resumed_step + 1 if resumed_step else None
+            )
         if logger.wandb_project:
             import wandb
 
-            self.wandb_run = wandb.init(project=logger.wandb_project, name=logger.wandb_run_name,
-                                        mode=logger.wandb_mode, config=run_config, resume="allow",
-                                        id=logger.wandb_run_id)
+            self.wandb_run = wandb.init(
+                project=logger.wandb_project,
+                name=logger.wandb_run_name,
+                mode=logger.wandb_mode,
+                config=run_config,
+                resume="allow",
+                id=logger.wandb_run_id,
+            )
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
@@ -40,8 +49,12 @@ class MetricWriters:
             with open(self.metrics_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
         step = int(entry["step"])
-        scalars = {f"{part}/{name}": value for part in ("train", "eval") for name, value in entry.get(part, {}).items()
-                   if isinstance(value, (int, float)) and math.isfinite(value)}
+        scalars = {
+            f"{part}/{name}": value
+            for part in ("train", "eval")
+            for name, value in entry.get(part, {}).items()
+            if isinstance(value, (int, float)) and math.isfinite(value)
+        }
         if self.tensorboard is not None:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, step)
@@ -54,4 +67,3 @@ class MetricWriters:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
-

@@ -18,7 +18,9 @@ from .parallel import ParallelState
 
 TRAIN_KEYS = ("loss", "po_loss", "solo_ra_loss", "accuracy/short", "solo_ra_gap/chosen", "grad_norm", "lr")
 EVAL_KEYS = ("loss", "accuracy/short", "accuracy/long", "margin/long")
-REWARD_CHECK_ULPS = 64  # slack over fp32's unit roundoff: the two passes may pack rows (and round) differently
+REWARD_CHECK_ULPS = (
+    64  # slack over fp32's unit roundoff: the two passes may pack rows (and round) differently
+)
 
 
 def reduce_reports(reports: list[dict], parallel: ParallelState) -> dict[str, float]:
@@ -34,14 +36,19 @@ def reduce_reports(reports: list[dict], parallel: ParallelState) -> dict[str, fl
     return {name: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
 
 
-def step_work(mbs: list[Microbatch], model: ModelSection, padded_vocab: int, parallel: ParallelState) -> dict[str, float]:
+def step_work(
+    mbs: list[Microbatch], model: ModelSection, padded_vocab: int, parallel: ParallelState
+) -> dict[str, float]:
     """The step's real (unpadded) tokens, every role's prompt and response, and its model FLOPs, over all DP ranks.
 
     Sequence lengths are global (not CP shards), so every CP and TP rank of a replica counts the same.
     """
     lengths = [length for mb in mbs for length in (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist()]
-    work = torch.tensor([sum(lengths), training_flops(model, padded_vocab, lengths)], dtype=torch.float64,
-                        device=parallel.device)
+    work = torch.tensor(
+        [sum(lengths), training_flops(model, padded_vocab, lengths)],
+        dtype=torch.float64,
+        device=parallel.device,
+    )
     if parallel.dp_group is not None:
         dist.all_reduce(work, group=parallel.dp_group)
     return {"tokens": work[0].item(), "flops": work[1].item()}
@@ -107,8 +114,10 @@ def reward_check_message(metrics: dict[str, float], beta: float) -> str:
     largest_sum = max((abs(v) for k, v in metrics.items() if k.startswith("logps/")), default=1.0)
     bound = beta * max(largest_sum, 1.0) * REWARD_CHECK_ULPS * 2.0**-24
     verdict = "within" if worst <= bound else "ABOVE (the reference store does not match these weights)"
-    return (f"reward check: policy == reference before the first update, so rewards must be ~0: "
-            f"max |mean reward| = {worst:.3g}, {verdict} the fp32 rounding bound {bound:.3g}")
+    return (
+        f"reward check: policy == reference before the first update, so rewards must be ~0: "
+        f"max |mean reward| = {worst:.3g}, {verdict} the fp32 rounding bound {bound:.3g}"
+    )
 
 
 def format_metrics(metrics: dict[str, float], keys: Sequence[str]) -> str:

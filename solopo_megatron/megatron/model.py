@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..recipe.errors import RecipeError
 from ..recipe.schema import ModelSection
 from ..recipe.sizing import padded_vocab_size
-from ..recipe.errors import RecipeError
 
 
 def transformer_engine_available() -> bool:
@@ -24,7 +24,9 @@ def transformer_engine_available() -> bool:
 
 def resolve_transformer_impl(model: ModelSection) -> str:
     if model.transformer_impl == "auto":
-        return "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
+        return (
+            "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
+        )
     if model.transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise RecipeError("model.transformer_impl: transformer_engine is not importable here")
     return model.transformer_impl
@@ -68,7 +70,8 @@ def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
-        use_cpu_initialization=model.use_cpu_initialization if model.use_cpu_initialization is not None
+        use_cpu_initialization=model.use_cpu_initialization
+        if model.use_cpu_initialization is not None
         else not torch.cuda.is_available(),
         calculate_per_token_loss=True,
         variable_seq_lengths=False,
@@ -81,7 +84,9 @@ def layer_spec(model: ModelSection, impl: str):
 
         return get_gpt_layer_with_transformer_engine_spec()
     if model.sequence_parallel:
-        raise RecipeError("model.sequence_parallel needs the Transformer Engine layer spec (its norms support it)")
+        raise RecipeError(
+            "model.sequence_parallel needs the Transformer Engine layer spec (its norms support it)"
+        )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from .attention import PackedCoreAttention

@@ -117,7 +117,11 @@ def init_parallel_state(model: ModelSection, seed: int) -> ParallelState:
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     return ParallelState(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
@@ -130,7 +134,9 @@ def init_parallel_state(model: ModelSection, seed: int) -> ParallelState:
         cp_rank=parallel_state.get_context_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
-        groups=ProcessGroupCollection.use_mpu_process_groups(["tp", "pp", "cp", "dp", "dp_cp", "embd", "pos_embd"]),
+        groups=ProcessGroupCollection.use_mpu_process_groups(
+            ["tp", "pp", "cp", "dp", "dp_cp", "embd", "pos_embd"]
+        ),
     )
 
 

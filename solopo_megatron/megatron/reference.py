@@ -19,11 +19,11 @@ import torch.distributed as dist
 from ..data.dataset import TokenizedDataset
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore, load_reference_store
+from ..recipe.errors import RecipeError
 from ..recipe.schema import RecipeConfig
 from ..recipe.sources import REFERENCE_COPY, combined_fingerprint, resolve_reference_store
 from .inputs import Data, step_batches
 from .step import StepContext, run_schedule
-from ..recipe.errors import RecipeError
 
 
 def reference_fingerprint(data: Data) -> str:
@@ -43,8 +43,9 @@ def reference_store_path(cfg: RecipeConfig, data: Data) -> Path:
     return path
 
 
-def compute_reference_store(ctx: StepContext, chunks: list, data: Data, *, batch_size: int, path: str | Path,
-                            fingerprint: str) -> ReferenceStore:
+def compute_reference_store(
+    ctx: StepContext, chunks: list, data: Data, *, batch_size: int, path: str | Path, fingerprint: str
+) -> ReferenceStore:
     """Per-sequence log-prob sums of the current weights over ``reference_datasets(data)``, written to
     ``path`` (by the logging replica's last stage) and loaded back on every rank."""
     parallel = ctx.parallel
@@ -80,8 +81,9 @@ def compute_reference_store(ctx: StepContext, chunks: list, data: Data, *, batch
     return load_reference_store(path, data_fingerprint=fingerprint)
 
 
-def ensure_reference_store(cfg: RecipeConfig, ctx: StepContext, chunks: list, data: Data,
-                           log: Callable[[str], None]) -> ReferenceStore | None:
+def ensure_reference_store(
+    cfg: RecipeConfig, ctx: StepContext, chunks: list, data: Data, log: Callable[[str], None]
+) -> ReferenceStore | None:
     """The store the loss needs (None when it needs none): loaded where ``resolve_reference_store``
     finds it, else computed from the current (initial) weights when the recipe allows."""
     if not cfg.solopo.loss_config().needs_reference:
@@ -91,11 +93,14 @@ def ensure_reference_store(cfg: RecipeConfig, ctx: StepContext, chunks: list, da
     if path.exists():
         return load_reference_store(path, data_fingerprint=fingerprint)
     if not cfg.solopo.compute_reference_if_missing:
-        raise RecipeError(f"solopo.reference_store: {path} does not exist (run solopo-ref-logps, or set "
-                         "solopo.compute_reference_if_missing=true)")
+        raise RecipeError(
+            f"solopo.reference_store: {path} does not exist (run solopo-ref-logps, or set "
+            "solopo.compute_reference_if_missing=true)"
+        )
     log(f"computing reference log-probs from the initial weights -> {path}")
-    return compute_reference_store(ctx, chunks, data, batch_size=cfg.train.global_batch_size, path=path,
-                                   fingerprint=fingerprint)
+    return compute_reference_store(
+        ctx, chunks, data, batch_size=cfg.train.global_batch_size, path=path, fingerprint=fingerprint
+    )
 
 
 def keep_reference_with_checkpoints(store: ReferenceStore | None, root: str | Path) -> None:
@@ -112,7 +117,12 @@ def write_reference_store(cfg: RecipeConfig, ctx: StepContext, chunks: list, dat
     """``solopo-ref-logps``: computes the store from the current weights where a run would read it;
     returns its path and the number of examples."""
     path = reference_store_path(cfg, data)
-    store = compute_reference_store(ctx, chunks, data, batch_size=cfg.train.global_batch_size, path=path,
-                                    fingerprint=reference_fingerprint(data))
+    store = compute_reference_store(
+        ctx,
+        chunks,
+        data,
+        batch_size=cfg.train.global_batch_size,
+        path=path,
+        fingerprint=reference_fingerprint(data),
+    )
     return path, len(store)
-

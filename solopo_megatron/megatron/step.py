@@ -70,13 +70,19 @@ def microbatch_sequence_logps(ctx: StepContext, mb: Microbatch, logits: Tensor) 
         tp_group=ctx.parallel.tp_group,
         inplace_backward=ctx.inplace_logits_backward and not ctx.forward_only_logps,
     )
-    return sequence_logprobs(token_logps, mb.loss_mask, mb.segment_ids, mb.num_sequences, cp_group=ctx.parallel.cp_group)
+    return sequence_logprobs(
+        token_logps, mb.loss_mask, mb.segment_ids, mb.num_sequences, cp_group=ctx.parallel.cp_group
+    )
 
 
 def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
     sums = microbatch_sequence_logps(ctx, mb, output_tensor)
     valid = mb.valid
-    count = valid.sum().to(torch.int) if ctx.parallel.cp_rank == 0 else torch.zeros((), dtype=torch.int, device=valid.device)
+    count = (
+        valid.sum().to(torch.int)
+        if ctx.parallel.cp_rank == 0
+        else torch.zeros((), dtype=torch.int, device=valid.device)
+    )
     if ctx.forward_only_logps:
         report = {"sequence_logps": sums.detach().view(mb.num_groups, len(mb.roles))}
         return sums.sum() * 0.0, count, report
@@ -87,12 +93,16 @@ def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
     loss_sum = torch.where(valid, loss, zero).sum()
     weight = valid.to(loss.dtype)
-    report = {name: torch.stack([torch.where(valid, value, zero).sum(), weight.sum()]) for name, value in metrics.items()}
+    report = {
+        name: torch.stack([torch.where(valid, value, zero).sum(), weight.sum()])
+        for name, value in metrics.items()
+    }
     return loss_sum, count, report
 
 
-def run_schedule(ctx: StepContext, chunks: list, mbs: list[Microbatch], *, seq_length: int,
-                 forward_only: bool) -> list[dict]:
+def run_schedule(
+    ctx: StepContext, chunks: list, mbs: list[Microbatch], *, seq_length: int, forward_only: bool
+) -> list[dict]:
     """One pass of Megatron's schedule (PP included) over ``mbs``; the reports (last pipeline stage only)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

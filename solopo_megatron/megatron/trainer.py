@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..data.loading import GlobalBatchSampler
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
+from ..recipe.errors import RecipeError
 from ..recipe.loading import to_dict
 from ..recipe.schema import RecipeConfig
 from ..recipe.sizing import padded_vocab_size
@@ -32,12 +33,21 @@ from .build import ModelAndOptimizer, build_model_and_optimizer
 from .checkpoint import clean_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
 from .inputs import Data, prepare_data, step_batches
 from .metric_writers import MetricWriters
-from .metrics import (EVAL_KEYS, TRAIN_KEYS, Throughput, format_clock, format_metrics, peak_memory_gib, peak_tflops,
-                      reduce_reports, reward_check_message, step_work)
+from .metrics import (
+    EVAL_KEYS,
+    TRAIN_KEYS,
+    Throughput,
+    format_clock,
+    format_metrics,
+    peak_memory_gib,
+    peak_tflops,
+    reduce_reports,
+    reward_check_message,
+    step_work,
+)
 from .parallel import ParallelState, init_parallel_state, init_process_group
 from .reference import ensure_reference_store, keep_reference_with_checkpoints
 from .step import StepContext, run_schedule
-from ..recipe.errors import RecipeError
 
 
 @dataclass
@@ -65,15 +75,18 @@ class Trainer:
 
     def run(self, mbs: list, *, forward_only: bool, ctx: StepContext | None = None) -> list[dict]:
         """Megatron's schedule over ``mbs``; the loss closure's reports (last pipeline stage only)."""
-        return run_schedule(ctx or self.ctx, self.chunks, mbs, seq_length=self.data.max_tokens,
-                            forward_only=forward_only)
+        return run_schedule(
+            ctx or self.ctx, self.chunks, mbs, seq_length=self.data.max_tokens, forward_only=forward_only
+        )
 
     def train_step(self, step: int, sampler: GlobalBatchSampler) -> dict[str, float]:
         """One optimizer step on global batch ``step``; a non-finite loss or gradient skips the update."""
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.state.optimizer.zero_grad()
-        mbs = step_batches(self.data, self.data.train, sampler.batch(step), self.data.roles, self.parallel, self.store)
+        mbs = step_batches(
+            self.data, self.data.train, sampler.batch(step), self.data.roles, self.parallel, self.store
+        )
         reports = self.run(mbs, forward_only=False)
         finite = self._step_is_finite(reports)
         if finite:
@@ -83,9 +96,12 @@ class Trainer:
         self.state.scheduler.step(increment=1)
         metrics = reduce_reports(reports, self.parallel)
         metrics["skipped"] = 0.0 if finite else 1.0
-        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                       lr=self.state.optimizer.param_groups[0]["lr"], microbatches=len(mbs),
-                       **step_work(mbs, self.cfg.model, self.padded_vocab, self.parallel))
+        metrics.update(
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            lr=self.state.optimizer.param_groups[0]["lr"],
+            microbatches=len(mbs),
+            **step_work(mbs, self.cfg.model, self.padded_vocab, self.parallel),
+        )
         return metrics
 
     def _step_is_finite(self, reports: list[dict]) -> bool:
@@ -124,8 +140,14 @@ class Trainer:
     def save(self, step: int) -> Path:
         """A checkpoint after ``step`` under ``checkpoint.save``, with the reference store kept beside it."""
         c = self.cfg.checkpoint
-        path = save_checkpoint(c.save, step, self.state, self.parallel,
-                               distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer, keep_last=c.keep_last)
+        path = save_checkpoint(
+            c.save,
+            step,
+            self.state,
+            self.parallel,
+            distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer,
+            keep_last=c.keep_last,
+        )
         if self.parallel.rank == 0:
             keep_reference_with_checkpoints(self.store, c.save)
         return path
@@ -134,8 +156,13 @@ class Trainer:
 # ----------------------------------------------------------------------------- set-up
 
 
-def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[str], None] | None = None,
-          load_reference: bool = True) -> Trainer:
+def setup(
+    cfg: RecipeConfig,
+    *,
+    init_state: dict | None = None,
+    log: Callable[[str], None] | None = None,
+    load_reference: bool = True,
+) -> Trainer:
     """Process groups, data, model, optimizer and scheduler, reference store (``load_reference``) and
     resume from the latest checkpoint; initial weights from ``init_state`` (a full state dict) if given."""
     init_process_group()
@@ -146,17 +173,26 @@ def setup(cfg: RecipeConfig, *, init_state: dict | None = None, log: Callable[[s
     data = prepare_data(cfg, parallel)
     resume_from = _resume_path(cfg, parallel)
     pretrained = cfg.checkpoint.pretrained_hf if resume_from is None else None  # a checkpoint replaces it
-    state = build_model_and_optimizer(cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state,
-                                      pretrained_hf=pretrained)
-    ctx = StepContext(cfg.solopo.loss_config(), parallel, inplace_logits_backward=cfg.solopo.inplace_logits_backward)
+    state = build_model_and_optimizer(
+        cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state, pretrained_hf=pretrained
+    )
+    ctx = StepContext(
+        cfg.solopo.loss_config(), parallel, inplace_logits_backward=cfg.solopo.inplace_logits_backward
+    )
     printer = log or (lambda text: print(text, flush=True))
-    trainer = Trainer(cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None))
+    trainer = Trainer(
+        cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None)
+    )
     if load_reference:
         trainer.store = ensure_reference_store(cfg, ctx, state.chunks, data, trainer.log)
     if resume_from is not None:
-        trainer.start_step = load_checkpoint(resume_from, state, parallel,
-                                             distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-                                             log=trainer.log)
+        trainer.start_step = load_checkpoint(
+            resume_from,
+            state,
+            parallel,
+            distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+            log=trainer.log,
+        )
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")
     if cfg.checkpoint.save and parallel.rank == 0:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
@@ -191,8 +227,9 @@ def _resume_path(cfg: RecipeConfig, parallel: ParallelState) -> Path | None:
 def train(trainer: Trainer) -> list[dict]:
     """Runs the remaining steps with logging, evaluation and checkpoints; returns the metrics history."""
     cfg = trainer.cfg
-    writers = MetricWriters(cfg.logger, to_dict(cfg), enabled=trainer.parallel.is_logging_rank,
-                            resumed_step=trainer.start_step)
+    writers = MetricWriters(
+        cfg.logger, to_dict(cfg), enabled=trainer.parallel.is_logging_rank, resumed_step=trainer.start_step
+    )
     try:
         return _train_loop(trainer, writers)
     finally:
@@ -210,8 +247,9 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
         writers.write(trainer.history[-1])
         trainer.log(f"eval step 0: {format_metrics(result, EVAL_KEYS)}")
     start = time.perf_counter()
-    throughput = Throughput(trainer.parallel.world_size, peak_tflops(cfg.logger.peak_tflops_per_gpu,
-                                                                     trainer.parallel.device))
+    throughput = Throughput(
+        trainer.parallel.world_size, peak_tflops(cfg.logger.peak_tflops_per_gpu, trainer.parallel.device)
+    )
     save_every = cfg.checkpoint.save_interval
     skipped_in_a_row = 0
     progress = _progress_bar(trainer, iters)
@@ -220,12 +258,16 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
         throughput.add(metrics)
         if metrics["skipped"]:
             skipped_in_a_row += 1
-            trainer.log(f"step {step + 1}: non-finite loss or gradients (loss {metrics.get('loss', math.nan):.4g}); "
-                        f"update skipped ({skipped_in_a_row} in a row, limit train.max_skipped_steps_in_a_row="
-                        f"{cfg.train.max_skipped_steps_in_a_row})")
+            trainer.log(
+                f"step {step + 1}: non-finite loss or gradients (loss {metrics.get('loss', math.nan):.4g}); "
+                f"update skipped ({skipped_in_a_row} in a row, limit train.max_skipped_steps_in_a_row="
+                f"{cfg.train.max_skipped_steps_in_a_row})"
+            )
             if skipped_in_a_row >= cfg.train.max_skipped_steps_in_a_row:
-                raise RuntimeError(f"stopping: {skipped_in_a_row} steps in a row had non-finite loss or gradients "
-                                   f"(last: step {step + 1})")
+                raise RuntimeError(
+                    f"stopping: {skipped_in_a_row} steps in a row had non-finite loss or gradients "
+                    f"(last: step {step + 1})"
+                )
         else:
             skipped_in_a_row = 0
         entry = {"step": step + 1, "train": metrics}
@@ -238,8 +280,10 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
             speed = f"{metrics['tokens_per_s']:,.0f} tokens/s {metrics['tflops_per_gpu']:.3g} TFLOP/s/GPU"
             if "mfu" in metrics:
                 speed += f" MFU {metrics['mfu']:.1%}"
-            trainer.log(f"step {step + 1}/{iters}: {format_metrics(metrics, TRAIN_KEYS)} | {speed} | peak mem "
-                        f"{metrics['peak_mem_gib']:.2f} GiB | elapsed {format_clock(elapsed)} eta {format_clock(eta)}")
+            trainer.log(
+                f"step {step + 1}/{iters}: {format_metrics(metrics, TRAIN_KEYS)} | {speed} | peak mem "
+                f"{metrics['peak_mem_gib']:.2f} GiB | elapsed {format_clock(elapsed)} eta {format_clock(eta)}"
+            )
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters):
             entry["eval"] = trainer.evaluate()
             trainer.log(f"eval step {step + 1}: {format_metrics(entry['eval'], EVAL_KEYS)}")

@@ -95,5 +95,7 @@ def load_full_state_dict(model: nn.Module, full: dict[str, Tensor], tp_group=Non
         if _is_tp_sharded(param) and tp_world > 1:
             value = _shard(value, param.partition_dim, param.partition_stride, tp_rank, tp_world)
         if value.shape != param.shape:
-            raise ValueError(f"{key}: full-state shard {tuple(value.shape)} does not fit parameter {tuple(param.shape)}")
+            raise ValueError(
+                f"{key}: full-state shard {tuple(value.shape)} does not fit parameter {tuple(param.shape)}"
+            )
         param.copy_(value.to(param.dtype))

@@ -21,12 +21,12 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Megatron's RotaryEmbedding._apply_scaling takes only the factor; these are fixed there.
 MEGATRON_LLAMA3_ROPE = {
-    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 
 ConfigSource = Any  # a checkpoint directory, a config.json path, its dict, or a transformers PretrainedConfig
-
-
 
 
 def _config_dict(hf_config: ConfigSource) -> dict[str, Any]:
@@ -40,8 +40,10 @@ def _config_dict(hf_config: ConfigSource) -> dict[str, Any]:
         return dict(hf_config)
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
-    raise TypeError("expected a checkpoint directory, a config.json path, a dict or a PretrainedConfig, "
-                    f"got {type(hf_config)}")
+    raise TypeError(
+        "expected a checkpoint directory, a config.json path, a dict or a PretrainedConfig, "
+        f"got {type(hf_config)}"
+    )
 
 
 def _architecture(cfg: Mapping[str, Any]) -> str:
@@ -50,8 +52,10 @@ def _architecture(cfg: Mapping[str, Any]) -> str:
         model_type = cfg.get("model_type")
         architectures = [_ARCHITECTURE_OF_MODEL_TYPE.get(model_type, f"model_type {model_type!r}")]
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {', '.join(architectures)}: only "
-                         f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints can be converted")
+        raise ValueError(
+            f"unsupported architecture {', '.join(architectures)}: only "
+            f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints can be converted"
+        )
     return architectures[0]
 
 
@@ -72,12 +76,15 @@ def _rope_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
-        raise ValueError(f"rope scaling type {rope_type!r} cannot be expressed by Megatron's GPTModel "
-                         "(supported: none, or llama3)")
+        raise ValueError(
+            f"rope scaling type {rope_type!r} cannot be expressed by Megatron's GPTModel "
+            "(supported: none, or llama3)"
+        )
     for key, fixed in MEGATRON_LLAMA3_ROPE.items():
         if float(params.get(key, fixed)) != fixed:
-            raise ValueError(f"llama3 rope scaling with {key}={params[key]}: "
-                             f"Megatron's GPTModel fixes {key}={fixed:g}")
+            raise ValueError(
+                f"llama3 rope scaling with {key}={params[key]}: Megatron's GPTModel fixes {key}={fixed:g}"
+            )
     return {**fields, "rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
 
 
@@ -93,16 +100,19 @@ def model_section_from_hf_config(hf_config_or_dir: ConfigSource) -> dict[str, An
     cfg = _config_dict(hf_config_or_dir)
     architecture = _architecture(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{architecture} with hidden_act {cfg['hidden_act']!r}: "
-                         "only silu (SwiGLU) is supported")
+        raise ValueError(
+            f"{architecture} with hidden_act {cfg['hidden_act']!r}: only silu (SwiGLU) is supported"
+        )
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{architecture} with attention_bias / mlp_bias: "
-                         "only Qwen2's q/k/v biases are supported")
+        raise ValueError(
+            f"{architecture} with attention_bias / mlp_bias: only Qwen2's q/k/v biases are supported"
+        )
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
         raise ValueError(f"{architecture} with sliding-window attention is not supported")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{architecture} with partial_rotary_factor {cfg['partial_rotary_factor']} "
-                         "is not supported")
+        raise ValueError(
+            f"{architecture} with partial_rotary_factor {cfg['partial_rotary_factor']} is not supported"
+        )
     heads = int(cfg["num_attention_heads"])
     return {
         "num_layers": int(cfg["num_hidden_layers"]),

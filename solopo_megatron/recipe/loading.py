@@ -83,8 +83,10 @@ def load_recipe_layers(path: Path, _chain: tuple[Path, ...] = ()):
             base = path.parent / (entry if entry.endswith((".yaml", ".yml")) else f"{entry}.yaml")
             layers.append(load_recipe_layers(base, (*_chain, path)))
         else:
-            raise ValueError(f"{path}: defaults[{i}]: entries are recipe paths relative to this file "
-                             f"(config groups are not supported), got {entry!r}")
+            raise ValueError(
+                f"{path}: defaults[{i}]: entries are recipe paths relative to this file "
+                f"(config groups are not supported), got {entry!r}"
+            )
     return OmegaConf.merge(*layers)
 
 
@@ -100,7 +102,9 @@ def apply_override(recipe, override: str):
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(recipe, parent_key) if parent_key else recipe
         if parent is None or leaf not in parent:
-            raise ValueError(f"override {override!r}: the recipe does not set {key}, so there is nothing to remove")
+            raise ValueError(
+                f"override {override!r}: the recipe does not set {key}, so there is nothing to remove"
+            )
         del parent[leaf]
         return recipe
     key, sep, _ = override.partition("=")
@@ -109,7 +113,9 @@ def apply_override(recipe, override: str):
     add = key.startswith("+") and not key.startswith("++")  # ``++`` sets whether or not the recipe has it
     key = key.lstrip("+")
     if add and OmegaConf.select(recipe, key, default=_ABSENT) is not _ABSENT:
-        raise ValueError(f"override {override!r}: the recipe already sets {key}; use {key}=... or ++{key}=...")
+        raise ValueError(
+            f"override {override!r}: the recipe already sets {key}; use {key}=... or ++{key}=..."
+        )
     value = OmegaConf.from_dotlist([f"{key}={override.partition('=')[2]}"])
     _merge_onto_schema(value, f"override {override!r}")  # unknown key or wrong type, with a suggestion
     return OmegaConf.merge(recipe, value)

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schema import RecipeConfig
 from ..data.packing import pad_multiple_for, padded_sequence_length
-from .sources import model_vocab_size
-from .sizing import GIB, MemoryEstimate, estimate_memory, parameter_counts, training_flops
-from .sizing import padded_vocab_size
 from ..objectives import required_roles
+from .schema import RecipeConfig
+from .sizing import GIB, MemoryEstimate, estimate_memory, padded_vocab_size, parameter_counts, training_flops
+from .sources import model_vocab_size
 
 RUNTIME_OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation: a rough allowance
 
@@ -72,7 +71,9 @@ class Plan:
 
 def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
     m, t, ds = cfg.model, cfg.train, cfg.dataset
-    dp = world_size // (m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size)
+    dp = world_size // (
+        m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
+    )
     vocab, source = model_vocab_rows(cfg)
     padded = padded_vocab_size(vocab, m) if vocab else None
     limits = role_limits(cfg)
@@ -86,11 +87,31 @@ def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
         parameters = parameter_counts(m, padded).total
         if limits is not None:
             flops = t.global_batch_size * training_flops(m, padded, limits.values())
-            memory = estimate_memory(m, padded, tokens_per_microbatch=ds.max_tokens, microbatches=microbatches or 1,
-                                     dp=dp, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-                                     inplace_logits_backward=cfg.solopo.inplace_logits_backward)
-    return Plan(world_size, dp, vocab, padded, source, limits, group, per_row, per_dp, microbatches, tokens, flops,
-                parameters, memory)
+            memory = estimate_memory(
+                m,
+                padded,
+                tokens_per_microbatch=ds.max_tokens,
+                microbatches=microbatches or 1,
+                dp=dp,
+                distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+                inplace_logits_backward=cfg.solopo.inplace_logits_backward,
+            )
+    return Plan(
+        world_size,
+        dp,
+        vocab,
+        padded,
+        source,
+        limits,
+        group,
+        per_row,
+        per_dp,
+        microbatches,
+        tokens,
+        flops,
+        parameters,
+        memory,
+    )
 
 
 def _n(value: float | None, unit: str = "") -> str:
@@ -100,62 +121,104 @@ def _n(value: float | None, unit: str = "") -> str:
 def format_plan(cfg: RecipeConfig, plan: Plan, recipe: str) -> str:
     m, t, ds, c = cfg.model, cfg.train, cfg.dataset, cfg.cluster
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
-    lines = [f"dry run: {recipe}",
-             f"  recipe: valid for world size {plan.world_size} ({c.num_nodes} node(s) x {c.gpus_per_node} GPUs)",
-             f"  objective: mode {cfg.solopo.mode}, loss {cfg.solopo.preference_loss}, roles "
-             f"{', '.join(required_roles(cfg.solopo.loss_config()))}"]
-    inside = "inside one node" if tp * cp <= c.gpus_per_node else "across nodes: CP traffic crosses the network"
-    lines.append(f"  layout: tp {tp} x cp {cp} x pp {pp} x dp {plan.dp} = {plan.world_size} GPUs; "
-                 f"each sequence is split over tp x cp = {tp * cp} GPUs ({inside}); sequence parallel "
-                 f"{'on' if m.sequence_parallel else 'off'}; distributed optimizer "
-                 f"{'on' if cfg.optimizer.use_distributed_optimizer else 'off'}; recompute {m.recompute_granularity or 'none'}")
-    padding = "" if plan.padded_vocab is None else (
-        "no padding rows" if plan.padded_vocab == plan.vocab else f"{plan.padded_vocab - plan.vocab} padding rows")
-    params = "unknown" if plan.parameters is None else (
-        f"{plan.parameters / 1e9:.2f}B" if plan.parameters >= 1e9 else f"{plan.parameters / 1e6:.2f}M")
-    lines.append(f"  model: {m.num_layers} layers, hidden {m.hidden_size}, {params} parameters; vocab "
-                 f"{_n(plan.vocab)} from {plan.vocab_source}, padded to {_n(plan.padded_vocab)} ({padding}), "
-                 f"{_n(plan.padded_vocab / tp if plan.padded_vocab else None)} per TP rank")
+    lines = [
+        f"dry run: {recipe}",
+        f"  recipe: valid for world size {plan.world_size} ({c.num_nodes} node(s) x {c.gpus_per_node} GPUs)",
+        f"  objective: mode {cfg.solopo.mode}, loss {cfg.solopo.preference_loss}, roles "
+        f"{', '.join(required_roles(cfg.solopo.loss_config()))}",
+    ]
+    inside = (
+        "inside one node" if tp * cp <= c.gpus_per_node else "across nodes: CP traffic crosses the network"
+    )
+    lines.append(
+        f"  layout: tp {tp} x cp {cp} x pp {pp} x dp {plan.dp} = {plan.world_size} GPUs; "
+        f"each sequence is split over tp x cp = {tp * cp} GPUs ({inside}); sequence parallel "
+        f"{'on' if m.sequence_parallel else 'off'}; distributed optimizer "
+        f"{'on' if cfg.optimizer.use_distributed_optimizer else 'off'}; recompute {m.recompute_granularity or 'none'}"
+    )
+    padding = (
+        ""
+        if plan.padded_vocab is None
+        else (
+            "no padding rows"
+            if plan.padded_vocab == plan.vocab
+            else f"{plan.padded_vocab - plan.vocab} padding rows"
+        )
+    )
+    params = (
+        "unknown"
+        if plan.parameters is None
+        else (f"{plan.parameters / 1e9:.2f}B" if plan.parameters >= 1e9 else f"{plan.parameters / 1e6:.2f}M")
+    )
+    lines.append(
+        f"  model: {m.num_layers} layers, hidden {m.hidden_size}, {params} parameters; vocab "
+        f"{_n(plan.vocab)} from {plan.vocab_source}, padded to {_n(plan.padded_vocab)} ({padding}), "
+        f"{_n(plan.padded_vocab / tp if plan.padded_vocab else None)} per TP rank"
+    )
     if plan.limits is None:
-        lines.append("  sequences: dataset.max_short_length / max_long_length unset: per-rank lengths, microbatches, "
-                     "tokens and memory cannot be bounded")
+        lines.append(
+            "  sequences: dataset.max_short_length / max_long_length unset: per-rank lengths, microbatches, "
+            "tokens and memory cannot be bounded"
+        )
         return "\n".join(lines)
     per_rank = ", ".join(f"{role} {limit:,} -> {limit // cp:,}" for role, limit in plan.limits.items())
     lines.append(f"  per-rank sequence lengths (tokens, padded, split over cp {cp}): {per_rank}")
-    lines.append(f"  microbatch row: {ds.max_tokens:,} tokens -> {ds.max_tokens // cp:,} per CP rank; largest group "
-                 f"{plan.group_tokens:,} tokens, so {plan.groups_per_row} group(s) per row")
-    lines.append(f"  microbatches per step: {t.global_batch_size} examples / dp {plan.dp} = {plan.examples_per_dp_rank} per "
-                 f"DP rank -> {plan.microbatches} microbatch(es) per DP rank (at most; groups at the length limits)")
+    lines.append(
+        f"  microbatch row: {ds.max_tokens:,} tokens -> {ds.max_tokens // cp:,} per CP rank; largest group "
+        f"{plan.group_tokens:,} tokens, so {plan.groups_per_row} group(s) per row"
+    )
+    lines.append(
+        f"  microbatches per step: {t.global_batch_size} examples / dp {plan.dp} = {plan.examples_per_dp_rank} per "
+        f"DP rank -> {plan.microbatches} microbatch(es) per DP rank (at most; groups at the length limits)"
+    )
     capacity = plan.microbatches * plan.dp * ds.max_tokens
-    lines.append(f"  tokens per step: up to {plan.tokens_per_step:,} real tokens (packed capacity {capacity:,}); "
-                 f"{plan.flops_per_step / 1e15:,.1f} PFLOP model FLOPs per step at the limits")
+    lines.append(
+        f"  tokens per step: up to {plan.tokens_per_step:,} real tokens (packed capacity {capacity:,}); "
+        f"{plan.flops_per_step / 1e15:,.1f} PFLOP model FLOPs per step at the limits"
+    )
     mem = plan.memory
     if mem is not None:
         parts = ", ".join(f"{name} {value:.1f}" for name, value in mem.as_gib().items() if name != "total")
         need = mem.total / GIB + RUNTIME_OVERHEAD_GIB
         verdict = "fits" if need <= c.gpu_memory_gib else "DOES NOT FIT"
-        lines.append(f"  memory per GPU (estimate, GiB): {parts}; total {mem.total / GIB:.1f} + ~{RUNTIME_OVERHEAD_GIB:.0f} "
-                     f"runtime = {need:.1f} of {c.gpu_memory_gib:.0f} (cluster.gpu_memory_gib): {verdict}")
+        lines.append(
+            f"  memory per GPU (estimate, GiB): {parts}; total {mem.total / GIB:.1f} + ~{RUNTIME_OVERHEAD_GIB:.0f} "
+            f"runtime = {need:.1f} of {c.gpu_memory_gib:.0f} (cluster.gpu_memory_gib): {verdict}"
+        )
     lines.extend(f"  warning: {w}" for w in plan_warnings(cfg, plan))
     return "\n".join(lines)
 
 
 def plan_warnings(cfg: RecipeConfig, plan: Plan) -> list[str]:
     warnings = []
-    if plan.memory is not None and plan.memory.total / GIB + RUNTIME_OVERHEAD_GIB > cfg.cluster.gpu_memory_gib:
-        warnings.append("the estimate exceeds cluster.gpu_memory_gib: raise tp/cp/pp, turn on "
-                        "model.recompute_granularity=full or optimizer.use_distributed_optimizer, or lower dataset.max_tokens")
+    if (
+        plan.memory is not None
+        and plan.memory.total / GIB + RUNTIME_OVERHEAD_GIB > cfg.cluster.gpu_memory_gib
+    ):
+        warnings.append(
+            "the estimate exceeds cluster.gpu_memory_gib: raise tp/cp/pp, turn on "
+            "model.recompute_granularity=full or optimizer.use_distributed_optimizer, or lower dataset.max_tokens"
+        )
     if plan.padded_vocab and plan.vocab and plan.padded_vocab != plan.vocab and cfg.checkpoint.pretrained_hf:
-        warnings.append("padded vocab rows start at zero and enter the log-softmax normaliser (logit 0 each); choose "
-                        "model.make_vocab_size_divisible_by so that vocab / (it x tp) is whole")
-    if plan.groups_per_row is not None and plan.groups_per_row * plan.group_tokens < 0.5 * cfg.dataset.max_tokens:
-        warnings.append(f"a row fits {plan.groups_per_row} largest group(s) using under half of dataset.max_tokens")
+        warnings.append(
+            "padded vocab rows start at zero and enter the log-softmax normaliser (logit 0 each); choose "
+            "model.make_vocab_size_divisible_by so that vocab / (it x tp) is whole"
+        )
+    if (
+        plan.groups_per_row is not None
+        and plan.groups_per_row * plan.group_tokens < 0.5 * cfg.dataset.max_tokens
+    ):
+        warnings.append(
+            f"a row fits {plan.groups_per_row} largest group(s) using under half of dataset.max_tokens"
+        )
     tp = cfg.model.tensor_model_parallel_size
     if tp > cfg.cluster.gpus_per_node:
         warnings.append("tensor parallelism spans nodes: keep tp <= GPUs per node")
     if cfg.train.global_batch_size % plan.dp:
-        warnings.append(f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of dp {plan.dp}: "
-                        "some DP ranks get masked dummy groups each step")
+        warnings.append(
+            f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of dp {plan.dp}: "
+            "some DP ranks get masked dummy groups each step"
+        )
     return warnings
 
 
@@ -169,5 +232,7 @@ def dry_run(cfg: RecipeConfig, recipe: str, world_size: int | None = None) -> st
     text = format_plan(cfg, make_plan(cfg, world), recipe)
     missing = path_problems(cfg)
     if missing:
-        text += "\n  not checked on this machine (needed at launch):\n" + "\n".join(f"    - {p}" for p in missing)
+        text += "\n  not checked on this machine (needed at launch):\n" + "\n".join(
+            f"    - {p}" for p in missing
+        )
     return text

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ..objectives import SoLoPOConfig
 
@@ -117,17 +117,26 @@ def _loss_config(self) -> SoLoPOConfig:
     return SoLoPOConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SoLoPOConfig)})
 
 
-# ``solopo:``: every SoLoPOConfig field (same names, types and defaults: the loss owns them), plus the
-# run's reference-store and kernel settings.
+@dataclass
+class _RunSettings:
+    """The ``solopo:`` keys of a run beyond the loss's own."""
+
+    reference_store: str | None = None  # reference log-prob store (dpo); see solopo-ref-logps
+    compute_reference_if_missing: bool = True  # else compute it from the initial weights before training
+    inplace_logits_backward: bool = True  # Triton path: write the logits' gradient into their buffer
+
+
+def _field_specs(cls: type) -> list[tuple[str, Any, Any]]:
+    """A dataclass's fields as ``make_dataclass`` specs, with their types resolved for OmegaConf."""
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(cls)]
+
+
+# ``solopo:``: every SoLoPOConfig field (same names, types and defaults: the loss owns them), then the
+# run's settings.
 SolopoSection = dataclasses.make_dataclass(
     "SolopoSection",
-    [(f.name, typing.get_type_hints(SoLoPOConfig)[f.name], field(default=f.default))
-     for f in dataclasses.fields(SoLoPOConfig)]
-    + [
-        ("reference_store", Optional[str], field(default=None)),  # reference log-prob store (dpo); solopo-ref-logps
-        ("compute_reference_if_missing", bool, field(default=True)),  # else compute it from the initial weights
-        ("inplace_logits_backward", bool, field(default=True)),  # Triton path: gradient into the logits' buffer
-    ],
+    _field_specs(SoLoPOConfig) + _field_specs(_RunSettings),
     namespace={"loss_config": _loss_config, "__module__": __name__},
 )
 
@@ -138,7 +147,9 @@ class CheckpointSection:
     load: str | None = None  # resume from this root (its latest) or this iter_* directory instead
     save_interval: int | None = None  # steps between saves (and always at the end when save is set)
     keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
-    pretrained_hf: str | None = None  # initial weights: a Hugging Face Llama / Qwen2 directory (unless resuming)
+    pretrained_hf: str | None = (
+        None  # initial weights: a Hugging Face Llama / Qwen2 directory (unless resuming)
+    )
 
 
 @dataclass

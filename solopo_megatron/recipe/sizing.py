@@ -24,9 +24,18 @@ def padded_vocab_size(vocab_size: int, model: ModelSection) -> int:
     multiple = model.make_vocab_size_divisible_by * model.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
+
 # Dense bf16 tensor-core peaks (TFLOP/s per GPU) for MFU; logger.peak_tflops_per_gpu overrides.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "B200": 2250.0, "GB200": 2500.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "H800": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+    "GB200": 2500.0,
+}
 
 
 def peak_tflops_for(device_name: str) -> float | None:
@@ -133,15 +142,25 @@ def activation_bytes_per_token_per_layer(m: ModelSection) -> float:
     groups = m.num_query_groups or m.num_attention_heads
     tp = m.tensor_model_parallel_size
     replicated = 4 * h  # input norm, QKV input, post-attention norm, FC1 input
-    split = (m.num_attention_heads * d + 2 * groups * d) + m.num_attention_heads * d + 2 * f + f  # qkv, attn out, fc1 out, fc2 in
+    split = (
+        (m.num_attention_heads * d + 2 * groups * d) + m.num_attention_heads * d + 2 * f + f
+    )  # qkv, attn out, fc1 out, fc2 in
     per_token = (replicated / (tp if m.sequence_parallel else 1)) + split / tp
     if m.recompute_granularity == "full":
         per_token = h / (tp if m.sequence_parallel else 1)  # only each layer's input is kept
     return 2.0 * per_token
 
 
-def estimate_memory(m: ModelSection, padded_vocab: int, *, tokens_per_microbatch: int, microbatches: int,
-                    dp: int, distributed_optimizer: bool, inplace_logits_backward: bool = True) -> MemoryEstimate:
+def estimate_memory(
+    m: ModelSection,
+    padded_vocab: int,
+    *,
+    tokens_per_microbatch: int,
+    microbatches: int,
+    dp: int,
+    distributed_optimizer: bool,
+    inplace_logits_backward: bool = True,
+) -> MemoryEstimate:
     """Per-GPU bytes for one training step; ``tokens_per_microbatch`` is before CP sharding."""
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
     params = stage_parameters(m, padded_vocab)
@@ -154,8 +173,13 @@ def estimate_memory(m: ModelSection, padded_vocab: int, *, tokens_per_microbatch
         activations += activation_bytes_per_token_per_layer(_no_recompute(m)) * tokens_per_rank
     vocab_per_rank = padded_vocab / tp
     logits = 2.0 * tokens_per_rank * vocab_per_rank * (1 if inplace_logits_backward else 2)
-    return MemoryEstimate(weights=2.0 * params, gradients=4.0 * params, optimizer=optimizer,
-                          activations=activations, logits=logits)
+    return MemoryEstimate(
+        weights=2.0 * params,
+        gradients=4.0 * params,
+        optimizer=optimizer,
+        activations=activations,
+        logits=logits,
+    )
 
 
 def _no_recompute(m: ModelSection) -> ModelSection:

@@ -12,12 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from .schema import DatasetSection, RecipeConfig
-from ..data.records import ROLES
-from ..objectives import required_roles
 from ..data.dataset import DEFAULT_CACHE_DIR, data_fingerprint
+from ..data.records import ROLES
 from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
+from ..objectives import required_roles
 from .errors import RecipeError
+from .schema import DatasetSection, RecipeConfig
 
 
 def cache_dir(cfg: RecipeConfig) -> Path:
@@ -37,12 +37,15 @@ def write_synthetic_files(cfg: RecipeConfig) -> None:
     from ..data.synthetic import generate_synthetic_records, write_jsonl
 
     s = cfg.dataset.synthetic
-    for path, count, seed, prefix in zip(synthetic_paths(cfg), (s.num_train, s.num_valid), (s.seed, s.seed + 1),
-                                         ("train", "valid")):
+    for path, count, seed, prefix in zip(
+        synthetic_paths(cfg), (s.num_train, s.num_valid), (s.seed, s.seed + 1), ("train", "valid")
+    ):
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        records = generate_synthetic_records(count, seed=seed, long_target_words=s.long_target_words, id_prefix=prefix)
+        records = generate_synthetic_records(
+            count, seed=seed, long_target_words=s.long_target_words, id_prefix=prefix
+        )
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         write_jsonl(records, tmp)
         os.replace(tmp, path)
@@ -70,7 +73,9 @@ def model_vocab_size(cfg: RecipeConfig, tokenizer_size: int | None) -> int | Non
     and the pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens); None if neither is known."""
     if cfg.model.vocab_size is not None:
         if tokenizer_size is not None and cfg.model.vocab_size < tokenizer_size:
-            raise RecipeError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens")
+            raise RecipeError(
+                f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens"
+            )
         return cfg.model.vocab_size
     sizes = [tokenizer_size]
     hf = cfg.checkpoint.pretrained_hf

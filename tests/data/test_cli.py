@@ -26,25 +26,71 @@ def test_synthetic_validate_build_long_inspect(tmp_path, capsys):
             handle.write(json.dumps(record) + "\n")
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "a.txt").write_text("\n\n".join(f"Filler document number {i} about rivers and hills." for i in range(20)))
+    (docs / "a.txt").write_text(
+        "\n\n".join(f"Filler document number {i} about rivers and hills." for i in range(20))
+    )
     long = tmp_path / "long.jsonl"
-    assert main(["build-long", str(short), "--distractors", str(docs), "--out", str(long),
-                 "--target-tokens", "150", "--depth-mode", "fixed", "--depth", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "build-long",
+                str(short),
+                "--distractors",
+                str(docs),
+                "--out",
+                str(long),
+                "--target-tokens",
+                "150",
+                "--depth-mode",
+                "fixed",
+                "--depth",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     records = list(iter_records(long))
     assert len(records) == 12
     assert all(r.long_context.endswith(r.short_context) for r in records)  # depth 1: evidence last
 
-    assert main(["inspect", str(long), "--cache-dir", str(tmp_path / "cache"), "--max-tokens", "1024",
-                 "--cp", "2", "--global-batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(long),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--max-tokens",
+                "1024",
+                "--cp",
+                "2",
+                "--global-batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "long_chosen" in out and "microbatches of 1024 tokens" in out
 
 
 def test_build_long_names_bad_input_line(tmp_path, capsys):
     short = tmp_path / "short.jsonl"
-    short.write_text('{"id": "a", "question": "q", "short_context": "s", "chosen": "c", "rejected": "r"}\n{"id": "b"}\n')
+    short.write_text(
+        '{"id": "a", "question": "q", "short_context": "s", "chosen": "c", "rejected": "r"}\n{"id": "b"}\n'
+    )
     (tmp_path / "d.txt").write_text("doc one\n\ndoc two")
-    code = main(["build-long", str(short), "--distractors", str(tmp_path / "d.txt"), "--out", str(tmp_path / "o.jsonl"),
-                 "--target-tokens", "20"])
+    code = main(
+        [
+            "build-long",
+            str(short),
+            "--distractors",
+            str(tmp_path / "d.txt"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--target-tokens",
+            "20",
+        ]
+    )
     assert code == 2
     assert "short.jsonl:2: field 'question': missing, empty or not a string" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from solopo_megatron.data.dataset import TokenizedDataset, data_fingerprint
-from solopo_megatron.data.loading import GlobalBatchSampler, step_microbatches
 from solopo_megatron.data.errors import DataError
+from solopo_megatron.data.loading import GlobalBatchSampler, step_microbatches
 from solopo_megatron.data.packing import pad_multiple_for
 from solopo_megatron.data.reference_store import ReferenceStore, load_reference_store
 from solopo_megatron.data.synthetic import generate_synthetic_records, write_jsonl
@@ -33,7 +33,9 @@ def data_file(tmp_path):
 
 def test_cache_round_trip_and_reuse(tmp_path, tokenizer, data_file):
     encoder = SequenceEncoder(tokenizer)
-    dataset, report = TokenizedDataset.build(data_file, encoder, ROLES, cache_dir=tmp_path / "cache", progress=False)
+    dataset, report = TokenizedDataset.build(
+        data_file, encoder, ROLES, cache_dir=tmp_path / "cache", progress=False
+    )
     assert len(dataset) == 24 and report.num_records == 24 and report.ok
     records = [json.loads(line) for line in data_file.read_text().splitlines()]
     from solopo_megatron.data.records import check_record
@@ -47,11 +49,17 @@ def test_cache_round_trip_and_reuse(tmp_path, tokenizer, data_file):
         def encode_group(self, *args, **kwargs):
             raise AssertionError("re-tokenised")
 
-    again, _ = TokenizedDataset.build(data_file, Exploding(tokenizer), ROLES, cache_dir=tmp_path / "cache", progress=False)
+    again, _ = TokenizedDataset.build(
+        data_file, Exploding(tokenizer), ROLES, cache_dir=tmp_path / "cache", progress=False
+    )
     assert again.directory == dataset.directory
     # Changing the data, the limits or the roles changes the key.
-    assert data_fingerprint(data_file, SequenceEncoder(tokenizer, limits=LengthLimits(max_long_length=10**6)), ROLES) \
+    assert (
+        data_fingerprint(
+            data_file, SequenceEncoder(tokenizer, limits=LengthLimits(max_long_length=10**6)), ROLES
+        )
         != dataset.fingerprint
+    )
     assert data_fingerprint(data_file, encoder, ROLES[:2]) != dataset.fingerprint
 
 
@@ -59,7 +67,9 @@ def test_skip_policy_counts_over_long_records(tmp_path, tokenizer, data_file):
     encoder = SequenceEncoder(tokenizer, limits=LengthLimits(max_long_length=230))
     with pytest.raises(DataError, match=r"train.jsonl:\d+: field 'long_context'"):
         TokenizedDataset.build(data_file, encoder, ROLES, cache_dir=tmp_path / "c1", progress=False)
-    dataset, report = TokenizedDataset.build(data_file, encoder, ROLES, cache_dir=tmp_path / "c2", on_error="skip", progress=False)
+    dataset, report = TokenizedDataset.build(
+        data_file, encoder, ROLES, cache_dir=tmp_path / "c2", on_error="skip", progress=False
+    )
     assert 0 < report.num_skipped < 24 and len(dataset) == 24 - report.num_skipped
     assert all(p.field == "long_context" for p in report.problems)
 
@@ -76,14 +86,28 @@ def test_sampler_is_a_seeded_permutation_per_epoch():
 
 @pytest.mark.parametrize("dp", [1, 2, 3])
 def test_step_microbatches_cover_the_batch_once(tmp_path, tokenizer, data_file, dp):
-    dataset, _ = TokenizedDataset.build(data_file, SequenceEncoder(tokenizer), ROLES, cache_dir=tmp_path / "c", progress=False)
+    dataset, _ = TokenizedDataset.build(
+        data_file, SequenceEncoder(tokenizer), ROLES, cache_dir=tmp_path / "c", progress=False
+    )
     store = ReferenceStore(ROLES)
     for i, example_id in enumerate(dataset.example_ids):
         store.add(example_id, {role: -float(i + r) for r, role in enumerate(ROLES)})
     batch = GlobalBatchSampler(len(dataset), 12, seed=0).batch(0)
     multiple = pad_multiple_for(cp_size=2)
-    per_rank = [step_microbatches(dataset, batch, ROLES, max_tokens=2048, pad_multiple=multiple, pad_id=0,
-                                  dp_size=dp, dp_rank=r, ref_store=store) for r in range(dp)]
+    per_rank = [
+        step_microbatches(
+            dataset,
+            batch,
+            ROLES,
+            max_tokens=2048,
+            pad_multiple=multiple,
+            pad_id=0,
+            dp_size=dp,
+            dp_rank=r,
+            ref_store=store,
+        )
+        for r in range(dp)
+    ]
     assert len({len(mbs) for mbs in per_rank}) == 1
     seen = [eid for mbs in per_rank for mb in mbs for eid, ok in zip(mb.example_ids, mb.valid.tolist()) if ok]
     assert sorted(seen) == sorted(dataset.example_ids[i] for i in batch)
@@ -115,9 +139,13 @@ def test_reference_store_errors(tmp_path):
     loaded = load_reference_store(tmp_path / "ref.jsonl")
     with pytest.raises(DataError, match=r"ref.jsonl: no reference log-probs for example id 'b'"):
         loaded.lookup("b", ROLES)
-    with pytest.raises(DataError, match="example id 'a' has no reference log-prob for short_rejected, long_chosen"):
+    with pytest.raises(
+        DataError, match="example id 'a' has no reference log-prob for short_rejected, long_chosen"
+    ):
         loaded.lookup("a", ROLES)
-    with pytest.raises(DataError, match=r"ref.jsonl:1: field 'data_fingerprint': the store was built for other data"):
+    with pytest.raises(
+        DataError, match=r"ref.jsonl:1: field 'data_fingerprint': the store was built for other data"
+    ):
         load_reference_store(tmp_path / "ref.jsonl", data_fingerprint="xyz")
     (tmp_path / "bad.jsonl").write_text('{"format": "other"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: not a reference log-prob store"):

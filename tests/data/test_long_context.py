@@ -232,9 +232,7 @@ def test_random_mode_record_independent_of_others():
     records = make_records(8)
     alone = list(build_long_records(records[5:6], CORPUS, count_tokens=words, target_tokens=120, seed=7))
     together = list(build_long_records(records, CORPUS, count_tokens=words, target_tokens=120, seed=7))
-    shuffled = list(
-        build_long_records(records[::-1], CORPUS, count_tokens=words, target_tokens=120, seed=7)
-    )
+    shuffled = list(build_long_records(records[::-1], CORPUS, count_tokens=words, target_tokens=120, seed=7))
     assert alone[0] == together[5] == shuffled[2]
     reseeded = list(build_long_records(records[5:6], CORPUS, count_tokens=words, target_tokens=120, seed=8))
     assert reseeded[0]["long_context"] != alone[0]["long_context"]

@@ -18,7 +18,11 @@ from solopo_megatron.data.packing import (
 from solopo_megatron.data.tokenize import EncodedSequence
 from solopo_megatron.objectives import SoLoPOConfig, required_roles
 
-ROLE_SETS = [required_roles(SoLoPOConfig(mode=m, solo_ra_chosen_only=c)) for m in ("solopo", "short_po", "long_po") for c in (True, False)]
+ROLE_SETS = [
+    required_roles(SoLoPOConfig(mode=m, solo_ra_chosen_only=c))
+    for m in ("solopo", "short_po", "long_po")
+    for c in (True, False)
+]
 PAD = 0
 
 
@@ -49,7 +53,9 @@ def test_labels_stay_inside_their_sequence(data, cp, pad_row):
     roles, groups = data
     multiple = pad_multiple_for(cp)
     need = sum(g.padded_length(multiple) for g in groups)
-    mb = pack_microbatch(groups, roles, pad_multiple=multiple, pad_id=PAD, row_length=need + 2 * multiple if pad_row else None)
+    mb = pack_microbatch(
+        groups, roles, pad_multiple=multiple, pad_id=PAD, row_length=need + 2 * multiple if pad_row else None
+    )
     assert mb.tokens.numel() == (need + 2 * multiple if pad_row else need)
     for s, (start, end) in enumerate(_sequence_bounds(mb)):
         seq = groups[s // len(roles)].sequences[roles[s % len(roles)]]
@@ -60,8 +66,10 @@ def test_labels_stay_inside_their_sequence(data, cp, pad_row):
         # The loss mask selects exactly the positions whose label is a response token.
         scored = mb.labels[start:end][mb.loss_mask[start:end]].tolist()
         assert scored == list(seq.ids[seq.response_start :])
-    assert torch.equal(mb.num_response_tokens.flatten(), torch.tensor(
-        [g.sequences[r].num_response_tokens for g in groups for r in roles]))
+    assert torch.equal(
+        mb.num_response_tokens.flatten(),
+        torch.tensor([g.sequences[r].num_response_tokens for g in groups for r in roles]),
+    )
     assert all(length % multiple == 0 for length in torch.diff(mb.cu_seqlens_padded).tolist())
 
 
@@ -81,7 +89,9 @@ def test_cp_shards_reassemble_and_score_each_response_token_once(data, cp):
         assert torch.equal(shard.num_response_tokens, mb.num_response_tokens)  # full-sequence counts
     assert torch.equal(rebuilt, mb.labels)
     scored = torch.cat([s.labels[s.loss_mask] for s in shards]).sort().values
-    expected = torch.tensor(sorted(t for g in groups for r in roles for t in g.sequences[r].ids[g.sequences[r].response_start:]))
+    expected = torch.tensor(
+        sorted(t for g in groups for r in roles for t in g.sequences[r].ids[g.sequences[r].response_start :])
+    )
     assert torch.equal(scored, expected)
     assert sum(int(s.loss_mask.sum()) for s in shards) == int(mb.num_response_tokens.sum())
 
@@ -105,14 +115,18 @@ def test_plan_keeps_groups_whole_within_budget_and_balanced(lengths, budget, dp)
 def test_plan_rejects_group_over_budget():
     import pytest
 
-    with pytest.raises(ValueError, match="group 1 needs 90 padded tokens, more than the microbatch budget max_tokens=64"):
+    with pytest.raises(
+        ValueError, match="group 1 needs 90 padded tokens, more than the microbatch budget max_tokens=64"
+    ):
         plan_microbatches([10, 90, 20], 64)
 
 
 def test_exact_layout_small_case():
     seq_a = EncodedSequence((11, 12, 13, 14, 15), response_start=3)  # prompt 11 12 13, response 14 15
     seq_b = EncodedSequence((21, 22, 23), response_start=2)
-    group = Group("ex", {"short_chosen": seq_a, "short_rejected": seq_b}, {"short_chosen": -1.5, "short_rejected": -2.5})
+    group = Group(
+        "ex", {"short_chosen": seq_a, "short_rejected": seq_b}, {"short_chosen": -1.5, "short_rejected": -2.5}
+    )
     mb = pack_microbatch([group], ("short_chosen", "short_rejected"), pad_multiple=4, pad_id=0, row_length=16)
     assert mb.tokens.tolist() == [11, 12, 13, 14, 15, 0, 0, 0, 21, 22, 23, 0, 0, 0, 0, 0]
     I = IGNORE_INDEX  # noqa: E741

@@ -41,7 +41,11 @@ BAD_LINES = {
     "wrong type": (good(rejected=3), "rejected", "must be a string, got int"),
     "wrong optional type": (good(metadata=[1]), "metadata", "must be a JSON object"),
     "misspelt field": ({**good(), "choosen": "x"}, "choosen", "did you mean 'chosen'"),
-    "evidence missing from long": (good(long_context="only filler here"), "long_context", "does not contain evidence piece 0"),
+    "evidence missing from long": (
+        good(long_context="only filler here"),
+        "long_context",
+        "does not contain evidence piece 0",
+    ),
     "chosen equals rejected": (good(rejected="The code is 42."), "rejected", "identical to chosen"),
     "line break in id": (good(id="a\nb"), "id", "contains a line break"),
 }

@@ -7,7 +7,7 @@ import filecmp
 import pytest
 
 from solopo_megatron.data.errors import DataError
-from solopo_megatron.data.records import Record, evidence_pieces
+from solopo_megatron.data.records import ROLES, Record, evidence_pieces
 from solopo_megatron.data.synthetic import generate_synthetic_records
 from solopo_megatron.data.tiny_tokenizer import TINY_TOKENIZER_DIR, build_tiny_tokenizer
 from solopo_megatron.data.tokenize import (
@@ -18,7 +18,6 @@ from solopo_megatron.data.tokenize import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
-from solopo_megatron.data.records import ROLES
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,12 @@ def tokenizer():
 def record(**overrides) -> Record:
     raw = generate_synthetic_records(1, seed=3)[0]
     raw.update(overrides)
-    return Record(**{k: raw[k] for k in ("id", "question", "short_context", "long_context", "chosen", "rejected")},
-                  system=raw.get("system"), path="data.jsonl", line=7)
+    return Record(
+        **{k: raw[k] for k in ("id", "question", "short_context", "long_context", "chosen", "rejected")},
+        system=raw.get("system"),
+        path="data.jsonl",
+        line=7,
+    )
 
 
 def test_chat_template_layout_and_response_mask(tokenizer):
@@ -45,15 +48,19 @@ def test_chat_template_layout_and_response_mask(tokenizer):
         assert prompt_text.endswith("Question: " + rec.question + "<|end|>\n<|assistant|>\n")
         assert tokenizer.decode(seq.ids[seq.response_start :]) == response + "<|end|>"
     # Chosen and rejected share the prompt token for token.
-    assert groups["long_chosen"].ids[: groups["long_chosen"].response_start] == \
-        groups["long_rejected"].ids[: groups["long_rejected"].response_start]
+    assert (
+        groups["long_chosen"].ids[: groups["long_chosen"].response_start]
+        == groups["long_rejected"].ids[: groups["long_rejected"].response_start]
+    )
 
 
 def test_plain_template_when_tokenizer_has_none(tokenizer):
     plain = load_tokenizer("tiny")
     plain.chat_template = None
     rec = record(system=None)
-    seq = SequenceEncoder(plain, PromptFormat(prompt_template="Q: {question}\nC: {context}")).encode_group(rec, ("short_chosen",))["short_chosen"]
+    seq = SequenceEncoder(plain, PromptFormat(prompt_template="Q: {question}\nC: {context}")).encode_group(
+        rec, ("short_chosen",)
+    )["short_chosen"]
     text = plain.decode(seq.ids[: seq.response_start])
     assert text == f"<|bos|>Q: {rec.question}\nC: {rec.short_context}\n\nAnswer: "
 
@@ -70,18 +77,25 @@ def test_bad_prompt_template():
 
 def test_length_limit_error_names_file_line_and_field(tokenizer):
     encoder = SequenceEncoder(tokenizer, limits=LengthLimits(max_long_length=100))
-    with pytest.raises(DataError, match=r"data.jsonl:7: field 'long_context': sequence of \d+ tokens exceeds "
-                                        r"max_long_length=100 \(or set truncate_long_context"):
+    with pytest.raises(
+        DataError,
+        match=r"data.jsonl:7: field 'long_context': sequence of \d+ tokens exceeds "
+        r"max_long_length=100 \(or set truncate_long_context",
+    ):
         encoder.encode_group(record())
     encoder = SequenceEncoder(tokenizer, limits=LengthLimits(max_short_length=10))
-    with pytest.raises(DataError, match=r"data.jsonl:7: field 'short_context': .* exceeds max_short_length=10"):
+    with pytest.raises(
+        DataError, match=r"data.jsonl:7: field 'short_context': .* exceeds max_short_length=10"
+    ):
         encoder.encode_group(record())
 
 
 @pytest.mark.parametrize("limit", [120, 200, 300])
 def test_truncation_cuts_only_distractors(tokenizer, limit):
     rec = record()
-    encoder = SequenceEncoder(tokenizer, limits=LengthLimits(max_long_length=limit, truncate_long_context=True))
+    encoder = SequenceEncoder(
+        tokenizer, limits=LengthLimits(max_long_length=limit, truncate_long_context=True)
+    )
     out = encoder.encode_group(rec)
     for role in ("long_chosen", "long_rejected"):
         seq = out[role]
@@ -89,7 +103,9 @@ def test_truncation_cuts_only_distractors(tokenizer, limit):
         text = tokenizer.decode(seq.ids)
         for piece in evidence_pieces(rec.short_context):
             assert piece in text
-        assert rec.question in text and text.endswith((rec.chosen if role == "long_chosen" else rec.rejected) + "<|end|>")
+        assert rec.question in text and text.endswith(
+            (rec.chosen if role == "long_chosen" else rec.rejected) + "<|end|>"
+        )
     assert encoder.num_truncated == 1  # one long prompt shortened for this record
 
 
@@ -112,7 +128,9 @@ def test_tiny_tokenizer_is_rebuilt_identically(tmp_path):
 
     build_tiny_tokenizer(tmp_path, synthetic_tokenizer_corpus(seed=0))
     assert filecmp.cmp(tmp_path / "tokenizer.json", TINY_TOKENIZER_DIR / "tokenizer.json", shallow=False)
-    assert tokenizer_fingerprint(load_tokenizer(str(tmp_path))) == tokenizer_fingerprint(load_tokenizer("tiny"))
+    assert tokenizer_fingerprint(load_tokenizer(str(tmp_path))) == tokenizer_fingerprint(
+        load_tokenizer("tiny")
+    )
 
 
 def test_load_tokenizer_refuses_non_directories():

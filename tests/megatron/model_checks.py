@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-
 from distributed import megatron_on_cpu
-from solopo_megatron.recipe.schema import ModelSection
+
 from solopo_megatron.data.packing import Group, pack_microbatch
 from solopo_megatron.data.tokenize import EncodedSequence
 from solopo_megatron.megatron.model import build_gpt_model, transformer_config
 from solopo_megatron.megatron.parallel import init_parallel_state
 from solopo_megatron.megatron.step import StepContext, microbatch_sequence_logps, packed_seq_params
 from solopo_megatron.objectives import SoLoPOConfig
+from solopo_megatron.recipe.schema import ModelSection
 
 ROLES = ("short_chosen", "short_rejected")
 
@@ -32,17 +32,25 @@ def _groups(seed: int) -> list[Group]:
 @megatron_on_cpu
 def packed_equals_alone(rank: int, world_size: int) -> None:
     """A sequence's log-prob sum is the same alone in its row or packed with others (no leakage)."""
-    model_cfg = ModelSection(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2)
+    model_cfg = ModelSection(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2
+    )
     parallel = init_parallel_state(model_cfg, seed=3)
     config = transformer_config(model_cfg, bf16=False, max_tokens=512)
-    model = build_gpt_model(model_cfg, config, vocab_size=256, max_tokens=512, impl="local", parallel=parallel).eval()
+    model = build_gpt_model(
+        model_cfg, config, vocab_size=256, max_tokens=512, impl="local", parallel=parallel
+    ).eval()
     ctx = StepContext(SoLoPOConfig(mode="short_po"), parallel, inplace_logits_backward=False)
 
     def sums(groups):
         mb = pack_microbatch(groups, ROLES, pad_multiple=2, pad_id=0, row_length=256)
         with torch.no_grad():
-            logits = model(input_ids=mb.tokens[None], position_ids=mb.position_ids[None], attention_mask=None,
-                           packed_seq_params=packed_seq_params(mb))
+            logits = model(
+                input_ids=mb.tokens[None],
+                position_ids=mb.position_ids[None],
+                attention_mask=None,
+                packed_seq_params=packed_seq_params(mb),
+            )
             return microbatch_sequence_logps(ctx, mb, logits)
 
     groups = _groups(seed=5)

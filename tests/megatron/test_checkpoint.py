@@ -16,11 +16,24 @@ STEPS = 8
 
 def _command(tmp: Path, name: str, extra: list[str] = ()) -> tuple[list[str], Path]:
     metrics = tmp / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "solopo_megatron.train", "--config", str(ROOT / "recipes/tiny-cpu.yaml"),
-           "model.context_parallel_size=1", f"train.train_iters={STEPS}", "train.eval_interval=null",
-           "scheduler.lr_warmup_iters=2", "dataset.synthetic.num_train=64", f"dataset.cache_dir={tmp / 'cache'}",
-           f"checkpoint.save={tmp / name}", "checkpoint.save_interval=2", "checkpoint.keep_last=2",
-           f"logger.metrics_file={metrics}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "solopo_megatron.train",
+        "--config",
+        str(ROOT / "recipes/tiny-cpu.yaml"),
+        "model.context_parallel_size=1",
+        f"train.train_iters={STEPS}",
+        "train.eval_interval=null",
+        "scheduler.lr_warmup_iters=2",
+        "dataset.synthetic.num_train=64",
+        f"dataset.cache_dir={tmp / 'cache'}",
+        f"checkpoint.save={tmp / name}",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last=2",
+        f"logger.metrics_file={metrics}",
+        *extra,
+    ]
     return cmd, metrics
 
 
@@ -34,7 +47,9 @@ def _run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[int, str]:
     """Runs to completion in its own session; output to a file, so helper processes that
     dist_checkpointing leaves behind after a SIGKILL cannot hold a pipe open; they are killed after."""
     with open(log, "w") as out:
-        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             code = process.wait(timeout=600)
         finally:
@@ -67,8 +82,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     cmd, metrics = _command(tmp_path, "killed")
     latest = tmp_path / "killed" / "latest_checkpointed_iteration.txt"
-    process = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while not (latest.exists() and latest.read_text().strip() == "4"):
@@ -84,7 +105,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     got = _losses(metrics)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        assert abs(got[step] - expected[step]) <= 1e-6 * max(1.0, abs(expected[step])), (step, got[step], expected[step])
+        assert abs(got[step] - expected[step]) <= 1e-6 * max(1.0, abs(expected[step])), (
+            step,
+            got[step],
+            expected[step],
+        )
     kept = sorted(p.name for p in (tmp_path / "killed").glob("iter_*"))
     assert kept == ["iter_0000006", "iter_0000008"]  # keep_last=2
 
@@ -103,21 +128,43 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
 
 
-def _phase(tmp: Path, name: str, procs: int, until: int, layout: list[str], extra: list[str] = ()) -> tuple[int, str]:
+def _phase(
+    tmp: Path, name: str, procs: int, until: int, layout: list[str], extra: list[str] = ()
+) -> tuple[int, str]:
     """Runs (or resumes) ``name`` up to step ``until`` on ``procs`` processes with ``layout`` overrides.
     The schedule's length is pinned (lr_decay_iters), so stopping early does not change the run."""
-    cmd, _ = _command(tmp, name, ["model.context_parallel_size=1", f"train.train_iters={until}",
-                                  f"scheduler.lr_decay_iters={STEPS}", *layout, *extra])
+    cmd, _ = _command(
+        tmp,
+        name,
+        [
+            "model.context_parallel_size=1",
+            f"train.train_iters={until}",
+            f"scheduler.lr_decay_iters={STEPS}",
+            *layout,
+            *extra,
+        ],
+    )
     if procs > 1:
         module = cmd.index("-m")
-        cmd = [*cmd[:module], "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *cmd[module:]]
+        cmd = [
+            *cmd[:module],
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            *cmd[module:],
+        ]
     return _run(cmd, tmp, _env(), tmp / f"{name}-{until}.log")
 
 
 def _assert_same_losses(got: dict[int, float], expected: dict[int, float], rtol: float) -> None:
     assert sorted(got) == sorted(expected)
     for step in expected:
-        assert abs(got[step] - expected[step]) <= rtol * max(1.0, abs(expected[step])), (step, got[step], expected[step])
+        assert abs(got[step] - expected[step]) <= rtol * max(1.0, abs(expected[step])), (
+            step,
+            got[step],
+            expected[step],
+        )
 
 
 def test_resume_onto_other_layouts(tmp_path):
@@ -126,8 +173,12 @@ def test_resume_onto_other_layouts(tmp_path):
     code, log = _phase(tmp_path, "straight", 1, STEPS, [])
     assert code == 0, log[-3000:]
     expected = _losses(tmp_path / "straight.jsonl")
-    phases = [(1, 2, []), (2, 4, ["model.tensor_model_parallel_size=2"]),
-              (2, 6, ["model.pipeline_model_parallel_size=2"]), (2, STEPS, ["model.context_parallel_size=2"])]
+    phases = [
+        (1, 2, []),
+        (2, 4, ["model.tensor_model_parallel_size=2"]),
+        (2, 6, ["model.pipeline_model_parallel_size=2"]),
+        (2, STEPS, ["model.context_parallel_size=2"]),
+    ]
     for procs, until, layout in phases:
         code, log = _phase(tmp_path, "moved", procs, until, layout)
         assert code == 0, log[-3000:]
@@ -151,4 +202,7 @@ def test_distributed_optimizer_reshards_over_data_parallel_only(tmp_path):
 
     code, log = _phase(tmp_path, "moved", 2, 6, ["model.tensor_model_parallel_size=2"], dist_opt)
     assert code != 0
-    assert "checkpoint.load:" in log and "distributed-optimizer state saved with tensor_model_parallel_size=1" in log
+    assert (
+        "checkpoint.load:" in log
+        and "distributed-optimizer state saved with tensor_model_parallel_size=1" in log
+    )

@@ -27,13 +27,17 @@ def test_moved_internals_fail_loudly():
 
 def test_enabled_is_scoped_and_restores_what_it_patched():
     """The layer is entered explicitly, nests, and leaves torch as it found it."""
-    import torch
-
     import megatron.core.tensor_parallel.random as tp_random
+    import torch
 
     if torch.cuda.is_available():
         pytest.skip("a no-op on CUDA machines")
-    originals = (torch.cuda.current_device, torch.cuda.manual_seed, torch.Tensor.type, tp_random._get_cuda_rng_state)
+    originals = (
+        torch.cuda.current_device,
+        torch.cuda.manual_seed,
+        torch.Tensor.type,
+        tp_random._get_cuda_rng_state,
+    )
     assert not cpu_compat.is_enabled()
     with cpu_compat.enabled():
         assert torch.cuda.current_device() == torch.device("cpu")
@@ -46,7 +50,11 @@ def test_enabled_is_scoped_and_restores_what_it_patched():
         torch.manual_seed(7)
         assert torch.equal(first, torch.rand(3))
     assert not cpu_compat.is_enabled()
-    assert (torch.cuda.current_device, torch.cuda.manual_seed, torch.Tensor.type,
-            tp_random._get_cuda_rng_state) == originals
+    assert (
+        torch.cuda.current_device,
+        torch.cuda.manual_seed,
+        torch.Tensor.type,
+        tp_random._get_cuda_rng_state,
+    ) == originals
     with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
         torch.zeros(2, device="cuda")  # no CUDA here, and no redirection any more

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from distributed import run_distributed, megatron_on_cpu
+from distributed import megatron_on_cpu, run_distributed
 
 from solopo_megatron.recipe.schema import LoggerSection, ModelSection
 from solopo_megatron.recipe.sizing import (
@@ -20,10 +20,23 @@ from solopo_megatron.recipe.sizing import (
 
 VARIANTS = {
     "mha": dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4),
-    "gqa-bias": dict(num_layers=3, hidden_size=96, ffn_hidden_size=160, num_attention_heads=6, num_query_groups=2,
-                     add_qkv_bias=True),
-    "tied-kv": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=1,
-                    kv_channels=32, share_embeddings_and_output_weights=True),
+    "gqa-bias": dict(
+        num_layers=3,
+        hidden_size=96,
+        ffn_hidden_size=160,
+        num_attention_heads=6,
+        num_query_groups=2,
+        add_qkv_bias=True,
+    ),
+    "tied-kv": dict(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=1,
+        kv_channels=32,
+        share_embeddings_and_output_weights=True,
+    ),
 }
 VOCAB = 384
 
@@ -37,7 +50,9 @@ def count_model_parameters(rank: int, world_size: int, out: str) -> None:
     for name, fields in VARIANTS.items():
         m = ModelSection(**fields, transformer_impl="local")
         parallel = init_parallel_state(m, seed=0)
-        model = build_gpt_model(m, transformer_config(m, bf16=False, max_tokens=64), VOCAB, 64, "local", parallel)
+        model = build_gpt_model(
+            m, transformer_config(m, bf16=False, max_tokens=64), VOCAB, 64, "local", parallel
+        )
         counts[name] = sum(p.numel() for p in model.parameters())
     torch.save(counts, out)
 
@@ -51,9 +66,17 @@ def test_parameter_counts_match_the_built_model(tmp_path):
 
 
 def test_published_model_sizes():
-    qwen = ModelSection(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
-                        num_query_groups=4, add_qkv_bias=True)
-    llama = ModelSection(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8)
+    qwen = ModelSection(
+        num_layers=28,
+        hidden_size=3584,
+        ffn_hidden_size=18944,
+        num_attention_heads=28,
+        num_query_groups=4,
+        add_qkv_bias=True,
+    )
+    llama = ModelSection(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8
+    )
     assert parameter_counts(qwen, 152064).total == 7_615_616_512  # Qwen2.5-7B
     assert parameter_counts(llama, 128256).total == 8_030_261_248  # Llama-3.1-8B
 
@@ -66,31 +89,57 @@ def test_flops_match_a_flop_counter(length):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = VARIANTS["gqa-bias"]
-    config = LlamaConfig(hidden_size=fields["hidden_size"], num_hidden_layers=fields["num_layers"],
-                         num_attention_heads=fields["num_attention_heads"], num_key_value_heads=fields["num_query_groups"],
-                         intermediate_size=fields["ffn_hidden_size"], vocab_size=VOCAB, attention_bias=True)
+    config = LlamaConfig(
+        hidden_size=fields["hidden_size"],
+        num_hidden_layers=fields["num_layers"],
+        num_attention_heads=fields["num_attention_heads"],
+        num_key_value_heads=fields["num_query_groups"],
+        intermediate_size=fields["ffn_hidden_size"],
+        vocab_size=VOCAB,
+        attention_bias=True,
+    )
     config._attn_implementation = "eager"  # explicit matmuls the counter sees
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randint(0, VOCAB, (1, length)))
     m = ModelSection(**fields)
-    masked_half = 2 * m.num_layers * m.num_attention_heads * (m.hidden_size // m.num_attention_heads) * length**2
-    assert counter.get_total_flops() == pytest.approx(sequence_training_flops(m, VOCAB, length) / 3 + masked_half, rel=1e-9)
+    masked_half = (
+        2 * m.num_layers * m.num_attention_heads * (m.hidden_size // m.num_attention_heads) * length**2
+    )
+    assert counter.get_total_flops() == pytest.approx(
+        sequence_training_flops(m, VOCAB, length) / 3 + masked_half, rel=1e-9
+    )
 
 
 def test_stage_parameters_and_memory():
     m = ModelSection(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
     counts = parameter_counts(m, VOCAB)
     assert stage_parameters(m, VOCAB) == counts.total
-    pp2 = ModelSection(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                       pipeline_model_parallel_size=2, tensor_model_parallel_size=2)
+    pp2 = ModelSection(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        pipeline_model_parallel_size=2,
+        tensor_model_parallel_size=2,
+    )
     assert stage_parameters(pp2, VOCAB) == (2 * counts.per_layer + counts.embedding + counts.final_norm) / 2
-    plain = estimate_memory(m, VOCAB, tokens_per_microbatch=1024, microbatches=4, dp=8, distributed_optimizer=False)
-    sharded = estimate_memory(m, VOCAB, tokens_per_microbatch=1024, microbatches=4, dp=8, distributed_optimizer=True)
+    plain = estimate_memory(
+        m, VOCAB, tokens_per_microbatch=1024, microbatches=4, dp=8, distributed_optimizer=False
+    )
+    sharded = estimate_memory(
+        m, VOCAB, tokens_per_microbatch=1024, microbatches=4, dp=8, distributed_optimizer=True
+    )
     assert plain.optimizer == 12 * counts.total and sharded.optimizer == plain.optimizer / 8
     assert plain.weights == 2 * counts.total and plain.logits == 2 * 1024 * VOCAB
-    full = estimate_memory(ModelSection(**{**m.__dict__, "recompute_granularity": "full"}), VOCAB,
-                           tokens_per_microbatch=1024, microbatches=4, dp=8, distributed_optimizer=False)
+    full = estimate_memory(
+        ModelSection(**{**m.__dict__, "recompute_granularity": "full"}),
+        VOCAB,
+        tokens_per_microbatch=1024,
+        microbatches=4,
+        dp=8,
+        distributed_optimizer=False,
+    )
     assert full.activations < plain.activations
 
 
@@ -120,7 +169,9 @@ def test_tensorboard_and_jsonl(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("eval/accuracy/long")] == [(2, 0.75)]
     assert "train/grad_norm" not in events.Tags()["scalars"]  # non-finite values stay in the JSON lines only
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
-    MetricWriters(logger, {}, enabled=False).write({"step": 3, "train": {"loss": 1.0}})  # other ranks: nothing
+    MetricWriters(logger, {}, enabled=False).write(
+        {"step": 3, "train": {"loss": 1.0}}
+    )  # other ranks: nothing
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
 
 

@@ -19,25 +19,49 @@ def _run(tmp_path, name: str, overrides: list[str], *, cpu: bool = False) -> lis
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "solopo_megatron.train", "--config", str(ROOT / "recipes/tiny-cpu.yaml"),
-           "model.context_parallel_size=1", "model.use_cpu_initialization=true", "scheduler.lr_warmup_iters=0",
-           "dataset.synthetic.num_train=64", f"dataset.cache_dir={tmp_path / 'cache'}", f"logger.metrics_file={metrics}",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "solopo_megatron.train",
+        "--config",
+        str(ROOT / "recipes/tiny-cpu.yaml"),
+        "model.context_parallel_size=1",
+        "model.use_cpu_initialization=true",
+        "scheduler.lr_warmup_iters=0",
+        "dataset.synthetic.num_train=64",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"logger.metrics_file={metrics}",
+        *overrides,
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line)["train"] for line in metrics.read_text().splitlines() if "train" in line]
 
 
 def test_training_steps_with_local_attention_spec(tmp_path):
-    steps = _run(tmp_path, "local", ["model.transformer_impl=local", "train.train_iters=3", "train.eval_interval=null"])
+    steps = _run(
+        tmp_path, "local", ["model.transformer_impl=local", "train.train_iters=3", "train.eval_interval=null"]
+    )
     assert len(steps) == 3
     assert all(step["loss"] == step["loss"] and step["grad_norm"] > 0 for step in steps)  # finite, learning
 
 
 def test_cuda_bf16_matches_cpu_fp32(tmp_path):
-    common = ["solopo.preference_loss=simpo", "solopo.beta=2.0", "train.train_iters=1", "train.eval_interval=null",
-              "model.transformer_impl=local"]
+    common = [
+        "solopo.preference_loss=simpo",
+        "solopo.beta=2.0",
+        "train.train_iters=1",
+        "train.eval_interval=null",
+        "model.transformer_impl=local",
+    ]
     gpu = _run(tmp_path, "gpu", common)[0]
     cpu = _run(tmp_path, "cpu", common, cpu=True)[0]
-    for key in ("loss", "po_loss", "solo_ra_loss", "grad_norm", "rewards/short_chosen", "rewards/long_chosen"):
+    for key in (
+        "loss",
+        "po_loss",
+        "solo_ra_loss",
+        "grad_norm",
+        "rewards/short_chosen",
+        "rewards/long_chosen",
+    ):
         assert gpu[key] == pytest.approx(cpu[key], rel=3e-2, abs=2e-2), key

@@ -11,22 +11,36 @@ import os
 
 import pytest
 import torch
-from distributed import run_distributed, megatron_on_cpu
+from distributed import megatron_on_cpu, run_distributed
 
-from solopo_megatron.recipe.schema import ModelSection
 from solopo_megatron.megatron.hf_weights import hf_to_megatron_state_dict, load_hf_state_dict
 from solopo_megatron.recipe.hf_config import check_model_matches_hf, model_section_from_hf_config
+from solopo_megatron.recipe.schema import ModelSection
 
 TOKENS = 256  # long enough for llama3 rope scaling's low frequencies to move the logits
 VOCAB = 256
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": VOCAB, "intermediate_size": 176, "rms_norm_eps": 1e-6}
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "intermediate_size": 176,
+    "rms_norm_eps": 1e-6,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 CHECKPOINTS = {  # name: (model type, config overrides)
     "llama": ("llama", {}),
-    "llama3-rope": ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0,
-                              "max_position_embeddings": 131072}),
+    "llama3-rope": (
+        "llama",
+        {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "max_position_embeddings": 131072},
+    ),
     "qwen2": ("qwen2", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
 }
@@ -88,11 +102,22 @@ def _forward(model, ids: torch.Tensor) -> torch.Tensor:
 
     n = ids.numel()
     cu = torch.tensor([0, n], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                             cu_seqlens_kv_padded=cu, max_seqlen_q=n, max_seqlen_kv=n)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=n,
+        max_seqlen_kv=n,
+    )
     with torch.no_grad():
-        logits = model(input_ids=ids[None], position_ids=torch.arange(n)[None],
-                       attention_mask=packed_attention_mask(cu, 1, 0), packed_seq_params=params)
+        logits = model(
+            input_ids=ids[None],
+            position_ids=torch.arange(n)[None],
+            attention_mask=packed_attention_mask(cu, 1, 0),
+            packed_seq_params=params,
+        )
     return logits.reshape(n, -1)
 
 
@@ -100,7 +125,6 @@ def _forward(model, ids: torch.Tensor) -> torch.Tensor:
 def megatron_logits(rank: int, world_size: int, root: str, runs: list, out: str) -> None:
     """Each run's GPTModel (local spec, fp32, TP=world_size) loaded from its checkpoint: saves its logits."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from solopo_megatron.megatron.hf_weights import load_hf_weights_into
     from solopo_megatron.megatron.model import build_gpt_model, transformer_config
@@ -111,8 +135,9 @@ def megatron_logits(rank: int, world_size: int, root: str, runs: list, out: str)
     for name, checkpoint, overrides in runs:
         directory = os.path.join(root, checkpoint)
         fields = {**model_section_from_hf_config(directory), **overrides}
-        model_section = ModelSection(**fields, tensor_model_parallel_size=world_size,
-                                     transformer_impl="local")
+        model_section = ModelSection(
+            **fields, tensor_model_parallel_size=world_size, transformer_impl="local"
+        )
         parallel = init_parallel_state(model_section, seed=0)
         tp_group = parallel.tp_group
         config = transformer_config(model_section, bf16=False, max_tokens=TOKENS)
@@ -201,9 +226,13 @@ def test_llama3_rope_scaling_matters_and_matches_megatron_frequencies(checkpoint
     assert unscaled > 1e-2 * float(want.abs().max())  # 100x the tolerance: the test sees the scaling
     fields = model_section_from_hf_config(models["llama3-rope"].config)
     rope = RotaryEmbedding(
-        kv_channels=fields["kv_channels"], rotary_percent=1.0, rotary_base=fields["rotary_base"],
-        rope_scaling=fields["rope_scaling"], rope_scaling_factor=fields["rope_scaling_factor"],
-        use_cpu_initialization=True)
+        kv_channels=fields["kv_channels"],
+        rotary_percent=1.0,
+        rotary_base=fields["rotary_base"],
+        rope_scaling=fields["rope_scaling"],
+        rope_scaling_factor=fields["rope_scaling_factor"],
+        use_cpu_initialization=True,
+    )
     hf_rope = models["llama3-rope"].model.rotary_emb
     assert hf_rope.attention_scaling == 1.0
     torch.testing.assert_close(rope.inv_freq, hf_rope.inv_freq, rtol=1e-6, atol=0)
@@ -230,10 +259,19 @@ def test_model_section_from_hf_config(checkpoints):
     root = checkpoints[0]
     llama = model_section_from_hf_config(root / "llama")
     assert llama == {
-        "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 176, "num_attention_heads": 4,
-        "num_query_groups": 2, "kv_channels": 16, "normalization": "RMSNorm", "layernorm_epsilon": 1e-6,
-        "add_qkv_bias": False, "share_embeddings_and_output_weights": False, "rotary_base": 10000,
-        "rope_scaling": False, "rope_scaling_factor": 8.0,
+        "num_layers": 2,
+        "hidden_size": 64,
+        "ffn_hidden_size": 176,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "kv_channels": 16,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": 1e-6,
+        "add_qkv_bias": False,
+        "share_embeddings_and_output_weights": False,
+        "rotary_base": 10000,
+        "rope_scaling": False,
+        "rope_scaling_factor": 8.0,
     }
     ModelSection(**llama)  # every key is a ModelSection field
     rope = model_section_from_hf_config(root / "llama3-rope" / "config.json")
@@ -247,18 +285,31 @@ def test_model_section_from_hf_config(checkpoints):
     assert model_section_from_hf_config(legacy) == {**llama, "rotary_base": 500000, "rope_scaling": True}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture MistralForCausalLM"),
-    ({"architectures": None, "model_type": "gemma"}, "unsupported architecture model_type 'gemma'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "'yarn'"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "'dynamic'"),
-    ({"rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": 2.0, "rope_theta": 10000.0}},
-     "low_freq_factor=1"),
-    ({"rope_parameters": {**LLAMA3_ROPE, "original_max_position_embeddings": 4096, "rope_theta": 10000.0}},
-     "original_max_position_embeddings=8192"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"hidden_act": "gelu"}, "gelu"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture MistralForCausalLM"),
+        ({"architectures": None, "model_type": "gemma"}, "unsupported architecture model_type 'gemma'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "'yarn'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "'dynamic'"),
+        (
+            {"rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": 2.0, "rope_theta": 10000.0}},
+            "low_freq_factor=1",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    **LLAMA3_ROPE,
+                    "original_max_position_embeddings": 4096,
+                    "rope_theta": 10000.0,
+                }
+            },
+            "original_max_position_embeddings=8192",
+        ),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "gelu"),
+    ],
+)
 def test_unsupported_configs_are_rejected(checkpoints, change, message):
     config = {**config_json(checkpoints[0], "llama"), **change}
     with pytest.raises(ValueError, match=message):
@@ -284,7 +335,8 @@ def test_check_model_matches_hf_names_keys(checkpoints):
     assert len(problems) == 4
     factor4 = section(root, "llama3-rope", rope_scaling_factor=4.0)
     assert check_model_matches_hf(factor4, root / "llama3-rope") == [
-        "model.rope_scaling_factor: recipe 4.0, checkpoint 8.0"]
+        "model.rope_scaling_factor: recipe 4.0, checkpoint 8.0"
+    ]
     assert check_model_matches_hf(wrong, {"architectures": ["GPT2LMHeadModel"]})[0].startswith("model: ")
 
 
@@ -301,14 +353,16 @@ def test_qkv_and_fc1_layouts(checkpoints):
         q, k, v = (hf[f"{attn}{p}_proj.{suffix}"] for p in "qkv")
         fused = full[f"decoder.layers.1.self_attention.linear_qkv.{suffix}"]
         for group in range(2):  # 2 heads (32 rows) of q, then 16 of k and 16 of v per group
-            rows = fused[group * 64:(group + 1) * 64]
-            assert torch.equal(rows[:32], q[group * 32:(group + 1) * 32])
-            assert torch.equal(rows[32:48], k[group * 16:(group + 1) * 16])
-            assert torch.equal(rows[48:], v[group * 16:(group + 1) * 16])
+            rows = fused[group * 64 : (group + 1) * 64]
+            assert torch.equal(rows[:32], q[group * 32 : (group + 1) * 32])
+            assert torch.equal(rows[32:48], k[group * 16 : (group + 1) * 16])
+            assert torch.equal(rows[48:], v[group * 16 : (group + 1) * 16])
     gate_up = torch.cat([hf["model.layers.1.mlp.gate_proj.weight"], hf["model.layers.1.mlp.up_proj.weight"]])
     assert torch.equal(full["decoder.layers.1.mlp.linear_fc1.weight"], gate_up)
-    assert torch.equal(full["decoder.layers.1.pre_mlp_layernorm.weight"],
-                       hf["model.layers.1.post_attention_layernorm.weight"])
+    assert torch.equal(
+        full["decoder.layers.1.pre_mlp_layernorm.weight"],
+        hf["model.layers.1.post_attention_layernorm.weight"],
+    )
     assert "output_layer.weight" in full and len(full) == 3 + 2 * 7
 
 
@@ -316,9 +370,12 @@ def test_param_names_pick_transformer_engine_norm_names_and_a_stage(checkpoints)
     root = checkpoints[0]
     hf = load_hf_state_dict(root / "qwen2-tied")
     tied = section(root, "qwen2-tied")
-    names = ["decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
-             "decoder.layers.1.self_attention.linear_qkv.weight",
-             "decoder.layers.1.mlp.linear_fc1.layer_norm_weight", "embedding.word_embeddings.weight"]
+    names = [
+        "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_qkv.weight",
+        "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
+        "embedding.word_embeddings.weight",
+    ]
     full = hf_to_megatron_state_dict(hf, tied, names, padded_vocab=384)
     assert sorted(full) == sorted(names)
     assert torch.equal(full[names[0]], hf["model.layers.1.input_layernorm.weight"])
@@ -344,8 +401,10 @@ def test_missing_tensor_names_hf_key_and_directory(checkpoints, tmp_path):
 def test_shape_mismatch_names_both_keys_and_shapes(checkpoints):
     root = checkpoints[0]
     narrow = section(root, "llama", ffn_hidden_size=128)
-    message = (r"HF model.layers.0.mlp.gate_proj.weight is \(176, 64\), but Megatron "
-               r"decoder.layers.0.mlp.linear_fc1.weight needs \(128, 64\)")
+    message = (
+        r"HF model.layers.0.mlp.gate_proj.weight is \(176, 64\), but Megatron "
+        r"decoder.layers.0.mlp.linear_fc1.weight needs \(128, 64\)"
+    )
     with pytest.raises(ValueError, match=message):
         hf_to_megatron_state_dict(load_hf_state_dict(root / "llama"), narrow)
 
@@ -383,11 +442,10 @@ def test_load_hf_state_dict_sharded_single_and_missing(checkpoints, tmp_path):
 @megatron_on_cpu
 def recipe_start_weights(rank: int, world_size: int, recipe: str, overrides: list, out: str) -> None:
     """setup() of a recipe with checkpoint.pretrained_hf, on TP=world_size: the full initial weights."""
-    from megatron.core import parallel_state
 
-    from solopo_megatron.recipe.loading import load_config
     from solopo_megatron.megatron import trainer as training
     from solopo_megatron.megatron.weights import gather_full_state_dict
+    from solopo_megatron.recipe.loading import load_config
 
     trainer = training.setup(load_config(recipe, overrides), log=lambda text: None)
     full = gather_full_state_dict(trainer.chunks[0], trainer.parallel.groups.tp, trainer.parallel.groups.pp)
@@ -408,9 +466,15 @@ def test_recipe_starts_from_the_hf_weights(tmp_path):
     recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny-cpu.yaml")
     fields = model_section_from_hf_config(directory)
     overrides = [f"model.{key}={'null' if value is None else value}" for key, value in fields.items()]
-    overrides += ["model.context_parallel_size=1", "model.tensor_model_parallel_size=2", "solopo.preference_loss=simpo",
-                  "dataset.synthetic.num_train=8", "dataset.synthetic.num_valid=4", f"dataset.cache_dir={tmp_path / 'cache'}",
-                  f"checkpoint.pretrained_hf={directory}"]
+    overrides += [
+        "model.context_parallel_size=1",
+        "model.tensor_model_parallel_size=2",
+        "solopo.preference_loss=simpo",
+        "dataset.synthetic.num_train=8",
+        "dataset.synthetic.num_valid=4",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"checkpoint.pretrained_hf={directory}",
+    ]
     validate_recipe(load_config(recipe, overrides), world_size=2)
     out = str(tmp_path / "start.pt")
     run_distributed(recipe_start_weights, 2, recipe, overrides, out)
@@ -420,7 +484,13 @@ def test_recipe_starts_from_the_hf_weights(tmp_path):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value.float(), rtol=0, atol=0, msg=key)
 
-    with pytest.raises(RecipeError, match=r"model\.hidden_size: recipe 32, checkpoint 64 \(checkpoint\.pretrained_hf="):
+    with pytest.raises(
+        RecipeError, match=r"model\.hidden_size: recipe 32, checkpoint 64 \(checkpoint\.pretrained_hf="
+    ):
         validate_recipe(load_config(recipe, [*overrides, "model.hidden_size=32"]), world_size=2)
-    with pytest.raises(RecipeError, match=r"checkpoint\.pretrained_hf: .* is not a Hugging Face checkpoint directory"):
-        validate_recipe(load_config(recipe, [*overrides, f"checkpoint.pretrained_hf={tmp_path}"]), world_size=2)
+    with pytest.raises(
+        RecipeError, match=r"checkpoint\.pretrained_hf: .* is not a Hugging Face checkpoint directory"
+    ):
+        validate_recipe(
+            load_config(recipe, [*overrides, f"checkpoint.pretrained_hf={tmp_path}"]), world_size=2
+        )

@@ -35,8 +35,19 @@ LAYOUTS = [
     ("pp2-tied-qkv-bias", 1, 2, 1, 2, "tied-qkv-bias", {}),
     ("tp2-tied-qkv-bias", 2, 1, 1, 2, "tied-qkv-bias", {}),
     # Activation recomputation changes memory, not numbers.
-    ("recompute-full", 1, 1, 1, 1, "base", {"model.recompute_granularity": "full", "model.recompute_method": "uniform",
-                                            "model.recompute_num_layers": 1}),
+    (
+        "recompute-full",
+        1,
+        1,
+        1,
+        1,
+        "base",
+        {
+            "model.recompute_granularity": "full",
+            "model.recompute_method": "uniform",
+            "model.recompute_num_layers": 1,
+        },
+    ),
     ("recompute-selective-tp2", 2, 1, 1, 2, "base", {"model.recompute_granularity": "selective"}),
 ]
 
@@ -62,7 +73,9 @@ def single(tmp_path_factory):
     return tmp, run
 
 
-@pytest.mark.parametrize("tag, tp, pp, cp, world, variant, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize(
+    "tag, tp, pp, cp, world, variant, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS]
+)
 def test_layout_matches_one_process(single, tag, tp, pp, cp, world, variant, extra):
     tmp, run_single = single
     expected = run_single(variant)
@@ -72,13 +85,21 @@ def test_layout_matches_one_process(single, tag, tp, pp, cp, world, variant, ext
         want, have = expected[mode], got[mode]
         assert have["before"].keys() == want["before"].keys()
         for name in want["before"]:
-            torch.testing.assert_close(have["before"][name], want["before"][name], rtol=0, atol=0, msg=f"{mode} init {name}")
+            torch.testing.assert_close(
+                have["before"][name], want["before"][name], rtol=0, atol=0, msg=f"{mode} init {name}"
+            )
         # Per step: loss and gradient norm.
-        torch.testing.assert_close(have["steps"][:, :2], want["steps"][:, :2], rtol=1e-5, atol=1e-6,
-                                   msg=f"{mode} loss/grad norm")
+        torch.testing.assert_close(
+            have["steps"][:, :2], want["steps"][:, :2], rtol=1e-5, atol=1e-6, msg=f"{mode} loss/grad norm"
+        )
         for name in want["after"]:
-            torch.testing.assert_close(have["after"][name], want["after"][name], rtol=1e-5, atol=1e-6,
-                                       msg=f"{mode} updated {name}")
-        assert not torch.equal(want["after"][next(iter(want["after"]))], want["before"][next(iter(want["before"]))])
+            torch.testing.assert_close(
+                have["after"][name], want["after"][name], rtol=1e-5, atol=1e-6, msg=f"{mode} updated {name}"
+            )
+        assert not torch.equal(
+            want["after"][next(iter(want["after"]))], want["before"][next(iter(want["before"]))]
+        )
         # Several microbatches per step: accumulation (and under PP, 1F1B's steady state) is exercised.
-        assert want["steps"][:, 2].min() >= 2 and (dp_size(world, tp, pp, cp) > 1 or have["steps"][:, 2].min() >= 2)
+        assert want["steps"][:, 2].min() >= 2 and (
+            dp_size(world, tp, pp, cp) > 1 or have["steps"][:, 2].min() >= 2
+        )

@@ -42,8 +42,12 @@ def test_sequence_spans_cover_exactly_the_dense_mask():
             assert [s.start for s in spans] == [b // cp for b in (0, 8, 20)] and spans[-1].end == 32 // cp
             for span in spans:
                 keys = span.key_rows if span.key_rows is not None else torch.arange(span.start, span.end)
-                mask = span.mask if span.mask is not None else torch.tril(torch.ones(len(keys), len(keys), dtype=torch.bool))
-                covered[span.start:span.end][:, keys] = mask
+                mask = (
+                    span.mask
+                    if span.mask is not None
+                    else torch.tril(torch.ones(len(keys), len(keys), dtype=torch.bool))
+                )
+                covered[span.start : span.end][:, keys] = mask
             assert torch.equal(covered, dense), (cp, rank)
 
 
@@ -59,11 +63,21 @@ def test_per_sequence_attention_equals_the_dense_oracle_with_gqa():
     g = torch.Generator().manual_seed(3)
     cu = torch.tensor([0, 6, 16, 30])
     t, heads, groups, d = 30, 4, 2, 8
-    q, k, v = (torch.randn(t, n, d, generator=g, dtype=torch.float64, requires_grad=True) for n in (heads, groups, groups))
+    q, k, v = (
+        torch.randn(t, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+        for n in (heads, groups, groups)
+    )
     config = types.SimpleNamespace(context_parallel_size=1, attention_dropout=0.0)
     attention = PackedCoreAttention(config, layer_number=1, attn_mask_type=None)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                             cu_seqlens_kv_padded=cu, max_seqlen_q=14, max_seqlen_kv=14)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=14,
+        max_seqlen_kv=14,
+    )
     out = attention(q, k, v, None, packed_seq_params=params)
     weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))

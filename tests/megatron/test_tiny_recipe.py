@@ -15,20 +15,42 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_tiny_recipe_learns(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     overrides = [
-        "model.context_parallel_size=1", "train.train_iters=60", "train.eval_interval=60", "train.log_interval=20",
-        "dataset.synthetic.num_train=256", "scheduler.lr_warmup_iters=5", f"dataset.cache_dir={tmp_path / 'cache'}",
+        "model.context_parallel_size=1",
+        "train.train_iters=60",
+        "train.eval_interval=60",
+        "train.log_interval=20",
+        "dataset.synthetic.num_train=256",
+        "scheduler.lr_warmup_iters=5",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
         f"logger.metrics_file={metrics}",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the reference kernels: fast on CPU
-    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", str(ROOT / "recipes/tiny-cpu.yaml"),
-                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
+    }  # the reference kernels: fast on CPU
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "solopo_megatron.train",
+            "--config",
+            str(ROOT / "recipes/tiny-cpu.yaml"),
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "reward check: policy == reference before the first update" in out and "step 60/60" in out
     entries = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = [e["eval"] for e in entries if "eval" in e]
     first, last = evals[0], evals[-1]
-    assert abs(first["loss"] - 0.6931) < 1e-3 and abs(first["margin/long"]) < 1e-6  # policy == reference at step 0
+    assert (
+        abs(first["loss"] - 0.6931) < 1e-3 and abs(first["margin/long"]) < 1e-6
+    )  # policy == reference at step 0
     assert last["loss"] < first["loss"] - 0.1
     assert last["accuracy/long"] >= 0.6 and last["accuracy/long"] > first["accuracy/long"]
     assert len([e for e in entries if "train" in e]) == 60
@@ -36,28 +58,71 @@ def test_tiny_recipe_learns(tmp_path):
 
 def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
     store = tmp_path / "ref.jsonl"
-    common = ["model.context_parallel_size=1", "dataset.synthetic.num_train=32", "dataset.synthetic.num_valid=8",
-              f"dataset.cache_dir={tmp_path / 'cache'}", f"solopo.reference_store={store}", "scheduler.lr_warmup_iters=0"]
+    common = [
+        "model.context_parallel_size=1",
+        "dataset.synthetic.num_train=32",
+        "dataset.synthetic.num_valid=8",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"solopo.reference_store={store}",
+        "scheduler.lr_warmup_iters=0",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     config = str(ROOT / "recipes/tiny-cpu.yaml")
-    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", config, *common,
-                           "solopo.compute_reference_if_missing=false", "train.train_iters=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "solopo_megatron.train",
+            "--config",
+            config,
+            *common,
+            "solopo.compute_reference_if_missing=false",
+            "train.train_iters=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2
-    assert f"solopo.reference_store: dpo needs reference log-probs, and the store {store} does not exist" in done.stderr
-    done = subprocess.run(["solopo-ref-logps", "--config", config, *common, "solopo.compute_reference_if_missing=false"],
-                          cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    assert (
+        f"solopo.reference_store: dpo needs reference log-probs, and the store {store} does not exist"
+        in done.stderr
+    )
+    done = subprocess.run(
+        ["solopo-ref-logps", "--config", config, *common, "solopo.compute_reference_if_missing=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote 40 examples' reference log-probs" in done.stdout
     from solopo_megatron.data.reference_store import load_reference_store
 
     loaded = load_reference_store(store)
     assert len(loaded) == 40 and loaded.info == {"source": "initial weights"}
-    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", config, *common,
-                           "solopo.compute_reference_if_missing=false", "train.train_iters=2", "train.eval_interval=null",
-                           "scheduler.lr_warmup_iters=0"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "solopo_megatron.train",
+            "--config",
+            config,
+            *common,
+            "solopo.compute_reference_if_missing=false",
+            "train.train_iters=2",
+            "train.eval_interval=null",
+            "scheduler.lr_warmup_iters=0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # The reference pass and the training pass pack rows differently, so rewards are 0 only up to fp32
     # rounding (4.8e-8 seen on an AVX2 EPYC, exactly 0 on others): the check's contract is a bound.
@@ -68,13 +133,36 @@ def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
     # An infinite learning rate wrecks the weights in step 1; every later step has non-finite gradients.
-    overrides = ["model.context_parallel_size=1", "dataset.synthetic.num_train=32", "dataset.synthetic.num_valid=8",
-                 f"dataset.cache_dir={tmp_path / 'cache'}", "scheduler.lr_warmup_iters=0", "scheduler.lr_decay_style=constant",
-                 "optimizer.lr=.inf", "optimizer.clip_grad=0.0", "train.train_iters=10", "train.eval_interval=null",
-                 "train.log_interval=1", "train.max_skipped_steps_in_a_row=2"]
+    overrides = [
+        "model.context_parallel_size=1",
+        "dataset.synthetic.num_train=32",
+        "dataset.synthetic.num_valid=8",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "scheduler.lr_warmup_iters=0",
+        "scheduler.lr_decay_style=constant",
+        "optimizer.lr=.inf",
+        "optimizer.clip_grad=0.0",
+        "train.train_iters=10",
+        "train.eval_interval=null",
+        "train.log_interval=1",
+        "train.max_skipped_steps_in_a_row=2",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "solopo_megatron.train", "--config", str(ROOT / "recipes/tiny-cpu.yaml"),
-                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "solopo_megatron.train",
+            "--config",
+            str(ROOT / "recipes/tiny-cpu.yaml"),
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode != 0
     assert "update skipped (1 in a row, limit train.max_skipped_steps_in_a_row=2)" in done.stdout
     assert "stopping: 2 steps in a row had non-finite loss or gradients (last: step 3)" in done.stderr
@@ -92,18 +180,38 @@ def test_reward_check_is_a_bound_not_bitwise_equality():
 def test_default_store_written_by_ref_logps_is_found_by_training(tmp_path):
     """``solopo-ref-logps`` without solopo.reference_store writes the default cache path; training with
     compute_reference_if_missing=false must find it there (one resolve_reference_store rule for both)."""
-    common = ["model.context_parallel_size=1", "dataset.synthetic.num_train=16", "dataset.synthetic.num_valid=4",
-              "train.global_batch_size=8", f"dataset.cache_dir={tmp_path / 'cache'}",
-              "solopo.compute_reference_if_missing=false", "scheduler.lr_warmup_iters=0"]
+    common = [
+        "model.context_parallel_size=1",
+        "dataset.synthetic.num_train=16",
+        "dataset.synthetic.num_valid=4",
+        "train.global_batch_size=8",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "solopo.compute_reference_if_missing=false",
+        "scheduler.lr_warmup_iters=0",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     config = str(ROOT / "recipes/tiny-cpu.yaml")
-    train = [sys.executable, "-m", "solopo_megatron.train", "--config", config, *common, "train.train_iters=1",
-             "train.eval_interval=null"]
+    train = [
+        sys.executable,
+        "-m",
+        "solopo_megatron.train",
+        "--config",
+        config,
+        *common,
+        "train.train_iters=1",
+        "train.eval_interval=null",
+    ]
     done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "dpo needs reference log-probs, and the store is not set" in done.stderr  # no data files yet
-    done = subprocess.run(["solopo-ref-logps", "--config", config, *common], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["solopo-ref-logps", "--config", config, *common],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     written = list((tmp_path / "cache" / "reference").glob("*.jsonl"))
     assert len(written) == 1 and f"to {written[0]}" in done.stdout
