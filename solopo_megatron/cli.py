@@ -47,6 +47,7 @@ def _encoder(args):
 
 
 def cmd_validate(args) -> int:
+    """Checks data files record by record; prints every problem as file:line: field: problem."""
     from .data.dataset import encode_records
     from .data.records import ReadReport, validate_file
 
@@ -68,6 +69,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_synthetic(args) -> int:
+    """Writes synthetic long-context QA records (JSONL) for tests and demos."""
     from .data.synthetic import generate_synthetic_records, write_jsonl
 
     records = generate_synthetic_records(
@@ -79,6 +81,7 @@ def cmd_synthetic(args) -> int:
 
 
 def cmd_build_long(args) -> int:
+    """Builds each record's long context from its short one by burying it in distractor text."""
     from .data.long_context import build_long_records, load_distractor_corpus
     from .data.records import iter_records
     from .data.tokenize import load_tokenizer
@@ -140,6 +143,7 @@ def _read_short_record(line: str, path, n: int) -> dict:
 
 
 def cmd_inspect(args) -> int:
+    """Tokenises a file and prints length statistics and how a global batch packs into microbatches."""
     from .data.dataset import TokenizedDataset
     from .data.loading import GlobalBatchSampler, step_microbatches
     from .data.packing import pad_multiple_for
@@ -182,12 +186,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_tiny_tokenizer(args) -> int:
+    """Rebuilds the bundled tiny byte-level BPE tokenizer."""
     from .data.tiny_tokenizer import main
 
     return main(["--out", str(args.out)])
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``solopo-data`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="solopo-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -245,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``solopo-data``: runs one subcommand; data errors print one line and exit with code 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

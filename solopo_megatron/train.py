@@ -34,6 +34,7 @@ def _quiet_expected_warnings() -> None:
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    """The command line of ``solopo-train`` / ``solopo-ref-logps``."""
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -96,6 +97,7 @@ def _train(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``solopo-train``: validates, then trains; returns the exit code."""
     return _run(argv, "solopo-train", _train)
 
 

@@ -29,6 +29,7 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("SOLOPO_CACHE_DIR", Path.home() / ".cach
 
 
 def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -37,6 +37,8 @@ _EVIDENCE_SPLIT = re.compile(r"\n\s*\n")
 
 @dataclass(frozen=True)
 class Record:
+    """One validated SoLoPO example (a line of the JSONL file)."""
+
     id: str
     question: str
     short_context: str

@@ -35,6 +35,8 @@ def _as_fp32(value: float) -> float:
 
 @dataclass
 class ReferenceStore:
+    """Reference log-prob sums per example id and role, keyed to the data by a fingerprint."""
+
     roles: tuple[str, ...]
     data_fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)

@@ -50,6 +50,7 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: Iterable[str], vocab_size:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``solopo-data tiny-tokenizer``: trains and writes the tiny tokenizer."""
     from .synthetic import synthetic_tokenizer_corpus
 
     parser = argparse.ArgumentParser(description="Rebuild the bundled tiny tokenizer.")

@@ -23,6 +23,8 @@ _MAX_TRUNCATION_ROUNDS = 64
 
 @dataclass(frozen=True)
 class PromptFormat:
+    """How a record becomes the user turn: the prompt template and an optional system prompt."""
+
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     system: str | None = None  # default system prompt; a record's own "system" wins
     plain_template: str = "{system}{user}\n\nAnswer: "  # used when the tokenizer has no chat template
@@ -38,6 +40,8 @@ class PromptFormat:
 
 @dataclass(frozen=True, eq=False)
 class EncodedSequence:
+    """A sequence's token ids and where its response (the scored tokens) starts."""
+
     ids: Sequence[int]  # a tuple when freshly tokenised, an int32 array when read from the cache
     response_start: int  # index of the first response token
 
@@ -53,6 +57,8 @@ class EncodedSequence:
 
 @dataclass(frozen=True)
 class LengthLimits:
+    """Token limits of short and long sequences, and whether long contexts may be cut to fit."""
+
     max_short_length: int | None = None  # tokens of a whole short sequence (prompt + response)
     max_long_length: int | None = None
     truncate_long_context: bool = False  # cut distractor text (never evidence, question, response)

@@ -63,6 +63,7 @@ class _CudaAllocationsOnCpu(TorchFunctionMode):
 
 
 def check_version() -> str:
+    """The installed megatron-core version; MegatronCompatError when this layer does not support it."""
     from megatron.core import package_info
 
     version = package_info.__version__
@@ -113,6 +114,7 @@ def enabled() -> Iterator[None]:
 
 
 def is_enabled() -> bool:
+    """Whether a ``with enabled():`` block is active in this process."""
     return _depth > 0
 
 

@@ -42,38 +42,30 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
     encoder = sequence_encoder(ds)
     tokenizer = encoder.tokenizer
     roles = required_roles(cfg.solopo.loss_config())
-    datasets: list[TokenizedDataset | None] = []
+
+    def build(path: str, needed_roles) -> TokenizedDataset:
+        return TokenizedDataset.build(
+            path,
+            encoder,
+            needed_roles,
+            cache_dir=cache_dir(cfg),
+            on_error=ds.on_error,
+            progress=parallel.rank == 0,
+        )[0]
+
+    train = valid = None
     for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
         if (parallel.rank == 0) == rank_turn:
-            train, _ = TokenizedDataset.build(
-                train_path,
-                encoder,
-                roles,
-                cache_dir=cache_dir(cfg),
-                on_error=ds.on_error,
-                progress=parallel.rank == 0,
-            )
+            train = build(train_path, roles)
             # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
-            valid = (
-                TokenizedDataset.build(
-                    valid_path,
-                    encoder,
-                    ROLES,
-                    cache_dir=cache_dir(cfg),
-                    on_error=ds.on_error,
-                    progress=parallel.rank == 0,
-                )[0]
-                if valid_path
-                else None
-            )
-            datasets = [train, valid]
+            valid = build(valid_path, ROLES) if valid_path else None
         dist.barrier()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
     return Data(
-        datasets[0],
-        datasets[1],
+        train,
+        valid,
         roles,
         pad_id,
         model_vocab_size(cfg, len(tokenizer)),

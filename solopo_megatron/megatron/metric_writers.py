@@ -14,6 +14,8 @@ from ..recipe.schema import LoggerSection
 
 
 class MetricWriters:
+    """Writes each step's metrics entry to JSON lines, TensorBoard and wandb (logging rank only)."""
+
     def __init__(
         self, logger: LoggerSection, run_config: dict[str, Any], *, enabled: bool, resumed_step: int = 0
     ):

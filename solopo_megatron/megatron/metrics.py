@@ -121,10 +121,12 @@ def reward_check_message(metrics: dict[str, float], beta: float) -> str:
 
 
 def format_metrics(metrics: dict[str, float], keys: Sequence[str]) -> str:
+    """``key value`` pairs of the ``keys`` present in ``metrics``, for a log line."""
     return " ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
 
 
 def format_clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -15,6 +15,7 @@ from ..recipe.sizing import padded_vocab_size
 
 
 def transformer_engine_available() -> bool:
+    """Whether Transformer Engine's PyTorch API imports here."""
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # noqa: BLE001  (ImportError, or a broken CUDA/TE install)
@@ -23,6 +24,7 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_transformer_impl(model: ModelSection) -> str:
+    """``model.transformer_impl`` resolved: auto is TE on CUDA when importable, else local."""
     if model.transformer_impl == "auto":
         return (
             "transformer_engine" if torch.cuda.is_available() and transformer_engine_available() else "local"
@@ -33,6 +35,7 @@ def resolve_transformer_impl(model: ModelSection) -> str:
 
 
 def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
+    """Megatron's TransformerConfig for the recipe's model section (fp32 or bf16)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -79,6 +82,7 @@ def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
 
 
 def layer_spec(model: ModelSection, impl: str):
+    """The layer spec: Transformer Engine's, or the local spec with ``PackedCoreAttention``."""
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

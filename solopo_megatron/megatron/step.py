@@ -31,6 +31,7 @@ class StepContext:
 
 
 def packed_seq_params(mb: Microbatch):
+    """Megatron's PackedSeqParams (THD) of a microbatch: global cu_seqlens, real and padded."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     padded = mb.cu_seqlens_padded
@@ -76,6 +77,7 @@ def microbatch_sequence_logps(ctx: StepContext, mb: Microbatch, logits: Tensor) 
 
 
 def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
+    """The loss closure: (loss sum, valid examples on CP rank 0 else 0, report), or per-sequence sums in forward-only mode."""
     sums = microbatch_sequence_logps(ctx, mb, output_tensor)
     valid = mb.valid
     count = (

@@ -122,4 +122,5 @@ def apply_override(recipe, override: str):
 
 
 def to_dict(config: RecipeConfig) -> dict[str, Any]:
+    """The recipe as plain nested dicts (for the metric writers' run config)."""
     return dataclasses.asdict(config)

@@ -32,6 +32,7 @@ def role_limits(cfg: RecipeConfig) -> dict[str, int] | None:
 
 
 def largest_group_tokens(cfg: RecipeConfig) -> int | None:
+    """Tokens of the largest possible preference group (every role at its limit, padded), or None."""
     limits = role_limits(cfg)
     return sum(limits.values()) if limits else None
 
@@ -53,6 +54,8 @@ def model_vocab_rows(cfg: RecipeConfig) -> tuple[int | None, str]:
 
 @dataclass
 class Plan:
+    """What a launch of the recipe would do, at the recipe's length limits."""
+
     world_size: int
     dp: int
     vocab: int | None
@@ -70,6 +73,7 @@ class Plan:
 
 
 def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
+    """The plan of ``cfg`` on ``world_size`` GPUs."""
     m, t, ds = cfg.model, cfg.train, cfg.dataset
     dp = world_size // (
         m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
@@ -119,6 +123,7 @@ def _n(value: float | None, unit: str = "") -> str:
 
 
 def format_plan(cfg: RecipeConfig, plan: Plan, recipe: str) -> str:
+    """The dry run's text."""
     m, t, ds, c = cfg.model, cfg.train, cfg.dataset, cfg.cluster
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
     lines = [
@@ -190,6 +195,7 @@ def format_plan(cfg: RecipeConfig, plan: Plan, recipe: str) -> str:
 
 
 def plan_warnings(cfg: RecipeConfig, plan: Plan) -> list[str]:
+    """Warnings about the plan (memory, padding rows, row use, layout across nodes)."""
     warnings = []
     if (
         plan.memory is not None

@@ -26,6 +26,8 @@ def field_choices(section: Any) -> dict[str, tuple]:
 
 @dataclass
 class ModelSection:
+    """``model:``: the architecture and its parallel layout (Megatron-Core names)."""
+
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 176
@@ -59,6 +61,8 @@ class ModelSection:
 
 @dataclass
 class TrainSection:
+    """``train:``: batch size, steps, evaluation and logging intervals."""
+
     global_batch_size: int = 16  # examples per optimizer step, over all DP ranks
     micro_batch_size: int = 1  # packed rows per microbatch; a row holds several whole groups
     train_iters: int = 100
@@ -70,6 +74,8 @@ class TrainSection:
 
 @dataclass
 class OptimizerSection:
+    """``optimizer:``: Megatron's optimizer settings."""
+
     optimizer: str = choice("adam", "adam", "sgd")
     lr: float = 1e-3
     min_lr: float = 0.0
@@ -83,6 +89,8 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
+    """``scheduler:``: learning-rate warmup and decay."""
+
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # None: train.train_iters
     lr_decay_style: str = choice("cosine", "constant", "linear", "cosine", "inverse-square-root")
@@ -90,6 +98,8 @@ class SchedulerSection:
 
 @dataclass
 class SyntheticSection:
+    """``dataset.synthetic:``: the bundled synthetic data used when no train file is given."""
+
     num_train: int = 512
     num_valid: int = 64
     seed: int = 0
@@ -98,6 +108,8 @@ class SyntheticSection:
 
 @dataclass
 class DatasetSection:
+    """``dataset:``: files, tokenizer, prompt format, length limits and packing budget."""
+
     train_path: str | None = None  # None: the bundled synthetic data (dataset.synthetic)
     valid_path: str | None = None
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
@@ -143,6 +155,8 @@ SolopoSection = dataclasses.make_dataclass(
 
 @dataclass
 class CheckpointSection:
+    """``checkpoint:``: where to save and resume, and initial Hugging Face weights."""
+
     save: str | None = None  # checkpoint root; training resumes from its latest checkpoint if one exists
     load: str | None = None  # resume from this root (its latest) or this iter_* directory instead
     save_interval: int | None = None  # steps between saves (and always at the end when save is set)
@@ -154,6 +168,8 @@ class CheckpointSection:
 
 @dataclass
 class LoggerSection:
+    """``logger:``: metrics file, TensorBoard, wandb and the MFU peak."""
+
     metrics_file: str | None = None  # JSON lines: one object per step (train metrics, eval when run)
     tensorboard_dir: str | None = None  # TensorBoard event files (train/<metric>, eval/<metric>)
     wandb_project: str | None = None  # Weights & Biases project (needs `pip install wandb`); None: off
@@ -179,11 +195,15 @@ class ClusterSection:
 
 @dataclass
 class RngSection:
+    """``rng:``: the seed of initialisation and data order."""
+
     seed: int = 1234
 
 
 @dataclass
 class RecipeConfig:
+    """A whole recipe: every section, typed."""
+
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)

@@ -48,6 +48,8 @@ def peak_tflops_for(device_name: str) -> float | None:
 
 @dataclass(frozen=True)
 class ParameterCounts:
+    """Parameter counts of a GPT model by part."""
+
     embedding: int  # vocab x hidden (first stage; tied: also the output layer)
     per_layer: int  # one transformer layer: attention, MLP, norms
     per_layer_matmul: int  # of which the weights of its linear layers
@@ -66,10 +68,12 @@ class ParameterCounts:
 
 
 def head_dim(m: ModelSection) -> int:
+    """Attention head size: kv_channels, else hidden_size / heads."""
     return m.kv_channels or m.hidden_size // m.num_attention_heads
 
 
 def parameter_counts(m: ModelSection, padded_vocab: int) -> ParameterCounts:
+    """Parameters of the whole model (all stages) with ``padded_vocab`` embedding rows."""
     h, f, d = m.hidden_size, m.ffn_hidden_size, head_dim(m)
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     qkv = h * (heads + 2 * groups) * d

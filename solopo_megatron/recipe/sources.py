@@ -21,6 +21,7 @@ from .schema import DatasetSection, RecipeConfig
 
 
 def cache_dir(cfg: RecipeConfig) -> Path:
+    """``dataset.cache_dir``, else ``$SOLOPO_CACHE_DIR`` (default ~/.cache/solopo_megatron)."""
     return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else DEFAULT_CACHE_DIR
 
 
@@ -61,6 +62,7 @@ def data_paths(cfg: RecipeConfig) -> tuple[str, str | None]:
 
 
 def sequence_encoder(ds: DatasetSection) -> SequenceEncoder:
+    """The tokenizer, prompt format and length limits of the dataset section."""
     return SequenceEncoder(
         load_tokenizer(ds.tokenizer),
         PromptFormat(prompt_template=ds.prompt_template, system=ds.system_prompt),

@@ -1,4 +1,5 @@
-"""The tiny recipe learns: held-out loss falls and long-context reward accuracy rises (fixed seed)."""
+"""The tiny recipe end to end through the CLI: it learns, the reference store round trip, non-finite
+steps, and the reward check before the first update."""
 
 from __future__ import annotations
 
@@ -10,11 +11,31 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "recipes/tiny-cpu.yaml")
+
+
+def run_cli(
+    cwd: Path, *overrides: str, command: str = "train", timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``solopo-train`` (or ``solopo-ref-logps``) on the tiny recipe with ``overrides``, one process.
+
+    TRITON_INTERPRET is dropped so the reference kernels run (the interpreter is slow on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    program = [sys.executable, "-m", "solopo_megatron.train"] if command == "train" else ["solopo-ref-logps"]
+    return subprocess.run(
+        [*program, "--config", RECIPE, *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_tiny_recipe_learns(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    overrides = [
+    done = run_cli(
+        tmp_path,
         "model.context_parallel_size=1",
         "train.train_iters=60",
         "train.eval_interval=60",
@@ -23,23 +44,6 @@ def test_tiny_recipe_learns(tmp_path):
         "scheduler.lr_warmup_iters=5",
         f"dataset.cache_dir={tmp_path / 'cache'}",
         f"logger.metrics_file={metrics}",
-    ]
-    env = {
-        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
-    }  # the reference kernels: fast on CPU
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "solopo_megatron.train",
-            "--config",
-            str(ROOT / "recipes/tiny-cpu.yaml"),
-            *overrides,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -48,9 +52,7 @@ def test_tiny_recipe_learns(tmp_path):
     entries = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = [e["eval"] for e in entries if "eval" in e]
     first, last = evals[0], evals[-1]
-    assert (
-        abs(first["loss"] - 0.6931) < 1e-3 and abs(first["margin/long"]) < 1e-6
-    )  # policy == reference at step 0
+    assert abs(first["loss"] - 0.6931) < 1e-3 and abs(first["margin/long"]) < 1e-6  # policy == reference
     assert last["loss"] < first["loss"] - 0.1
     assert last["accuracy/long"] >= 0.6 and last["accuracy/long"] > first["accuracy/long"]
     assert len([e for e in entries if "train" in e]) == 60
@@ -65,64 +67,22 @@ def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
         f"dataset.cache_dir={tmp_path / 'cache'}",
         f"solopo.reference_store={store}",
         "scheduler.lr_warmup_iters=0",
+        "solopo.compute_reference_if_missing=false",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    config = str(ROOT / "recipes/tiny-cpu.yaml")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "solopo_megatron.train",
-            "--config",
-            config,
-            *common,
-            "solopo.compute_reference_if_missing=false",
-            "train.train_iters=1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(tmp_path, *common, "train.train_iters=1")
     assert done.returncode == 2
     assert (
         f"solopo.reference_store: dpo needs reference log-probs, and the store {store} does not exist"
         in done.stderr
     )
-    done = subprocess.run(
-        ["solopo-ref-logps", "--config", config, *common, "solopo.compute_reference_if_missing=false"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(tmp_path, *common, command="ref-logps")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote 40 examples' reference log-probs" in done.stdout
     from solopo_megatron.data.reference_store import load_reference_store
 
     loaded = load_reference_store(store)
     assert len(loaded) == 40 and loaded.info == {"source": "initial weights"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "solopo_megatron.train",
-            "--config",
-            config,
-            *common,
-            "solopo.compute_reference_if_missing=false",
-            "train.train_iters=2",
-            "train.eval_interval=null",
-            "scheduler.lr_warmup_iters=0",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(tmp_path, *common, "train.train_iters=2", "train.eval_interval=null")
     assert done.returncode == 0, done.stderr[-3000:]
     # The reference pass and the training pass pack rows differently, so rewards are 0 only up to fp32
     # rounding (4.8e-8 seen on an AVX2 EPYC, exactly 0 on others): the check's contract is a bound.
@@ -133,7 +93,8 @@ def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
     # An infinite learning rate wrecks the weights in step 1; every later step has non-finite gradients.
-    overrides = [
+    done = run_cli(
+        tmp_path,
         "model.context_parallel_size=1",
         "dataset.synthetic.num_train=32",
         "dataset.synthetic.num_valid=8",
@@ -146,22 +107,6 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
         "train.eval_interval=null",
         "train.log_interval=1",
         "train.max_skipped_steps_in_a_row=2",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "solopo_megatron.train",
-            "--config",
-            str(ROOT / "recipes/tiny-cpu.yaml"),
-            *overrides,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert done.returncode != 0
     assert "update skipped (1 in a row, limit train.max_skipped_steps_in_a_row=2)" in done.stdout
@@ -169,7 +114,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
 
 
 def test_reward_check_is_a_bound_not_bitwise_equality():
-    from solopo_megatron.megatron.trainer import reward_check_message
+    from solopo_megatron.megatron.metrics import reward_check_message
 
     noise = {"rewards/short_chosen": 4.77e-8, "rewards/long_chosen": -1e-8, "logps/long_chosen": -120.0}
     assert "= 4.77e-08, within the fp32 rounding bound" in reward_check_message(noise, beta=0.1)
@@ -189,32 +134,14 @@ def test_default_store_written_by_ref_logps_is_found_by_training(tmp_path):
         "solopo.compute_reference_if_missing=false",
         "scheduler.lr_warmup_iters=0",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    config = str(ROOT / "recipes/tiny-cpu.yaml")
-    train = [
-        sys.executable,
-        "-m",
-        "solopo_megatron.train",
-        "--config",
-        config,
-        *common,
-        "train.train_iters=1",
-        "train.eval_interval=null",
-    ]
-    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    train = [*common, "train.train_iters=1", "train.eval_interval=null"]
+    done = run_cli(tmp_path, *train)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "dpo needs reference log-probs, and the store is not set" in done.stderr  # no data files yet
-    done = subprocess.run(
-        ["solopo-ref-logps", "--config", config, *common],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(tmp_path, *common, command="ref-logps")
     assert done.returncode == 0, done.stderr[-3000:]
     written = list((tmp_path / "cache" / "reference").glob("*.jsonl"))
     assert len(written) == 1 and f"to {written[0]}" in done.stdout
-    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = run_cli(tmp_path, *train)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 1/1" in done.stdout and "within the fp32 rounding bound" in done.stdout
