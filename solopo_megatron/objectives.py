@@ -161,8 +161,33 @@ def _po_loss(cfg: SoLoPOConfig, margin: Tensor, chosen_mean_logp: Tensor) -> Ten
     return -chosen_mean_logp - cfg.orpo_lambda * F.logsigmoid(margin)
 
 
-def _distance(cfg: SoLoPOConfig, gap: Tensor) -> Tensor:
-    return gap.abs() if cfg.solo_ra_distance == "abs" else gap.square()
+SOLO_RA_NOISE_ULPS = 64  # slack over unit roundoff for sums accumulated in another order (layout, machine)
+
+
+def _reward_noise(
+    cfg: SoLoPOConfig, role: str, s: dict, mean: dict, n: dict, ref: dict | None, eps: float
+) -> Tensor:
+    """How far rounding alone can move a role's reward: the reward's sensitivity to its log-prob sums
+    times their unit roundoff (``eps`` of the dtype they were accumulated in), with ``SOLO_RA_NOISE_ULPS``
+    of slack. Detached."""
+    with torch.no_grad():
+        if cfg.preference_loss == "dpo":
+            return cfg.beta * eps * SOLO_RA_NOISE_ULPS * (s[role].abs() + ref[role].abs())
+        scale = eps * SOLO_RA_NOISE_ULPS * s[role].abs() / n[role].to(s[role].dtype).clamp(min=1)
+        if cfg.preference_loss == "simpo":
+            return cfg.beta * scale
+        u = mean[role].clamp(max=ORPO_MAX_MEAN_LOGP)  # d log-odds / du = 1 / (1 - e^u)
+        return scale / -torch.expm1(u)
+
+
+def _distance(cfg: SoLoPOConfig, gap: Tensor, noise_floor: Tensor) -> Tensor:
+    """d(gap). ``abs``: the value is |gap| everywhere, but its gradient is zero while |gap| is within
+    ``noise_floor``: there (e.g. at step 1, where policy == reference and every gap is rounding noise)
+    the sign of the gap, and so abs's gradient, would be noise that differs by layout and machine."""
+    if cfg.solo_ra_distance == "squared":
+        return gap.square()
+    magnitude = gap.abs()
+    return torch.where(magnitude > noise_floor, magnitude, magnitude.detach())
 
 
 def solopo_loss(
@@ -193,6 +218,8 @@ def solopo_loss(
     dtype = torch.float32
     for value in s.values():
         dtype = torch.promote_types(dtype, value.dtype)
+    # Unit roundoff of the sums as given (fp32 from the kernels; fp64 in float64 checks).
+    eps = max(torch.finfo(value.dtype).eps for value in s.values())
     s = {role: value.to(dtype) for role, value in s.items()}
     # A dummy example (padding group) may have no response tokens; clamp so it yields finite values.
     mean = {role: s[role] / n[role].to(dtype).clamp(min=1) for role in roles}
@@ -214,8 +241,10 @@ def solopo_loss(
     if cfg.mode == "solopo":
         solo_ra_loss = torch.zeros_like(po_loss)
         for response in _solo_ra_responses(cfg):
-            gap = rewards[f"short_{response}"] - rewards[f"long_{response}"]
-            solo_ra_loss = solo_ra_loss + _distance(cfg, gap)
+            short, long = f"short_{response}", f"long_{response}"
+            gap = rewards[short] - rewards[long]
+            floor = sum(_reward_noise(cfg, role, s, mean, n, ref, eps) for role in (short, long))
+            solo_ra_loss = solo_ra_loss + _distance(cfg, gap, floor)
             metrics[f"solo_ra_gap/{response}"] = gap
         solo_ra_loss = cfg.solo_ra_weight * solo_ra_loss
         loss = loss + solo_ra_loss

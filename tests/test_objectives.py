@@ -283,3 +283,28 @@ def test_missing_inputs_are_named():
     logps["short_chosen"] = logps["short_chosen"][:, None]
     with pytest.raises(ValueError, match="must be a 1-D tensor"):
         solopo_loss(logps, n, SoLoPOConfig(preference_loss="simpo"))
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "simpo", "orpo"])
+def test_abs_solo_ra_has_no_gradient_at_the_noise_floor(loss_name):
+    """At step 1 (policy == reference) a SoLo-RA gap is rounding noise: abs keeps its value but gives it
+    no gradient, so the step does not depend on the noise's sign; above the floor the gradient is sign(gap)."""
+    cfg = SoLoPOConfig(preference_loss=loss_name, solo_ra_distance="abs", beta=0.1)
+    base = torch.tensor([-120.0, -80.0])
+    num_tokens = {role: torch.tensor([40, 30]) for role in ROLES}
+    ref = {role: base.clone() for role in ROLES}
+    for shift, expect_gradient in ((torch.tensor([3e-6, -3e-6]), False), (torch.tensor([0.5, -0.5]), True)):
+        logps = {role: base.clone().requires_grad_() for role in ROLES}
+        with torch.no_grad():
+            logps["long_chosen"] += shift  # fp32 noise-sized (about 0.4 ULP of 120) or a real difference
+        loss, metrics = solopo_loss(logps, num_tokens, cfg, ref if loss_name == "dpo" else None)
+        gap = metrics["solo_ra_gap/chosen"]
+        assert torch.allclose(metrics["solo_ra_loss"], cfg.solo_ra_weight * gap.abs())  # the value is kept
+        loss.sum().backward()
+        grad = logps["long_chosen"].grad
+        if expect_gradient:
+            assert torch.all(grad != 0) and torch.equal(
+                grad.sign(), -gap.sign()
+            )  # d|gap|/dS_long = -sign(gap) dr/dS
+        else:
+            assert torch.all(grad == 0), grad
