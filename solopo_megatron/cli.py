@@ -4,19 +4,69 @@ solopo-data synthetic --out train.jsonl --num-records 2000 --seed 0
 solopo-data validate train.jsonl [--tokenizer tiny --max-long-length 4096]
 solopo-data build-long short.jsonl --distractors docs/ --out long.jsonl --target-tokens 32768
 solopo-data inspect train.jsonl --tokenizer tiny --max-tokens 4096 --cp 2
-solopo-data tiny-tokenizer --out DIR
+solopo-data tiny-tokenizer --out DIR [--overwrite]
+
+Every output is written to a temporary file beside it and renamed into place only when complete;
+an output that is also an input is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .data.errors import DataError
+from .data.errors import DataError, Problem
 from .objectives import MODES, SoLoPOConfig, required_roles
+
+# --------------------------------------------------------------------------- argparse types
+# They turn a bad value into argparse's "error: argument --x: ..." (exit code 2) before any work.
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f"a finite number >= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _prompt_template(text: str) -> str:
+    from .data.tokenize import prompt_template_problem
+
+    problem = prompt_template_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +75,15 @@ def _add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mode", choices=MODES, default="solopo")
     parser.add_argument("--align-rejected", action="store_true", help="SoLo-RA on both answers (4 sequences)")
-    parser.add_argument("--max-short-length", type=int)
-    parser.add_argument("--max-long-length", type=int)
+    parser.add_argument("--max-short-length", type=_positive_int)
+    parser.add_argument("--max-long-length", type=_positive_int)
     parser.add_argument("--truncate-long-context", action="store_true", help="cut distractor text to fit")
-    parser.add_argument("--prompt-template", default=None, help="format string with {context} and {question}")
+    parser.add_argument(
+        "--prompt-template",
+        type=_prompt_template,
+        default=None,
+        help="format string with {context} and {question}",
+    )
 
 
 def _encoder(args):
@@ -70,8 +125,10 @@ def cmd_validate(args) -> int:
 
 def cmd_synthetic(args) -> int:
     """Writes synthetic long-context QA records (JSONL) for tests and demos."""
+    from .data.files import check_output_path
     from .data.synthetic import generate_synthetic_records, write_jsonl
 
+    check_output_path(args.out, label=f"--out {args.out}")
     records = generate_synthetic_records(
         args.num_records, seed=args.seed, long_target_words=args.long_target_words
     )
@@ -82,26 +139,42 @@ def cmd_synthetic(args) -> int:
 
 def cmd_build_long(args) -> int:
     """Builds each record's long context from its short one by burying it in distractor text."""
+    from .data.files import atomic_write, check_output_path, input_file_problem
     from .data.long_context import build_long_records, load_distractor_corpus
-    from .data.records import iter_records
+    from .data.records import IdRegistry, check_record
     from .data.tokenize import load_tokenizer
 
+    # Every path is checked before any work, so no mistake leaves an output behind or empties an input.
+    unreadable = input_file_problem(args.input)
+    if unreadable:
+        raise DataError.at(str(args.input), None, None, unreadable)
+    paths = []
+    for item in args.distractors:
+        item = Path(item)
+        if not item.exists():
+            raise DataError(f"--distractors {item}: does not exist")
+        paths.extend(
+            sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            if item.is_dir()
+            else [item]
+        )
+    check_output_path(args.out, [args.input, *paths], label=f"--out {args.out}")
     tokenizer = load_tokenizer(args.tokenizer)
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    paths = []
-    for item in args.distractors:
-        item = Path(item)
-        paths.extend(
-            sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".jsonl")) if item.is_dir() else [item]
-        )
     corpus = load_distractor_corpus(paths)
-    # Short-context input: long_context may be absent or a placeholder, so read it leniently.
-    records = (_read_short_record(line, args.input, n) for n, line in _numbered_lines(args.input))
+    current = {"line": 0}  # the input line of the record being built, for messages about it
+
+    def short_records():
+        # Short-context input: long_context may be absent or a placeholder, so read it leniently.
+        for n, line in _numbered_lines(args.input):
+            current["line"] = n
+            yield _read_short_record(line, args.input, n)
+
     built = build_long_records(
-        records,
+        short_records(),
         corpus,
         count_tokens=count_tokens,
         target_tokens=args.target_tokens,
@@ -112,26 +185,57 @@ def cmd_build_long(args) -> int:
         seed=args.seed,
     )
     count = 0
-    with open(args.out, "w", encoding="utf-8") as handle:
-        for record in built:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    for _ in iter_records(args.out):  # the output must pass validation
-        pass
+    ids = IdRegistry()
+    try:
+        with atomic_write(args.out, [args.input, *paths], label=f"--out {args.out}") as handle:
+            for record in built:
+                # Each output record must pass validation; a failure names the input line it came from.
+                line = current["line"]
+                _, problems = check_record(record, str(args.input), line)
+                first = None if problems else ids.add(record["id"], line)
+                if first is not None:
+                    problems = [
+                        Problem(
+                            str(args.input),
+                            line,
+                            "id",
+                            f"duplicate id {record['id']!r} (first on line {first})",
+                        )
+                    ]
+                if problems:
+                    raise DataError("\n".join(str(p) for p in problems), problems[0])
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+            if count == 0:
+                raise DataError.at(str(args.input), None, None, "no records (empty file)")
+    finally:
+        ids.close()
     print(f"wrote {count} records with long contexts to {args.out}")
     return 0
 
 
 def _numbered_lines(path):
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, start=1):
-            if line.strip():
-                yield n, line
+    """(1-based line number, text) of the non-blank lines; invalid UTF-8 is a DataError naming the line."""
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError.at(
+                    str(path), n, None, f"not valid UTF-8 (byte {error.start} of the line)"
+                ) from None
+            yield n, text
 
 
 def _read_short_record(line: str, path, n: int) -> dict:
+    from .data.files import DuplicateKeyError, has_invalid_unicode, loads_json, printable
+
     try:
-        record = json.loads(line)
+        record = loads_json(line)
+    except DuplicateKeyError as error:
+        raise DataError.at(str(path), n, printable(error.key), "duplicate key") from None
     except json.JSONDecodeError as error:
         raise DataError.at(str(path), n, None, f"invalid JSON: {error.msg}") from None
     if not isinstance(record, dict):
@@ -139,6 +243,9 @@ def _read_short_record(line: str, path, n: int) -> dict:
     for field in ("id", "question", "short_context", "chosen", "rejected"):
         if not isinstance(record.get(field), str) or not record[field].strip():
             raise DataError.at(str(path), n, field, "missing, empty or not a string")
+    for field, value in record.items():  # before the tokenizer sees a lone surrogate
+        if has_invalid_unicode(field) or has_invalid_unicode(value):
+            raise DataError.at(str(path), n, printable(field), "invalid unicode")
     return record
 
 
@@ -153,6 +260,8 @@ def cmd_inspect(args) -> int:
         args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip"
     )
     print(report.summary())
+    if len(dataset) == 0:
+        raise DataError(f"{args.file}: no valid records to inspect")
     print(f"cache: {dataset.directory}")
     table = dataset.lengths()
     for r, role in enumerate(roles):
@@ -189,7 +298,7 @@ def cmd_tiny_tokenizer(args) -> int:
     """Rebuilds the bundled tiny byte-level BPE tokenizer."""
     from .data.tiny_tokenizer import main
 
-    return main(["--out", str(args.out)])
+    return main(["--out", str(args.out)] + (["--overwrite"] if args.overwrite else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a JSONL file; lists every bad line")
     p.add_argument("file", type=Path)
-    p.add_argument("--max-problems", type=int, default=50)
+    p.add_argument("--max-problems", type=_non_negative_int, default=50, help="problems to list")
     p.add_argument(
         "--no-tokenizer-check",
         dest="tokenizer_check",
@@ -213,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthetic", help="generate synthetic multi-document QA records")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--num-records", type=int, default=1000)
+    p.add_argument("--num-records", type=_positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--long-target-words", type=int, default=300)
+    p.add_argument("--long-target-words", type=_non_negative_int, default=300)
     p.set_defaults(func=cmd_synthetic)
 
     p = sub.add_parser("build-long", help="bury each short context among distractor documents")
@@ -223,11 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distractors", nargs="+", required=True, help=".txt/.jsonl files or directories of them")
     p.add_argument("--out", type=Path, required=True)
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--target-tokens", type=int)
-    length.add_argument("--compression-ratio", type=float, help="long tokens = ratio x short-context tokens")
+    length.add_argument("--target-tokens", type=_positive_int)
+    length.add_argument(
+        "--compression-ratio",
+        type=_float_in(1.0, math.inf),
+        help="long tokens = ratio x short-context tokens (>= 1)",
+    )
     p.add_argument("--depth-mode", choices=("fixed", "uniform", "random"), default="random")
-    p.add_argument("--depth", type=float, default=0.5, help="evidence depth in [0, 1] for --depth-mode fixed")
-    p.add_argument("--num-depths", type=int, default=5, help="depth levels for --depth-mode uniform")
+    p.add_argument(
+        "--depth",
+        type=_float_in(0.0, 1.0),
+        default=0.5,
+        help="evidence depth in [0, 1] for --depth-mode fixed",
+    )
+    p.add_argument(
+        "--num-depths", type=_int_at_least(2), default=5, help="depth levels for --depth-mode uniform"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default="tiny", help="tokenizer that counts the target length")
     p.set_defaults(func=cmd_build_long)
@@ -235,28 +355,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="tokenise (cached) and show lengths and packing")
     p.add_argument("file", type=Path)
     p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed microbatch")
-    p.add_argument("--global-batch-size", type=int, default=32, help="examples per step")
-    p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--max-tokens", type=_positive_int, default=4096, help="tokens per packed microbatch")
+    p.add_argument("--global-batch-size", type=_positive_int, default=32, help="examples per step")
+    p.add_argument("--dp", type=_positive_int, default=1)
+    p.add_argument("--cp", type=_positive_int, default=1)
+    p.add_argument("--tp", type=_positive_int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     _add_tokenizer_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("tiny-tokenizer", help="rebuild the bundled tiny tokenizer")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer folder")
     p.set_defaults(func=cmd_tiny_tokenizer)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``solopo-data``: runs one subcommand; data errors print one line and exit with code 2."""
+    """``solopo-data``: runs one subcommand; data and file errors print one line and exit with code 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. permission denied, disk full: the file and the reason, no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
 
 

@@ -19,12 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, Problem
+from .files import input_file_problem
 from .packing import Group, padded_sequence_length
 from .records import ReadReport, Record, iter_records
 from .reference_store import ReferenceStore
 from .tokenize import EncodedSequence, SequenceEncoder, tokenizer_fingerprint
 
-CACHE_VERSION = 2
+# 3: records with lone surrogates, duplicate keys or chosen == rejected up to whitespace are now
+# rejected, so a version-2 cache of the same file may hold examples a fresh build would skip.
+CACHE_VERSION = 3
+MAX_SKIPPED_PROBLEMS = 10  # problem lines kept for the trainer's start-up message
 DEFAULT_CACHE_DIR = Path(os.environ.get("SOLOPO_CACHE_DIR", Path.home() / ".cache" / "solopo_megatron"))
 
 
@@ -77,6 +81,15 @@ class TokenizedDataset:
         # Everything is read per example with pread, not memory-mapped or loaded: mapped pages would
         # count toward this process's resident memory, and both would grow with the file.
         self._num_examples = self.meta["num_examples"]
+        # Records dropped under on_error=skip, and the first problem lines, kept in meta.json so a
+        # reused cache reports them as well as a fresh build.
+        self.skipped: int = int(self.meta.get("num_skipped", 0))
+        self.skipped_problems: list[str] = list(
+            self.meta.get(
+                "skipped_problems",
+                [str(Problem(**p)) for p in self.meta.get("problems", [])[:MAX_SKIPPED_PROBLEMS]],
+            )
+        )
         names = ("tokens.bin", "index.bin", "id_index.bin", "ids.bin")
         self._fds = {name: os.open(directory / name, os.O_RDONLY) for name in names}
 
@@ -145,7 +158,14 @@ class TokenizedDataset:
         on_error: str = "raise",
         progress: bool = True,
     ) -> tuple[TokenizedDataset, ReadReport]:
-        """Tokenises ``path`` into the cache (or reuses a complete earlier build)."""
+        """Tokenises ``path`` into the cache (or reuses a complete earlier build).
+
+        The dataset's ``skipped`` and ``skipped_problems`` say how many records ``on_error="skip"``
+        dropped and why (the first :data:`MAX_SKIPPED_PROBLEMS` ``file:line: problem`` lines).
+        """
+        unreadable = input_file_problem(path)
+        if unreadable:
+            raise DataError.at(str(path), None, None, unreadable)
         roles = tuple(roles)
         fingerprint = data_fingerprint(path, encoder, roles)
         target = Path(cache_dir or DEFAULT_CACHE_DIR) / "tokenized" / fingerprint
@@ -180,6 +200,7 @@ class TokenizedDataset:
             "num_skipped": report.num_skipped,
             "num_truncated": encoder.num_truncated,
             "problems": [dataclasses.asdict(p) for p in report.problems],
+            "skipped_problems": [str(p) for p in report.problems[:MAX_SKIPPED_PROBLEMS]],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from solopo_megatron.data.errors import DataError, Problem
+from solopo_megatron.data.files import DuplicateKeyError, has_invalid_unicode, loads_json, printable
 
 __all__ = [
     "DEPTH_MODES",
@@ -51,6 +52,8 @@ def load_distractor_corpus(paths: str | PathLike | Iterable[str | PathLike]) -> 
     paths = [Path(p) for p in paths]
     documents: list[str] = []
     for path in paths:
+        if path.is_dir():
+            raise _error(path, None, None, "is a directory, not a .txt or .jsonl file")
         text = _read_utf8(path)
         suffix = path.suffix.lower()
         if suffix == ".txt":
@@ -94,7 +97,9 @@ def _jsonl_documents(path: Path, text: str) -> list[str]:
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) carry no document
         try:
-            obj = json.loads(line)
+            obj = loads_json(line)
+        except DuplicateKeyError as exc:
+            raise _error(path, number, printable(exc.key), "duplicate key") from None
         except json.JSONDecodeError as exc:
             raise _error(path, number, None, f"bad JSON: {exc.msg} (column {exc.colno})") from exc
         if not isinstance(obj, dict):
@@ -106,6 +111,8 @@ def _jsonl_documents(path: Path, text: str) -> list[str]:
             raise _error(path, number, "text", f"must be a string, got {type(value).__name__}")
         if not value.strip():
             raise _error(path, number, "text", "empty")
+        if has_invalid_unicode(value):  # a lone surrogate would break the tokenizer and the output
+            raise _error(path, number, "text", "invalid unicode")
         documents.append(value)
     return documents
 

@@ -28,6 +28,7 @@ from typing import Any
 # it from here.
 from ..objectives import ROLES as ROLES
 from .errors import DataError, Problem
+from .files import DuplicateKeyError, has_invalid_unicode, input_file_problem, loads_json, printable
 
 TEXT_FIELDS = ("id", "question", "short_context", "long_context", "chosen", "rejected")
 OPTIONAL_FIELDS = {"system": str, "metadata": dict}
@@ -74,7 +75,9 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
         return None, [Problem(path, line, None, f"expected a JSON object, got {type(obj).__name__}")]
     problems = []
     for name in obj:
-        if name not in KNOWN_FIELDS:
+        if has_invalid_unicode(name):
+            problems.append(Problem(path, line, printable(name), "invalid unicode"))
+        elif name not in KNOWN_FIELDS:
             close = difflib.get_close_matches(name, KNOWN_FIELDS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "; put extra information under 'metadata'"
             problems.append(Problem(path, line, name, f"unknown field{hint}"))
@@ -85,6 +88,8 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
             problems.append(Problem(path, line, name, f"must be a string, got {type(obj[name]).__name__}"))
         elif not obj[name].strip():
             problems.append(Problem(path, line, name, "empty"))
+        elif has_invalid_unicode(obj[name]):
+            problems.append(Problem(path, line, name, "invalid unicode"))
     for name, kind in OPTIONAL_FIELDS.items():
         if name in obj and obj[name] is not None and not isinstance(obj[name], kind):
             problems.append(
@@ -95,6 +100,9 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
                     f"must be a {'string' if kind is str else 'JSON object'}, got {type(obj[name]).__name__}",
                 )
             )
+        elif name in obj and has_invalid_unicode(obj[name]):
+            # A lone surrogate (JSON "\\ud800") cannot be encoded: the tokenizer would fail much later.
+            problems.append(Problem(path, line, name, "invalid unicode"))
     if problems:
         return None, problems
     if any(c in obj["id"] for c in "\r\n"):
@@ -113,6 +121,9 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
             )
     if obj["chosen"] == obj["rejected"]:
         problems.append(Problem(path, line, "rejected", "identical to chosen"))
+    elif obj["chosen"].split() == obj["rejected"].split():
+        # Differing only in spacing, the pair would train on tokenisation noise, not on a preference.
+        problems.append(Problem(path, line, "rejected", "identical to chosen up to whitespace"))
     if problems:
         return None, problems
     record = Record(
@@ -196,6 +207,9 @@ def iter_records(
         report.problems.extend(problems)
         report.num_skipped += 1
 
+    unreadable = input_file_problem(path)
+    if unreadable:
+        raise DataError.at(path, None, None, unreadable)
     try:
         handle = open(path, "rb")
     except OSError as error:
@@ -217,7 +231,10 @@ def iter_records(
                     )
                     continue
                 try:
-                    obj = json.loads(text)
+                    obj = loads_json(text)
+                except DuplicateKeyError as error:
+                    fail([Problem(path, line_number, printable(error.key), "duplicate key")])
+                    continue
                 except json.JSONDecodeError as error:
                     fail(
                         [

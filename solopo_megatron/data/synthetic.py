@@ -15,9 +15,9 @@ import json
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
+from solopo_megatron.data.files import atomic_write
 from solopo_megatron.data.long_context import build_long_context
 
 __all__ = [
@@ -282,9 +282,13 @@ def _wrong_value(gold: str, rng: random.Random) -> str:
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | PathLike) -> int:
-    """Write records as UTF-8 JSON lines (non-ASCII kept as is); returns the number written."""
+    """Write records as UTF-8 JSON lines (non-ASCII kept as is); returns the number written.
+
+    Atomic: the lines go to a temporary file beside ``path``, renamed over it only once all are
+    written, so an error leaves ``path`` as it was (DataError for a missing folder or a folder path).
+    """
     count = 0
-    with Path(path).open("w", encoding="utf-8", newline="\n") as f:
+    with atomic_write(path) as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1

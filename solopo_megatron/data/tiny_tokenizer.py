@@ -2,12 +2,13 @@
 
 It is built by the project itself (no download) and shipped in the package for the tiny recipe and
 the tests. Byte-level BPE encodes any text, so it also tokenises user files, just not compactly.
-Rebuild with ``python -m solopo_megatron.data.tiny_tokenizer`` (deterministic).
+Rebuild with ``python -m solopo_megatron.data.tiny_tokenizer --overwrite`` (deterministic).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,15 +50,44 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: Iterable[str], vocab_size:
     return tokenizer
 
 
+def _vocab_size(text: str) -> int:
+    """argparse type: at least the 256 byte tokens plus the special tokens."""
+    minimum = 256 + len(SPECIAL_TOKENS)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum} (bytes + special tokens), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``solopo-data tiny-tokenizer``: trains and writes the tiny tokenizer."""
+    """``solopo-data tiny-tokenizer``: trains and writes the tiny tokenizer.
+
+    The folder is built beside ``--out`` and renamed into place when complete; an existing ``--out``
+    is replaced only with ``--overwrite`` (and only if it is a tokenizer folder or empty).
+    """
+    from .errors import DataError
+    from .files import atomic_directory
     from .synthetic import synthetic_tokenizer_corpus
 
     parser = argparse.ArgumentParser(description="Rebuild the bundled tiny tokenizer.")
     parser.add_argument("--out", type=Path, default=TINY_TOKENIZER_DIR)
-    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    parser.add_argument("--vocab-size", type=_vocab_size, default=VOCAB_SIZE)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer folder")
     args = parser.parse_args(argv)
-    tokenizer = build_tiny_tokenizer(args.out, synthetic_tokenizer_corpus(seed=0), args.vocab_size)
+    try:
+        with atomic_directory(
+            args.out,
+            overwrite=args.overwrite,
+            markers=("tokenizer_config.json", "tokenizer.json"),
+            label=f"--out {args.out}",
+        ) as tmp:
+            tokenizer = build_tiny_tokenizer(tmp, synthetic_tokenizer_corpus(seed=0), args.vocab_size)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out} ({len(tokenizer)} tokens)")
     return 0
 

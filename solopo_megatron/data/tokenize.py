@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,34 @@ from .errors import DataError
 from .records import ROLES, Record, evidence_pieces
 
 DEFAULT_PROMPT_TEMPLATE = "{context}\n\nQuestion: {question}"
+PROMPT_PLACEHOLDERS = ("context", "question")
 _MAX_TRUNCATION_ROUNDS = 64
+
+
+def prompt_template_problem(template: str) -> str | None:
+    """What is wrong with a prompt template (None if nothing): it must be a str.format template using
+    exactly the placeholders {context} and {question}, each at least once, with literal braces doubled.
+
+    The one rule for ``dataset.prompt_template`` and ``solopo-data --prompt-template``; the message has
+    no key prefix, the caller names the key or option.
+    """
+    if not isinstance(template, str):
+        return f"must be a string, got {type(template).__name__}"
+    allowed = ", ".join(f"{{{name}}}" for name in PROMPT_PLACEHOLDERS)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:  # a lone "{" or "}"
+        return f"malformed braces ({error}) in {template!r}; write a literal brace as {{{{ or }}}}"
+    for field in fields:
+        if field not in PROMPT_PLACEHOLDERS:
+            return f"unknown placeholder {{{field}}}; allowed: {allowed}"
+    if not all(name in fields for name in PROMPT_PLACEHOLDERS):
+        return f"must contain {{context}} and {{question}}, got {template!r}"
+    try:  # format specs and conversions can still fail ("{context:d}", nested fields)
+        template.format(context="", question="")
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        return f"cannot be formatted ({error}): {template!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -30,12 +58,9 @@ class PromptFormat:
     plain_template: str = "{system}{user}\n\nAnswer: "  # used when the tokenizer has no chat template
 
     def __post_init__(self) -> None:
-        try:
-            self.prompt_template.format(context="", question="")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(
-                f"prompt_template must use only {{context}} and {{question}}: {self.prompt_template!r} ({error})"
-            ) from None
+        problem = prompt_template_problem(self.prompt_template)
+        if problem:
+            raise ValueError(f"prompt_template: {problem}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -156,3 +156,53 @@ def test_reference_store_errors(tmp_path):
         load_reference_store(tmp_path / "broken.jsonl")
     with pytest.raises(ValueError, match="not finite"):
         store.add("c", {"short_chosen": float("nan")})
+
+
+def test_skipped_records_are_exposed_fresh_and_from_the_cache(tmp_path, tokenizer, data_file):
+    lines = data_file.read_text().splitlines()
+    bad = {
+        2: lines[1].replace('"question": "', '"question": "\\ud800', 1),  # used to be a tokenizer TypeError
+        4: lines[3][:-1] + ', "chosen": "duplicate"}',
+    }
+    for n in range(10, 22):  # 12 records with chosen == rejected: more problems than the 10 kept
+        record = json.loads(lines[n - 1])
+        record["rejected"] = record["chosen"]
+        bad[n] = json.dumps(record)
+    data_file.write_text("\n".join(bad.get(n, line) for n, line in enumerate(lines, start=1)) + "\n")
+    encoder = SequenceEncoder(tokenizer)
+    build = dict(cache_dir=tmp_path / "cache", on_error="skip", progress=False)
+    dataset, report = TokenizedDataset.build(data_file, encoder, ROLES, **build)
+    assert dataset.skipped == report.num_skipped == 14 and len(dataset) == 10
+    assert dataset.skipped_problems[:2] == [
+        f"{data_file}:2: field 'question': invalid unicode",
+        f"{data_file}:4: field 'chosen': duplicate key",
+    ]
+    assert len(dataset.skipped_problems) == 10
+    assert dataset.skipped_problems[2] == f"{data_file}:10: field 'rejected': identical to chosen"
+
+    class Exploding(SequenceEncoder):
+        def encode_group(self, *args, **kwargs):
+            raise AssertionError("re-tokenised")
+
+    again, _ = TokenizedDataset.build(data_file, Exploding(tokenizer), ROLES, **build)
+    assert again.directory == dataset.directory
+    assert (again.skipped, again.skipped_problems) == (dataset.skipped, dataset.skipped_problems)
+
+
+def test_clean_data_has_nothing_skipped(tmp_path, tokenizer, data_file):
+    dataset, _ = TokenizedDataset.build(
+        data_file, SequenceEncoder(tokenizer), ROLES, cache_dir=tmp_path / "cache", progress=False
+    )
+    assert dataset.skipped == 0 and dataset.skipped_problems == []
+
+
+def test_directory_as_data_file_is_named_a_directory(tmp_path, tokenizer):
+    (tmp_path / "train.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"train.jsonl: is a directory, not a data file"):
+        TokenizedDataset.build(
+            tmp_path / "train.jsonl",
+            SequenceEncoder(tokenizer),
+            ROLES,
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )

@@ -69,6 +69,8 @@ def test_load_txt_and_jsonl(tmp_path):
         (['{"text": "ok"}', '{"text": "ok"}', '{"text": "  "}'], 3, "text"),
         (['{"text": 5}'], 1, "text"),
         (["[1, 2]"], 1, None),
+        (['{"text": "ok"}', '{"text": "a", "text": "b"}'], 2, "text"),  # duplicate key
+        (['{"text": "ok \\ud800"}'], 1, "text"),  # lone surrogate: invalid unicode
     ],
 )
 def test_jsonl_errors_name_file_line_field(tmp_path, lines, line_no, field):
@@ -105,6 +107,9 @@ def test_empty_unreadable_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match=r"corpus\.csv.*extension"):
         load_distractor_corpus([other])
     assert issubclass(DataError, ValueError)
+    with pytest.raises(DataError, match=r"docs: is a directory"):
+        (tmp_path / "docs").mkdir()
+        load_distractor_corpus([tmp_path / "docs"])
 
 
 # --------------------------------------------------------------------------- one long context

@@ -48,6 +48,38 @@ BAD_LINES = {
     ),
     "chosen equals rejected": (good(rejected="The code is 42."), "rejected", "identical to chosen"),
     "line break in id": (good(id="a\nb"), "id", "contains a line break"),
+    # JSON text with a lone surrogate escape: it decodes, but no tokenizer can encode it.
+    "lone surrogate": (
+        json.dumps(good()).replace('"The code is 42."', '"The code is \\ud800."'),
+        "chosen",
+        "invalid unicode",
+    ),
+    "lone surrogate in system": (
+        json.dumps(good(system="x")).replace('"x"', '"\\udfff"'),
+        "system",
+        "invalid unicode",
+    ),
+    "lone surrogate in metadata": (
+        json.dumps(good(metadata={"a": ["x"]})).replace('"x"', '"\\ud800"'),
+        "metadata",
+        "invalid unicode",
+    ),
+    "lone surrogate in a field name": (
+        '{"\\ud800": 1, ' + json.dumps(good())[1:],
+        "\\ud800",
+        "invalid unicode",
+    ),
+    "duplicate key": (json.dumps(good())[:-1] + ', "chosen": "Other."}', "chosen", "duplicate key"),
+    "duplicate key in metadata": (
+        json.dumps(good())[:-1] + ', "metadata": {"k": 1, "k": 2}}',
+        "k",
+        "duplicate key",
+    ),
+    "chosen equals rejected up to whitespace": (
+        good(rejected="  The code\n is  42. "),
+        "rejected",
+        "identical to chosen up to whitespace",
+    ),
 }
 
 
@@ -83,8 +115,33 @@ def test_empty_file(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match=r"nope.jsonl: cannot read"):
+    with pytest.raises(DataError, match=r"nope.jsonl: does not exist"):
         list(iter_records(tmp_path / "nope.jsonl"))
+
+
+def test_directory_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"data.jsonl: is a directory, not a data file"):
+        list(iter_records(tmp_path / "data.jsonl"))
+
+
+def test_skip_policy_counts_unicode_and_duplicate_key_problems(tmp_path):
+    lines = [
+        good(0),
+        json.dumps(good(1)).replace('"The code is 42."', '"\\ud800"'),
+        json.dumps(good(2))[:-1] + ', "id": "ex-9"}',
+        good(3, rejected="The code is  42."),
+        good(4),
+    ]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    report = ReadReport(path)
+    ids = [r.id for r in iter_records(path, on_error="skip", report=report)]
+    assert ids == ["ex-0", "ex-4"] and report.num_skipped == 3
+    assert [str(p).split(": ", 1)[1] for p in report.problems] == [
+        "field 'chosen': invalid unicode",
+        "field 'id': duplicate key",
+        "field 'rejected': identical to chosen up to whitespace",
+    ]
 
 
 def test_whole_file_report_lists_every_bad_line(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from solopo_megatron.data.errors import DataError
 from solopo_megatron.data.synthetic import (
     ADJECTIVES,
     ATTRIBUTES,
@@ -183,3 +184,21 @@ def test_write_jsonl_round_trip(tmp_path, records):
     assert "heißt".encode() in raw  # ensure_ascii=False keeps UTF-8 text
     lines = raw.decode("utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [*records[:5], extra]
+
+
+def test_write_jsonl_is_atomic(tmp_path, records):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(records[:2], path)
+    before = path.read_bytes()
+
+    def failing():
+        yield records[0]
+        raise RuntimeError("generator failed")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(failing(), path)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]  # no temporary file left
+    with pytest.raises(DataError, match=r"output folder .*missing does not exist"):
+        write_jsonl(records[:1], tmp_path / "missing" / "out.jsonl")
+    with pytest.raises(DataError, match=r"is a directory"):
+        write_jsonl(records[:1], tmp_path)

@@ -16,6 +16,7 @@ from solopo_megatron.data.tokenize import (
     SequenceEncoder,
     cut_distractor_text,
     load_tokenizer,
+    prompt_template_problem,
     tokenizer_fingerprint,
 )
 
@@ -71,8 +72,35 @@ def test_only_requested_roles_are_encoded(tokenizer):
 
 
 def test_bad_prompt_template():
-    with pytest.raises(ValueError, match="prompt_template must use only"):
+    with pytest.raises(ValueError, match=r"prompt_template: unknown placeholder \{answer\}"):
         PromptFormat(prompt_template="{context} {answer}")
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{context}\n\nQuestion: {question}", None),
+        ("{{literal}} {question} {context} {context}", None),
+        ("{contxt} {question}", "unknown placeholder {contxt}; allowed: {context}, {question}"),
+        ("{} {context} {question}", "unknown placeholder {}"),
+        ("{context.x} {question}", "unknown placeholder {context.x}"),
+        ("Context: {context}", "must contain {context} and {question}, got 'Context: {context}'"),
+        ("no placeholders", "must contain {context} and {question}"),
+        ("{context} {question", "malformed braces"),
+        ("{context} } {question}", "malformed braces"),
+        ("{context:d} {question}", "cannot be formatted"),
+        (3, "must be a string, got int"),
+    ],
+)
+def test_prompt_template_problem(template, message):
+    problem = prompt_template_problem(template)
+    if message is None:
+        assert problem is None
+        PromptFormat(prompt_template=template)
+    else:
+        assert problem is not None and message in problem and not problem.startswith("prompt_template")
+        with pytest.raises(ValueError, match="prompt_template: "):
+            PromptFormat(prompt_template=template)
 
 
 def test_length_limit_error_names_file_line_and_field(tokenizer):

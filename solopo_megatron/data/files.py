@@ -1,0 +1,203 @@
+"""Reading and writing data files safely: strict JSON lines, input checks and atomic outputs.
+
+An output is written to a temporary sibling (same folder, so the rename cannot cross file systems)
+and renamed over the target only when the whole write succeeded: a failed command leaves neither a
+partial file nor an emptied input behind. The checks here run before any work, so a bad path is a
+one-line :class:`DataError`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from os import PathLike
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import DataError
+
+__all__ = [
+    "DuplicateKeyError",
+    "atomic_directory",
+    "atomic_write",
+    "check_output_path",
+    "has_invalid_unicode",
+    "input_file_problem",
+    "loads_json",
+    "printable",
+    "same_file",
+]
+
+PathArg = str | PathLike
+
+
+# --------------------------------------------------------------------------- strict JSON
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (the standard library keeps the last silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that rejects duplicate keys in any object (DuplicateKeyError naming the key)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def has_invalid_unicode(value: Any) -> bool:
+    """True if a string (or any string key or value nested in lists and dicts) holds a lone surrogate.
+
+    JSON's ``\\ud800`` escapes decode to such code points; they cannot be encoded as UTF-8, so a
+    tokenizer or a JSON writer would fail on them much later, far from the line that holds them.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(has_invalid_unicode(k) or has_invalid_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_invalid_unicode(v) for v in value)
+    return False
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so a message about it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# --------------------------------------------------------------------------- path checks
+
+
+def input_file_problem(path: PathArg) -> str | None:
+    """Why ``path`` cannot be read as a data file ('does not exist', 'is a directory, ...'), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not a data file"
+    if not path.exists():
+        return "does not exist"
+    return None
+
+
+def same_file(a: PathArg, b: PathArg) -> bool:
+    """Whether two paths name one file: ``os.path.samefile`` when both exist (links included), else
+    equal resolved paths."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output_path(
+    path: PathArg, inputs: Iterable[PathArg] = (), *, label: str | None = None, directory: bool = False
+) -> None:
+    """Raises DataError unless ``path`` can be written: its folder exists, it is not a folder (or, with
+    ``directory``, not a file) and it is none of ``inputs``. ``label`` names it in the message
+    (default: the path; the CLI passes e.g. ``--out PATH``)."""
+    path = Path(path)
+    label = label or str(path)
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise DataError(f"{label}: the output folder {parent} {what}")
+    if not directory and path.is_dir():
+        raise DataError(f"{label}: is a directory; give a file name")
+    if directory and path.exists() and not path.is_dir():
+        raise DataError(f"{label}: is a file, not a folder")
+    for item in inputs:
+        if same_file(path, item):
+            raise DataError(f"{label}: is also an input ({item}); write the output to another file")
+
+
+def _new_sibling(path: Path, tag: str, create: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """Creates a fresh hidden sibling ``.NAME.TAG-XXXXXXXX`` with ``create`` (which must fail if it exists)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}")
+        try:
+            return candidate, create(candidate)
+        except FileExistsError:
+            continue
+
+
+# --------------------------------------------------------------------------- atomic outputs
+
+
+@contextmanager
+def atomic_write(
+    path: PathArg, inputs: Sequence[PathArg] = (), *, label: str | None = None
+) -> Iterator[IO[str]]:
+    """Opens a temporary sibling of ``path`` for UTF-8 text (``\\n`` line ends); on a clean exit it
+    replaces ``path``, on an exception it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    check_output_path(path, inputs, label=label)
+    # os.open with 0o666 lets the umask decide the mode, as a plain open() would (mkstemp forces 0o600).
+    tmp, fd = _new_sibling(path, "tmp", lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        with open(fd, "w", encoding="utf-8", newline="\n") as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(
+    path: PathArg,
+    *,
+    overwrite: bool = False,
+    markers: Sequence[str] = (),
+    label: str | None = None,
+) -> Iterator[Path]:
+    """Yields a new temporary sibling folder of ``path``; on a clean exit it becomes ``path``.
+
+    An existing ``path`` is replaced only with ``overwrite``, and only if it is empty or holds one of
+    ``markers`` (so a mistyped ``--out`` never deletes an unrelated folder); the old folder is moved
+    aside first and deleted after the new one is in place. On an exception the temporary folder goes.
+    """
+    path = Path(path)
+    label = label or str(path)
+    check_output_path(path, label=label, directory=True)
+    if path.exists():
+        if not overwrite:
+            raise DataError(f"{label}: already exists; pass --overwrite to replace it")
+        if markers and any(path.iterdir()) and not any((path / m).exists() for m in markers):
+            raise DataError(f"{label}: refusing to replace a folder that holds none of {', '.join(markers)}")
+    tmp, _ = _new_sibling(path, "tmp", lambda p: p.mkdir(0o777))
+    try:
+        yield tmp
+        if path.exists():
+            old, _ = _new_sibling(path, "old", lambda p: p.mkdir(0o700))
+            old.rmdir()
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
