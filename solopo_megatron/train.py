@@ -77,15 +77,28 @@ def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True
         print(f"error: {error}", file=sys.stderr)
         return 2
     from .megatron import cpu_compat
+    from .megatron.checkpoint import release_run_locks
     from .megatron.parallel import destroy
+    from .megatron.trainer import sigint_handling, sigint_received
 
-    with cpu_compat.enabled():
+    # SIGINT (Ctrl-C; under torchrun every worker gets it): one line on the logging rank, exit 130.
+    with sigint_handling(), cpu_compat.enabled():
         try:
             job(cfg)
+        except KeyboardInterrupt as interrupt:
+            if getattr(interrupt, "report", os.environ.get("RANK", "0") == "0"):
+                line = getattr(interrupt, "message", "interrupted during start-up; no training step was run")
+                print(line, file=sys.stderr, flush=True)
+            return 130
         except (RecipeError, DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except Exception:
+            if sigint_received():  # a peer's exit seen as a collective error: part of the interrupt
+                return 130
+            raise
         finally:
+            release_run_locks()  # the checkpoint folder's run lock, also after errors and SIGINT
             destroy()
     return 0
 

@@ -123,6 +123,44 @@ def test_bad_overrides_name_the_override(recipes: Path, override: str, message: 
         load_config(recipes / "child.yaml", [override])
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["train.train_iters=[1,", "model.hidden_size={a", 'dataset.prompt_template="x'],
+)
+def test_an_override_yaml_cannot_parse_names_the_override(recipes: Path, override: str):
+    with pytest.raises(ValueError) as info:
+        load_config(recipes / "child.yaml", [override])
+    assert str(info.value).startswith(f"override {override!r}: the value is not valid YAML (")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("3\n", "got a single value"), ("- a\n- b\n", "got a list")],
+)
+def test_a_recipe_that_is_not_a_mapping_names_the_file(tmp_path: Path, text: str, message: str):
+    path = _write(tmp_path, "odd.yaml", text)
+    with pytest.raises(ValueError, match=rf"odd\.yaml: a recipe is a mapping of sections, {message}"):
+        load_config(path)
+
+
+def test_a_recipe_that_is_a_directory_says_so(tmp_path: Path, capsys):
+    from solopo_megatron.train import main
+
+    with pytest.raises(ValueError, match=r"recipe .* is a directory, not a recipe file"):
+        load_config(tmp_path)
+    assert main(["--dry-run", "--config", str(tmp_path)]) == 2
+    assert f"error: recipe {tmp_path} is a directory, not a recipe file" in capsys.readouterr().err
+
+
+def test_the_cli_reports_an_unparsable_override_without_a_traceback(capsys):
+    from solopo_megatron.train import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+    assert main(["--dry-run", "--config", str(recipe), "train.train_iters=[1,"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: override 'train.train_iters=[1,': the value is not valid YAML")
+
+
 def test_overrides_without_a_recipe():
     cfg = load_config(None, ["model.num_layers=3", "+dataset.max_long_length=100"])
     assert cfg.model.num_layers == 3 and cfg.dataset.max_long_length == 100

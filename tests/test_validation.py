@@ -29,7 +29,8 @@ CASES = {
         "dataset.max_tokens: 2048 is below the largest possible group (5120 tokens",
     ),
     "dpo without store": (
-        ["solopo.compute_reference_if_missing=false"],
+        # an empty cache: a store another run left in the default cache must not satisfy this case
+        ["solopo.compute_reference_if_missing=false", "dataset.cache_dir=/nope/cache"],
         2,
         "solopo.reference_store: dpo needs reference log-probs, and the store is not set",
     ),
@@ -37,6 +38,11 @@ CASES = {
         ["solopo.compute_reference_if_missing=false", "solopo.reference_store=/nope/ref.jsonl"],
         2,
         "solopo.reference_store: dpo needs reference log-probs, and the store /nope/ref.jsonl does not exist",
+    ),
+    "data file is a directory": (
+        ["dataset.train_path=/tmp"],
+        2,
+        "dataset.train_path: file /tmp is a directory, not a data file",
     ),
     "missing data file": (
         ["dataset.train_path=/nope/train.jsonl"],
@@ -115,6 +121,76 @@ CASES = {
         ["logger.wandb_mode=sometimes"],
         2,
         "logger.wandb_mode: must be one of online, offline, disabled; got 'sometimes'",
+    ),
+    # Sizes, counts and intervals (schema ``positive``): each named by its key, not a Megatron assert.
+    "hidden size zero": (["model.hidden_size=0"], 2, "model.hidden_size: must be >= 1, got 0"),
+    "layers negative": (["model.num_layers=-2"], 2, "model.num_layers: must be >= 1, got -2"),
+    "query groups zero": (["model.num_query_groups=0"], 2, "model.num_query_groups: must be >= 1, got 0"),
+    "query groups vs heads": (
+        ["model.num_query_groups=3"],
+        2,
+        "model.num_query_groups: 3 does not divide num_attention_heads=4",
+    ),
+    "vocab multiple zero": (
+        ["model.make_vocab_size_divisible_by=0"],
+        2,
+        "model.make_vocab_size_divisible_by: must be >= 1, got 0",
+    ),
+    "log interval zero": (["train.log_interval=0"], 2, "train.log_interval: must be >= 1, got 0"),
+    "eval interval zero": (["train.eval_interval=0"], 2, "train.eval_interval: must be >= 1, got 0"),
+    "skipped steps zero": (
+        ["train.max_skipped_steps_in_a_row=0"],
+        2,
+        "train.max_skipped_steps_in_a_row: must be >= 1, got 0",
+    ),
+    "max length zero": (["dataset.max_long_length=0"], 2, "dataset.max_long_length: must be >= 1, got 0"),
+    "synthetic count zero": (
+        ["dataset.synthetic.num_train=0"],
+        2,
+        "dataset.synthetic.num_train: must be >= 1, got 0",
+    ),
+    "keep_last zero": (["checkpoint.keep_last=0"], 2, "checkpoint.keep_last: must be >= 1, got 0"),
+    "cluster size zero": (["cluster.gpus_per_node=0"], 2, "cluster.gpus_per_node: must be >= 1, got 0"),
+    # Floats: finite and in range (schema ``positive`` / ``at_least`` / ``fraction``).
+    "lr zero": (["optimizer.lr=0"], 2, "optimizer.lr: must be > 0, got 0.0"),
+    "lr nan": (["optimizer.lr=nan"], 2, "optimizer.lr: must be a finite number, got nan"),
+    "lr infinite": (["optimizer.lr=.inf"], 2, "optimizer.lr: must be a finite number, got inf"),
+    "min_lr above lr": (["optimizer.min_lr=0.01"], 2, "optimizer.min_lr: 0.01 is above optimizer.lr=0.003"),
+    "weight decay negative": (
+        ["optimizer.weight_decay=-0.1"],
+        2,
+        "optimizer.weight_decay: must be >= 0, got -0.1",
+    ),
+    "adam eps zero": (["optimizer.adam_eps=0"], 2, "optimizer.adam_eps: must be > 0, got 0.0"),
+    "adam beta one": (["optimizer.adam_beta2=1.0"], 2, "optimizer.adam_beta2: must be in [0, 1), got 1.0"),
+    "clip_grad negative": (["optimizer.clip_grad=-1"], 2, "optimizer.clip_grad: must be >= 0, got -1.0"),
+    "dropout one": (["model.hidden_dropout=1.0"], 2, "model.hidden_dropout: must be in [0, 1), got 1.0"),
+    "layernorm epsilon zero": (
+        ["model.layernorm_epsilon=0"],
+        2,
+        "model.layernorm_epsilon: must be > 0, got 0.0",
+    ),
+    "init std zero": (["model.init_method_std=0"], 2, "model.init_method_std: must be > 0, got 0.0"),
+    "peak tflops zero": (
+        ["logger.peak_tflops_per_gpu=0"],
+        2,
+        "logger.peak_tflops_per_gpu: must be > 0, got 0.0",
+    ),
+    "gpu memory infinite": (
+        ["cluster.gpu_memory_gib=.inf"],
+        2,
+        "cluster.gpu_memory_gib: must be a finite number, got inf",
+    ),
+    # The prompt template: the data layer's rule, reported by key before anything is tokenised.
+    "template without context": (
+        ["dataset.prompt_template='Q: {question}'"],
+        2,
+        "dataset.prompt_template: must contain {context} and {question}",
+    ),
+    "template unknown placeholder": (
+        ["dataset.prompt_template='{context} {query}'"],
+        2,
+        "dataset.prompt_template: unknown placeholder {query}",
     ),
 }
 
@@ -240,3 +316,62 @@ def test_the_dry_run_reports_a_choice_typo(capsys):
         "model.transformer_impl: must be one of auto, transformer_engine, local; got 'te'"
         in capsys.readouterr().err
     )
+
+
+# The ranges live in the schema (``positive`` / ``at_least`` / ``fraction`` field metadata); these keys
+# must be among them, so a zero or negative size fails before launch, by key.
+MUST_BE_BOUNDED = {
+    *(f"model.{k}" for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")),
+    *(f"model.{k}" for k in ("num_query_groups", "kv_channels", "vocab_size", "recompute_num_layers")),
+    *(f"model.{k}" for k in ("make_vocab_size_divisible_by", "layernorm_epsilon", "init_method_std")),
+    *(f"model.{k}" for k in ("attention_dropout", "hidden_dropout", "tensor_model_parallel_size")),
+    *(f"train.{k}" for k in ("global_batch_size", "train_iters", "log_interval", "eval_interval")),
+    *(f"train.{k}" for k in ("eval_iters", "max_skipped_steps_in_a_row")),
+    *(f"optimizer.{k}" for k in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2")),
+    *(f"optimizer.{k}" for k in ("adam_eps", "clip_grad")),
+    *(f"dataset.{k}" for k in ("max_short_length", "max_long_length", "max_tokens")),
+    "dataset.synthetic.num_train",
+    "dataset.synthetic.num_valid",
+    "checkpoint.save_interval",
+    "checkpoint.keep_last",
+    "logger.peak_tflops_per_gpu",
+    *(f"cluster.{k}" for k in ("num_nodes", "gpus_per_node", "gpu_memory_gib")),
+}
+
+
+def _bounded_fields() -> dict[str, str]:
+    """{key: an out-of-range override value} of every bounded schema field (floats: NaN)."""
+    import typing
+
+    from solopo_megatron.recipe.schema import RecipeConfig, field_bounds
+    from solopo_megatron.recipe.validation import recipe_sections
+
+    bad = {}
+    for prefix, section in recipe_sections(RecipeConfig()):
+        hints = typing.get_type_hints(type(section))
+        for name, bounds in field_bounds(section).items():
+            is_float = float in typing.get_args(hints[name]) or hints[name] is float
+            low = int(bounds.low) if bounds.low is not None else 0
+            bad[f"{prefix}.{name}"] = "nan" if is_float else str(low if bounds.low_open else low - 1)
+    return bad
+
+
+def test_the_sizes_that_must_be_positive_are_bounded_in_the_schema():
+    assert MUST_BE_BOUNDED <= set(_bounded_fields()), MUST_BE_BOUNDED - set(_bounded_fields())
+
+
+@pytest.mark.parametrize("key, value", sorted(_bounded_fields().items()))
+def test_every_bounded_field_is_checked_by_key(key, value):
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(load_config(RECIPE, [f"{key}={value}"]), world_size=2)
+    assert f"\n  - {key}: must be " in str(info.value)
+
+
+def test_the_dry_run_reports_a_size_problem_and_a_bad_world_size(capsys):
+    from solopo_megatron.train import main
+
+    assert main(["--dry-run", "--config", str(RECIPE), "model.hidden_size=0"]) == 2
+    assert "model.hidden_size: must be >= 1, got 0" in capsys.readouterr().err
+    for world in ("0", "-2"):
+        assert main(["--dry-run", "--config", str(RECIPE), "--world-size", world]) == 2
+        assert f"--world-size: must be >= 1, got {world}" in capsys.readouterr().err

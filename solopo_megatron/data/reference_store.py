@@ -2,12 +2,15 @@
 
 On-disk format (versioned JSON lines, UTF-8):
 
-    {"format": "solopo-ref-logps", "version": 1, "roles": [...], "data_fingerprint": "...", "info": {...}}
+    {"format": "solopo-ref-logps", "version": 1, "roles": [...], "data_fingerprint": "...", "info": {...},
+     "entries": N}
     {"id": "ex-1", "short_chosen": -12.5, "short_rejected": -20.25, ...}
     ...
 
 Values are fp32 numbers written as exact decimal floats, so a store round-trips bit for bit. It is
-written to a temporary file and renamed, so a crash never leaves a half-written store behind.
+written to a temporary file and renamed, so a crash never leaves a half-written store behind (and a
+failed write removes its temporary file). ``entries`` (the number of lines after the header; absent in
+older stores) lets a reader tell a whole store from a truncated copy without parsing every value.
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ class ReferenceStore:
         return len(self.values)
 
     def save(self, path: str | Path) -> None:
+        """Writes the store atomically (temporary file + rename); on any failure the temporary file is
+        removed and the error is a DataError naming the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         header = {
             "format": FORMAT,
@@ -81,15 +85,25 @@ class ReferenceStore:
             "roles": list(self.roles),
             "data_fingerprint": self.data_fingerprint,
             "info": self.info,
+            "entries": len(self.values),
         }
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(header) + "\n")
-            for example_id in sorted(self.values):
-                entry = {"id": example_id, **self.values[example_id]}
-                handle.write(json.dumps(entry) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(21, "is a directory; name the store file")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(header) + "\n")
+                for example_id in sorted(self.values):
+                    entry = {"id": example_id, **self.values[example_id]}
+                    handle.write(json.dumps(entry) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException as error:
+            tmp.unlink(missing_ok=True)  # never leave a partial store behind (KeyboardInterrupt included)
+            if isinstance(error, OSError):
+                raise DataError(f"{path}: cannot write reference store: {error.strerror or error}") from error
+            raise
         self.path = str(path)
 
 
@@ -119,7 +133,38 @@ def read_store_header(path: str | Path, *, data_fingerprint: str | None = None) 
             f"{path}:1: field 'data_fingerprint': the store was built for other data or tokenisation "
             f"({header.get('data_fingerprint')!r}, expected {data_fingerprint!r}); recompute it with solopo-ref-logps"
         )
+    _check_complete(path, header)
     return header
+
+
+def _check_complete(path: str, header: dict) -> None:
+    """A cheap scan for a truncated or cut-off store: counts the entry lines (without parsing their
+    numbers) against the header's ``entries`` and checks that the last line is whole JSON."""
+    count, last, last_number = 0, b"", 1
+    try:
+        with open(path, "rb") as handle:
+            handle.readline()
+            for line_number, line in enumerate(handle, start=2):
+                if line.strip():
+                    count, last, last_number = count + 1, line, line_number
+    except OSError as error:
+        raise DataError(f"{path}: cannot read reference store: {error.strerror or error}") from error
+    if last:
+        try:
+            whole = last.endswith(b"\n") and isinstance(json.loads(last), dict)
+        except ValueError:  # invalid JSON or UTF-8
+            whole = False
+        if not whole:
+            raise DataError(
+                f"{path}:{last_number}: the last entry is cut off: the store is incomplete or corrupt; "
+                "recompute it with solopo-ref-logps"
+            )
+    expected = header.get("entries")
+    if expected is not None and expected != count:
+        raise DataError(
+            f"{path}: field 'entries': the header says {expected} entries, the file has {count}: "
+            "the store is incomplete or corrupt; recompute it with solopo-ref-logps"
+        )
 
 
 def load_reference_store(path: str | Path, *, data_fingerprint: str | None = None) -> ReferenceStore:

@@ -10,41 +10,111 @@ A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only when every rank
 the ``latest`` file is replaced atomically after that, so a crash mid-save leaves the previous
 checkpoint as the latest loadable one. Only the last ``keep_last`` checkpoints are kept. The data
 position is the step: the global-batch sampler is a pure function of (seed, step).
+
+While a run writes ``checkpoint.save``, rank 0 holds ``solopo-train.lock`` there (host, pid): a second
+run on the same folder is refused, a lock left by a run that died on this host is taken over.
+The checks of a folder's files (``recipe.checkpoints``) run before any process group.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..recipe.checkpoints import (
+    LATEST,
+    LOCK,
+    busy_message,
+    is_ours,
+    is_stale,
+    iter_dir,
+    read_lock,
+    resolve_resume,
+    this_process,
+)
 from ..recipe.errors import RecipeError
 from .build import ModelAndOptimizer
 from .parallel import ParallelState
 
-LATEST = "latest_checkpointed_iteration.txt"
+_HELD_LOCKS: list[Path] = []  # run locks this process took, removed by release_run_locks()
 
 
-def _iter_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint ``root/latest`` names, a checkpoint directory itself, or None."""
-    root = Path(root)
-    if (root / "metadata.json").exists():  # a specific iter_* directory
-        return root
-    latest = root / LATEST
-    if not latest.exists():
-        return None
-    path = _iter_dir(root, int(latest.read_text().strip()))
-    if not path.exists():
-        raise RecipeError(f"checkpoint.load: {latest} names {path.name}, which does not exist")
+def latest_checkpoint(root: str | Path, key: str = "checkpoint.load") -> Path | None:
+    """The checkpoint ``root/latest`` names, a checkpoint directory itself, or None (a fresh
+    ``checkpoint.save``). RecipeError when it cannot be resumed from (corrupt latest, damaged
+    checkpoint, checkpoints without a latest; ``checkpoint.load`` without any checkpoint)."""
+    path, problem = resolve_resume(root, key, required=key == "checkpoint.load")
+    if problem is not None:
+        raise RecipeError(problem)
     return path
+
+
+def take_run_lock(root: str | Path, rank: int, log: Callable[[str], None]) -> None:
+    """Rank 0 creates ``root/solopo-train.lock`` (host, pid) or refuses a live owner's; a lock left by
+    a process that died on this host is taken over (with a message). Collective: every rank calls it,
+    every rank raises the same RecipeError. ``release_run_locks()`` removes it."""
+    outcome: list[str | None] = [None, None]  # [refusal, note]
+    if rank == 0:
+        try:
+            outcome = list(_take_lock(Path(root) / LOCK))
+        except OSError as error:
+            outcome = [f"checkpoint.save: cannot create the run lock in {root}: {error}", None]
+    dist.broadcast_object_list(outcome, src=0)
+    refusal, note = outcome
+    if refusal is not None:
+        raise RecipeError(refusal)
+    if note is not None and rank == 0:
+        log(note)
+
+
+def _take_lock(lock: Path) -> tuple[str | None, str | None]:
+    """(refusal, note): O_EXCL creation, so of two runs starting at once only one gets the lock."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    note = None
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = read_lock(lock)
+            if owner is None:  # released meanwhile
+                continue
+            if is_ours(owner):
+                return None, None
+            if owner and is_stale(owner):
+                # Re-read just before removing: never delete a lock another starter has just taken.
+                if read_lock(lock) == owner:
+                    lock.unlink(missing_ok=True)
+                note = (
+                    f"checkpoint.save: took over the stale lock {lock} of pid {owner.get('pid')} on "
+                    f"{owner.get('host')} (that process has ended)"
+                )
+                continue
+            return busy_message(lock, owner), None
+        with os.fdopen(handle, "w") as out:
+            json.dump({**this_process(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}, out)
+        _HELD_LOCKS.append(lock)
+        return None, note
+    return busy_message(lock, read_lock(lock) or {}), None
+
+
+def release_run_locks() -> None:
+    """Removes the run locks this process holds (at the end of a run, also after an error or SIGINT)."""
+    while _HELD_LOCKS:
+        lock = _HELD_LOCKS.pop()
+        owner = read_lock(lock)
+        if owner is not None and is_ours(owner):
+            lock.unlink(missing_ok=True)
+
+
+atexit.register(release_run_locks)  # API callers that never reach the entry point's clean-up
 
 
 def _metadata(distributed_optimizer: bool) -> dict | None:
@@ -102,7 +172,8 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final, tmp = _iter_dir(root, step), root / f"iter_{step:07d}.tmp"
+    final = iter_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
     if parallel.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,23 @@ class Data:
     pad_multiple: int
     max_tokens: int
 
+    def skipped_records(self) -> dict[str, int]:
+        """Records ``dataset.on_error=skip`` left out, per split (for the metrics file)."""
+        counts = {"train": self.train.skipped}
+        if self.valid is not None:
+            counts["valid"] = self.valid.skipped
+        return counts
+
+    def skip_report(self) -> list[str]:
+        """Start-up lines about skipped records: a count per file and its first problems; [] if none."""
+        lines = []
+        for split, dataset in (("train", self.train), ("valid", self.valid)):
+            if dataset is None or not dataset.skipped:
+                continue
+            lines.append(f"dataset.on_error=skip: skipped {dataset.skipped} {split} record(s); the first:")
+            lines.extend(f"  {problem}" for problem in dataset.skipped_problems)
+        return lines
+
 
 def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
     """Writes the synthetic files if the recipe uses them, then tokenises (rank 0 first) and opens the data."""

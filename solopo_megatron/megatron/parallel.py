@@ -8,9 +8,12 @@ model provider (``pg_collection=``), the step, the reductions and the checkpoint
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +92,7 @@ def init_process_group() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(minutes=int(os.environ.get("SOLOPO_DIST_TIMEOUT_MIN", "30")))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        die_with_parent()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
@@ -97,6 +101,27 @@ def init_process_group() -> None:
     _LONE_PROCESS_STORE_DIRS.append(folder)
     store = os.path.join(folder, "store")
     dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Asks Linux to send ``sig`` to this process when its parent (the torchrun agent) dies, so a
+    killed launcher leaves no worker behind that could still write checkpoints while a restarted run
+    resumes. Returns whether it is armed (False off Linux or without libc's prctl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def init_parallel_state(model: ModelSection, seed: int) -> ParallelState:

@@ -109,8 +109,12 @@ def keep_reference_with_checkpoints(store: ReferenceStore | None, root: str | Pa
     if store is None or (root / REFERENCE_COPY).exists():
         return
     tmp = root / f"{REFERENCE_COPY}.tmp"
-    shutil.copyfile(store.path, tmp)
-    os.replace(tmp, root / REFERENCE_COPY)
+    try:
+        shutil.copyfile(store.path, tmp)
+        os.replace(tmp, root / REFERENCE_COPY)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed copy (disk full) leaves no partial file behind
+        raise
 
 
 def write_reference_store(cfg: RecipeConfig, ctx: StepContext, chunks: list, data: Data) -> tuple[Path, int]:

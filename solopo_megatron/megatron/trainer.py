@@ -7,14 +7,18 @@ example count), its optimizer and its learning-rate scheduler.
 
 ``setup(cfg)`` builds a ``Trainer`` (process groups, data, model, optimizer, reference store, resume);
 ``train(trainer)`` runs the loop. On a machine without CUDA, call both inside ``cpu_compat.enabled()``.
+Inside ``sigint_handling()``, SIGINT ends the loop with ``Interrupted`` (one line for the user).
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +28,18 @@ import torch.distributed as dist
 from ..data.loading import GlobalBatchSampler
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
-from ..recipe.errors import RecipeError
 from ..recipe.loading import to_dict
 from ..recipe.schema import RecipeConfig
 from ..recipe.sizing import padded_vocab_size
 from ..recipe.validation import validate_recipe
 from .build import ModelAndOptimizer, build_model_and_optimizer
-from .checkpoint import clean_partial_saves, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    clean_partial_saves,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    take_run_lock,
+)
 from .inputs import Data, prepare_data, step_batches
 from .metric_writers import MetricWriters
 from .metrics import (
@@ -63,6 +72,8 @@ class Trainer:
     start_step: int = 0  # steps already done (from a checkpoint)
     history: list[dict] = field(default_factory=list)
     log: Callable[[str], None] = print
+    steps_done: int = 0  # optimizer steps completed so far (start_step included)
+    last_checkpoint: Path | None = None  # the newest complete checkpoint (resumed from or saved)
 
     @property
     def chunks(self) -> list:
@@ -89,6 +100,7 @@ class Trainer:
         )
         reports = self.run(mbs, forward_only=False)
         finite = self._step_is_finite(reports)
+        lr = self.state.optimizer.param_groups[0]["lr"]  # this update's rate; scheduler.step sets the next
         if finite:
             _, grad_norm, _ = self.state.optimizer.step()
         else:  # never apply a non-finite update: the step is skipped and reported
@@ -98,7 +110,7 @@ class Trainer:
         metrics["skipped"] = 0.0 if finite else 1.0
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-            lr=self.state.optimizer.param_groups[0]["lr"],
+            lr=lr,
             microbatches=len(mbs),
             **step_work(mbs, self.cfg.model, self.padded_vocab, self.parallel),
         )
@@ -140,7 +152,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         """A checkpoint after ``step`` under ``checkpoint.save``, with the reference store kept beside it."""
         c = self.cfg.checkpoint
-        path = save_checkpoint(
+        path = self.last_checkpoint = save_checkpoint(
             c.save,
             step,
             self.state,
@@ -151,6 +163,53 @@ class Trainer:
         if self.parallel.rank == 0:
             keep_reference_with_checkpoints(self.store, c.save)
         return path
+
+    def interrupted(self) -> Interrupted:
+        """The ``Interrupted`` to raise after SIGINT: how far the run got and what can be resumed."""
+        saved = f"last checkpoint {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint saved"
+        return Interrupted(
+            f"interrupted at step {self.steps_done}; {saved}", report=self.parallel.is_logging_rank
+        )
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT ended the run: ``message`` is the one line for the user, printed where ``report`` (the
+    logging rank; under torchrun every worker is interrupted)."""
+
+    def __init__(self, message: str, *, report: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.report = report
+
+
+_SIGINT_RECEIVED = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    if _SIGINT_RECEIVED.is_set():
+        return  # torchrun forwards Ctrl-C once more: ignore repeats while the run cleans up
+    _SIGINT_RECEIVED.set()
+    raise KeyboardInterrupt
+
+
+def sigint_received() -> bool:
+    """Whether SIGINT arrived inside ``sigint_handling()`` (an error after it is its consequence)."""
+    return _SIGINT_RECEIVED.is_set()
+
+
+@contextmanager
+def sigint_handling() -> Iterator[None]:
+    """The first SIGINT raises KeyboardInterrupt, later ones are ignored (so the clean-up is not
+    interrupted in turn); the previous handler is restored on exit. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SIGINT_RECEIVED.clear()
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -169,6 +228,10 @@ def setup(
     # Also for direct API callers. The reference store is checked where it is loaded (its fingerprint
     # comes from the tokenised data then), so the data files are not hashed a second time here.
     validate_recipe(cfg, dist.get_world_size(), check_reference=False)
+    printer = log or (lambda text: print(text, flush=True))
+    if cfg.checkpoint.save:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes the lock into it
+        take_run_lock(cfg.checkpoint.save, dist.get_rank(), printer)
     parallel = init_parallel_state(cfg.model, cfg.rng.seed)
     data = prepare_data(cfg, parallel)
     resume_from = _resume_path(cfg, parallel)
@@ -179,7 +242,6 @@ def setup(
     ctx = StepContext(
         cfg.solopo.loss_config(), parallel, inplace_logits_backward=cfg.solopo.inplace_logits_backward
     )
-    printer = log or (lambda text: print(text, flush=True))
     trainer = Trainer(
         cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None)
     )
@@ -193,6 +255,7 @@ def setup(
             distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
             log=trainer.log,
         )
+        trainer.steps_done, trainer.last_checkpoint = trainer.start_step, resume_from
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")
     if cfg.checkpoint.save and parallel.rank == 0:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
@@ -205,6 +268,13 @@ def setup(
         f"{parallel.device.type}; {len(data.train)} train examples; mode {cfg.solopo.mode}, loss "
         f"{cfg.solopo.preference_loss}"
     )
+    for line in data.skip_report():  # dataset.on_error=skip: say what was left out, never silently
+        trainer.log(line)
+    if cfg.scheduler.lr_warmup_iters:  # OptimizerParamScheduler: the update of step k uses lr(k - 1)
+        trainer.log(
+            "warmup: the first update uses lr 0 (Megatron's convention), lr reaches optimizer.lr at "
+            f"step {cfg.scheduler.lr_warmup_iters + 1}"
+        )
     return trainer
 
 
@@ -212,13 +282,9 @@ def _resume_path(cfg: RecipeConfig, parallel: ParallelState) -> Path | None:
     if cfg.checkpoint.save and parallel.rank == 0:
         clean_partial_saves(cfg.checkpoint.save)
     dist.barrier()
+    key = "checkpoint.load" if cfg.checkpoint.load else "checkpoint.save"
     root = cfg.checkpoint.load or cfg.checkpoint.save
-    if root is None:
-        return None
-    path = latest_checkpoint(root)
-    if path is None and cfg.checkpoint.load:
-        raise RecipeError(f"checkpoint.load: no checkpoint in {root}")
-    return path
+    return None if root is None else latest_checkpoint(root, key)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -232,6 +298,13 @@ def train(trainer: Trainer) -> list[dict]:
     )
     try:
         return _train_loop(trainer, writers)
+    except BaseException as error:
+        # After SIGINT a rank may instead see a peer's exit as a collective error: the same interrupt.
+        if not (isinstance(error, KeyboardInterrupt) or sigint_received()):
+            raise
+        if trainer.parallel.rank == 0 and cfg.checkpoint.save:
+            clean_partial_saves(cfg.checkpoint.save)  # an interrupted save's .tmp folder
+        raise trainer.interrupted() from None
     finally:
         writers.close()
 
@@ -241,6 +314,10 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
     sampler = GlobalBatchSampler(len(trainer.data.train), cfg.train.global_batch_size, seed=cfg.rng.seed)
     iters, log_every = cfg.train.train_iters, max(1, cfg.train.log_interval)
     eval_every = cfg.train.eval_interval
+    if cfg.dataset.on_error == "skip":  # the metrics file records what the run left out
+        writers.write(
+            {"step": trainer.start_step, "data": {"skipped_records": trainer.data.skipped_records()}}
+        )
     if eval_every and trainer.start_step == 0:
         result = trainer.evaluate()
         trainer.history.append({"step": 0, "eval": result})
@@ -255,6 +332,7 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
     progress = _progress_bar(trainer, iters)
     for step in range(trainer.start_step, iters):
         metrics = trainer.train_step(step, sampler)
+        trainer.steps_done = step + 1
         throughput.add(metrics)
         if metrics["skipped"]:
             skipped_in_a_row += 1

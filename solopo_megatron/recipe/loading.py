@@ -59,13 +59,19 @@ def load_recipe_layers(path: Path, _chain: tuple[Path, ...] = ()):
         raise ValueError(f"{path}: defaults form a cycle: {' -> '.join(p.name for p in (*_chain, path))}")
     if not path.is_file():
         where = f"{_chain[-1]}: defaults: " if _chain else ""
-        raise ValueError(f"{where}recipe {path} does not exist")
+        what = "is a directory, not a recipe file" if path.is_dir() else "does not exist"
+        raise ValueError(f"{where}recipe {path} {what}")
     try:
         own = OmegaConf.load(path)
     except (OmegaConfBaseException, ValueError, yaml.YAMLError) as error:  # syntax errors carry the line
         raise ValueError(f"{path}: {error}") from None
+    except OSError as error:
+        if error.errno is not None:  # a real I/O error (permissions, ...)
+            raise ValueError(f"{path}: cannot read the recipe: {error.strerror or error}") from None
+        # OmegaConf refuses a top-level scalar with a bare OSError that names neither file nor cause.
+        raise ValueError(f"{path}: a recipe is a mapping of sections, got a single value") from None
     if not isinstance(own, DictConfig):
-        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(own).__name__}")
+        raise ValueError(f"{path}: a recipe is a mapping of sections, got a list")
     entries = own.pop("defaults", None)
     entries = [] if entries is None else entries
     if not isinstance(entries, (ListConfig, list)):
@@ -95,7 +101,9 @@ _ABSENT = object()
 
 def apply_override(recipe, override: str):
     """Applies one ``a.b=c`` / ``+a.b=c`` / ``++a.b=c`` / ``~a.b`` override to the recipe layer."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if override.startswith("~"):
         key = override[1:].split("=", 1)[0]
@@ -116,7 +124,13 @@ def apply_override(recipe, override: str):
         raise ValueError(
             f"override {override!r}: the recipe already sets {key}; use {key}=... or ++{key}=..."
         )
-    value = OmegaConf.from_dotlist([f"{key}={override.partition('=')[2]}"])
+    try:
+        value = OmegaConf.from_dotlist([f"{key}={override.partition('=')[2]}"])
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError) as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(
+            f"override {override!r}: the value is not valid YAML ({problem}); check its quotes and brackets"
+        ) from None
     _merge_onto_schema(value, f"override {override!r}")  # unknown key or wrong type, with a suggestion
     return OmegaConf.merge(recipe, value)
 

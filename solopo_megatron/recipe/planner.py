@@ -230,13 +230,17 @@ def plan_warnings(cfg: RecipeConfig, plan: Plan) -> list[str]:
 
 def dry_run(cfg: RecipeConfig, recipe: str, world_size: int | None = None) -> str:
     """Validates the recipe (RecipeError lists every problem) and returns the plan as text. Files the
-    recipe names but this machine lacks (data, tokenizer, checkpoints) are listed, not fatal."""
-    from .validation import path_problems, validate_recipe
+    recipe names but this machine lacks (data, tokenizer, checkpoints) are listed, not fatal; a
+    reference store that is here but wrong (other data, incomplete) is a problem."""
+    from .validation import dry_run_problems, raise_problems
 
-    world = world_size or cfg.cluster.world_size
-    validate_recipe(cfg, world, check_paths=False)
+    bad_world = (
+        [f"--world-size: must be >= 1, got {world_size}"] if world_size is not None and world_size < 1 else []
+    )
+    world = cfg.cluster.world_size if world_size is None else world_size
+    problems, missing = dry_run_problems(cfg, None if bad_world else world)
+    raise_problems(bad_world + problems)
     text = format_plan(cfg, make_plan(cfg, world), recipe)
-    missing = path_problems(cfg)
     if missing:
         text += "\n  not checked on this machine (needed at launch):\n" + "\n".join(
             f"    - {p}" for p in missing

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,36 +25,99 @@ def field_choices(section: Any) -> dict[str, tuple]:
     return {f.name: f.metadata["choices"] for f in dataclasses.fields(section) if "choices" in f.metadata}
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric field's allowed range, checked by ``recipe.validation`` before launch. Floats must
+    also be finite; an unset (None) optional value always passes."""
+
+    low: float | None = None
+    low_open: bool = False  # True: ``> low``, else ``>= low``
+    high: float | None = None
+    high_open: bool = False  # True: ``< high``, else ``<= high``
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range (``must be ..., got ...``), or None."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return None if low_ok and high_ok else f"must be {self.describe(value)}, got {value}"
+
+    def describe(self, value: Any = 0.0) -> str:
+        """The range in words: ``>= 1`` (a positive integer), ``> 0``, ``in [0, 1)``."""
+        low = self.low
+        if isinstance(value, int) and low is not None and self.low_open and float(low).is_integer():
+            low, low_open = int(low) + 1, False  # integers: "> 0" reads better as ">= 1"
+        else:
+            low_open = self.low_open
+        if low is not None and self.high is not None:
+            return f"in {'(' if low_open else '['}{low}, {self.high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"{'>' if low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return "a finite number"
+
+
+def bounded(default: Any, bounds: Bounds) -> Any:
+    """A numeric field limited to ``bounds`` (checked by ``recipe.validation`` before launch)."""
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def positive(default: Any) -> Any:
+    """A size, count or interval that must be > 0 (integers: >= 1) when set."""
+    return bounded(default, Bounds(low=0, low_open=True))
+
+
+def at_least(default: Any, minimum: float) -> Any:
+    """A number that must be >= ``minimum`` (and finite) when set."""
+    return bounded(default, Bounds(low=minimum))
+
+
+def fraction(default: Any) -> Any:
+    """A probability-like number in [0, 1): dropout rates, Adam betas."""
+    return bounded(default, Bounds(low=0, high=1, high_open=True))
+
+
+def field_bounds(section: Any) -> dict[str, Bounds]:
+    """{field name: allowed range} of a section's bounded numeric fields."""
+    return {f.name: f.metadata["bounds"] for f in dataclasses.fields(section) if "bounds" in f.metadata}
+
+
 @dataclass
 class ModelSection:
     """``model:``: the architecture and its parallel layout (Megatron-Core names)."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 176
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: multi-head attention
-    kv_channels: int | None = None
+    num_layers: int = positive(2)
+    hidden_size: int = positive(64)
+    ffn_hidden_size: int = positive(176)
+    num_attention_heads: int = positive(4)
+    num_query_groups: int | None = positive(None)  # None: multi-head attention
+    kv_channels: int | None = positive(None)
     normalization: str = choice("RMSNorm", "RMSNorm", "LayerNorm")
-    layernorm_epsilon: float = 1e-6
+    layernorm_epsilon: float = positive(1e-6)
     add_qkv_bias: bool = False
     share_embeddings_and_output_weights: bool = False
-    rotary_base: int = 10000
+    rotary_base: int = positive(10000)
     rope_scaling: bool = False  # Llama-3.1 style RoPE frequency scaling
-    rope_scaling_factor: float = 8.0
-    vocab_size: int | None = None  # None: the tokenizer's (or the pretrained_hf checkpoint's, if larger)
-    make_vocab_size_divisible_by: int = 128
-    init_method_std: float = 0.02
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
+    rope_scaling_factor: float = positive(8.0)
+    vocab_size: int | None = positive(
+        None
+    )  # None: the tokenizer's (or the pretrained_hf checkpoint's, if larger)
+    make_vocab_size_divisible_by: int = positive(128)
+    init_method_std: float = positive(0.02)
+    attention_dropout: float = fraction(0.0)
+    hidden_dropout: float = fraction(0.0)
+    tensor_model_parallel_size: int = positive(1)
+    pipeline_model_parallel_size: int = positive(1)
+    context_parallel_size: int = positive(1)
     cp_comm_type: str = choice("p2p", "p2p", "all_gather", "a2a", "a2a+p2p")
     sequence_parallel: bool = False
     recompute_granularity: str | None = choice(None, None, "full", "selective")
     recompute_method: str | None = choice(None, None, "uniform", "block")  # block/uniform: full recompute
-    recompute_num_layers: int | None = None
+    recompute_num_layers: int | None = positive(None)
     transformer_impl: str = choice("auto", "auto", "transformer_engine", "local")  # auto: TE when importable
     bf16: bool | None = None  # None: bf16 on CUDA, fp32 on CPU
     use_cpu_initialization: bool | None = None  # None: only without CUDA (true: same init on any device)
@@ -63,13 +127,15 @@ class ModelSection:
 class TrainSection:
     """``train:``: batch size, steps, evaluation and logging intervals."""
 
-    global_batch_size: int = 16  # examples per optimizer step, over all DP ranks
+    global_batch_size: int = positive(16)  # examples per optimizer step, over all DP ranks
     micro_batch_size: int = 1  # packed rows per microbatch; a row holds several whole groups
-    train_iters: int = 100
-    max_skipped_steps_in_a_row: int = 3  # non-finite loss or gradients: skip the update; stop after this many
-    eval_interval: int | None = None
-    eval_iters: int | None = None  # None: the whole validation set
-    log_interval: int = 10
+    train_iters: int = positive(100)
+    max_skipped_steps_in_a_row: int = positive(
+        3
+    )  # non-finite loss or gradients: skip the update; stop after this many
+    eval_interval: int | None = positive(None)
+    eval_iters: int | None = positive(None)  # None: the whole validation set
+    log_interval: int = positive(10)
 
 
 @dataclass
@@ -77,13 +143,13 @@ class OptimizerSection:
     """``optimizer:``: Megatron's optimizer settings."""
 
     optimizer: str = choice("adam", "adam", "sgd")
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = positive(1e-3)
+    min_lr: float = at_least(0.0, 0)  # at most lr
+    weight_decay: float = at_least(0.0, 0)
+    adam_beta1: float = fraction(0.9)
+    adam_beta2: float = fraction(0.999)
+    adam_eps: float = positive(1e-8)
+    clip_grad: float = at_least(1.0, 0)  # 0: no clipping
     use_distributed_optimizer: bool = False
 
 
@@ -91,8 +157,8 @@ class OptimizerSection:
 class SchedulerSection:
     """``scheduler:``: learning-rate warmup and decay."""
 
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # None: train.train_iters
+    lr_warmup_iters: int = at_least(0, 0)
+    lr_decay_iters: int | None = positive(None)  # None: train.train_iters
     lr_decay_style: str = choice("cosine", "constant", "linear", "cosine", "inverse-square-root")
 
 
@@ -100,10 +166,10 @@ class SchedulerSection:
 class SyntheticSection:
     """``dataset.synthetic:``: the bundled synthetic data used when no train file is given."""
 
-    num_train: int = 512
-    num_valid: int = 64
+    num_train: int = positive(512)
+    num_valid: int = positive(64)
     seed: int = 0
-    long_target_words: int = 120
+    long_target_words: int = at_least(120, 0)
 
 
 @dataclass
@@ -116,10 +182,10 @@ class DatasetSection:
     tokenizer: str = "tiny"
     prompt_template: str = "{context}\n\nQuestion: {question}"
     system_prompt: str | None = None
-    max_short_length: int | None = None
-    max_long_length: int | None = None
+    max_short_length: int | None = positive(None)
+    max_long_length: int | None = positive(None)
     truncate_long_context: bool = False
-    max_tokens: int = 2048  # tokens per packed microbatch row (whole sequences, before CP sharding)
+    max_tokens: int = positive(2048)  # tokens per packed microbatch row (whole sequences, before CP sharding)
     on_error: str = choice("raise", "raise", "skip")  # skip: drop bad records, report counts
     cache_dir: str | None = None
 
@@ -159,8 +225,8 @@ class CheckpointSection:
 
     save: str | None = None  # checkpoint root; training resumes from its latest checkpoint if one exists
     load: str | None = None  # resume from this root (its latest) or this iter_* directory instead
-    save_interval: int | None = None  # steps between saves (and always at the end when save is set)
-    keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
+    save_interval: int | None = positive(None)  # steps between saves (and always at the end when save is set)
+    keep_last: int | None = positive(None)  # keep only the newest N checkpoints (None: all)
     pretrained_hf: str | None = (
         None  # initial weights: a Hugging Face Llama / Qwen2 directory (unless resuming)
     )
@@ -176,7 +242,9 @@ class LoggerSection:
     wandb_run_name: str | None = None
     wandb_run_id: str | None = None  # set it to continue the same wandb run after a resume
     wandb_mode: str = choice("online", "online", "offline", "disabled")
-    peak_tflops_per_gpu: float | None = None  # for MFU; None: known GPUs by name (dense bf16), else no MFU
+    peak_tflops_per_gpu: float | None = positive(
+        None
+    )  # for MFU; None: known GPUs by name (dense bf16), else no MFU
 
 
 @dataclass
@@ -184,9 +252,9 @@ class ClusterSection:
     """What the recipe is laid out for: the dry-run planner's world size and memory budget.
     A launch takes its world size from torchrun (WORLD_SIZE); these keys do not bind it."""
 
-    num_nodes: int = 1
-    gpus_per_node: int = 8
-    gpu_memory_gib: float = 80.0
+    num_nodes: int = positive(1)
+    gpus_per_node: int = positive(8)
+    gpu_memory_gib: float = positive(80.0)
 
     @property
     def world_size(self) -> int:
@@ -197,7 +265,7 @@ class ClusterSection:
 class RngSection:
     """``rng:``: the seed of initialisation and data order."""
 
-    seed: int = 1234
+    seed: int = at_least(1234, 0)
 
 
 @dataclass

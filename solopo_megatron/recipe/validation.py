@@ -6,11 +6,16 @@ Unknown or misspelt keys and wrong types are caught earlier, by the typed schema
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from ..data.files import input_file_problem
 from ..data.packing import pad_multiple_for
+from .checkpoints import checkpoint_problems
 from .errors import RecipeError
-from .schema import LoggerSection, ModelSection, RecipeConfig, field_choices
+from .schema import LoggerSection, ModelSection, RecipeConfig, field_bounds, field_choices
 
 
 def layout_problems(m: ModelSection, world_size: int | None = None) -> list[str]:
@@ -59,6 +64,33 @@ def choice_problems(cfg: RecipeConfig) -> list[str]:
     return problems
 
 
+def recipe_sections(section: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key prefix, section) of the recipe and every nested section (``dataset.synthetic``)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield f"{prefix}{f.name}", value
+            yield from recipe_sections(value, f"{prefix}{f.name}.")
+
+
+def bound_problems(cfg: RecipeConfig) -> list[str]:
+    """Numbers outside their schema range (``positive``, ``at_least``, ``fraction``; floats finite)."""
+    problems = []
+    for key, section in recipe_sections(cfg):
+        for name, bounds in field_bounds(section).items():
+            if (problem := bounds.problem(getattr(section, name))) is not None:
+                problems.append(f"{key}.{name}: {problem}")
+    return problems
+
+
+def prompt_template_problem(template: str) -> str | None:
+    """``dataset.prompt_template``'s problem (placeholders), or None; the data layer owns the rule."""
+    from ..data.tokenize import prompt_template_problem as problem_of
+
+    problem = problem_of(template)
+    return None if problem is None else f"dataset.prompt_template: {problem}"
+
+
 def recipe_problems(
     cfg: RecipeConfig,
     world_size: int | None = None,
@@ -66,10 +98,16 @@ def recipe_problems(
     check_reference: bool = True,
     check_paths: bool = True,
 ) -> list[str]:
-    """Every problem, by key: the configuration's, then (``check_paths``) those of the files it names."""
+    """Every problem, by key: the configuration's, then (``check_paths``) those of the files it names.
+
+    Without ``check_paths`` (the dry run) a reference store that exists on this machine is still
+    checked (fingerprint, completeness): a bad store is a problem wherever the recipe is planned.
+    """
     problems = config_problems(cfg, world_size)
     if check_paths:
         problems.extend(path_problems(cfg, check_reference=check_reference))
+    elif check_reference and _store_checkable(cfg):
+        problems.extend(reference_store_problems(cfg)[0])
     return problems
 
 
@@ -81,15 +119,22 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
     m, t, ds = cfg.model, cfg.train, cfg.dataset
     tp, cp = m.tensor_model_parallel_size, m.context_parallel_size
 
+    bounds = bound_problems(cfg)
+    bad = {problem.partition(":")[0] for problem in bounds}  # keys out of range: skip checks built on them
+    problems.extend(bounds)
     problems.extend(choice_problems(cfg))
-    problems.extend(layout_problems(m, world_size))
-    for key, value in (
-        ("train.global_batch_size", t.global_batch_size),
-        ("train.train_iters", t.train_iters),
-        ("dataset.max_tokens", ds.max_tokens),
-    ):
-        if value < 1:
-            problems.append(f"{key}: must be >= 1, got {value}")
+    # layout_problems repeats the parallel sizes' range (it also runs on its own, at process-group setup).
+    problems.extend(p for p in layout_problems(m, world_size) if p not in bounds)
+    groups = m.num_query_groups
+    if groups and m.num_attention_heads >= 1 and groups >= 1 and m.num_attention_heads % groups:
+        problems.append(
+            f"model.num_query_groups: {groups} does not divide num_attention_heads={m.num_attention_heads}"
+        )
+    o = cfg.optimizer
+    if not {"optimizer.lr", "optimizer.min_lr"} & bad and o.min_lr > o.lr:
+        problems.append(f"optimizer.min_lr: {o.min_lr} is above optimizer.lr={o.lr}")
+    if (problem := prompt_template_problem(ds.prompt_template)) is not None:
+        problems.append(problem)
     if m.sequence_parallel and m.transformer_impl == "local":
         problems.append(
             "model.sequence_parallel: needs the Transformer Engine layer spec, not transformer_impl=local"
@@ -111,14 +156,16 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
     except ValueError as error:
         problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
         loss = None
-    group_bound = largest_group_tokens(cfg) if loss is not None and min(tp, cp) >= 1 else None
+    lengths_ok = not {"dataset.max_tokens", "dataset.max_short_length", "dataset.max_long_length"} & bad
+    group_bound = largest_group_tokens(cfg) if loss is not None and min(tp, cp) >= 1 and lengths_ok else None
     if group_bound is not None and group_bound > ds.max_tokens:
         problems.append(
             f"dataset.max_tokens: {ds.max_tokens} is below the largest possible group "
             f"({group_bound} tokens from max_short_length / max_long_length, padded); raise it"
         )
     decay = cfg.scheduler.lr_decay_iters or t.train_iters
-    if cfg.scheduler.lr_warmup_iters >= max(1, decay):
+    iters_ok = not {"train.train_iters", "scheduler.lr_decay_iters", "scheduler.lr_warmup_iters"} & bad
+    if iters_ok and cfg.scheduler.lr_warmup_iters >= max(1, decay):
         problems.append(
             f"scheduler.lr_warmup_iters: {cfg.scheduler.lr_warmup_iters} must be below the decay "
             f"iterations ({decay})"
@@ -127,12 +174,33 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
 
 
 def path_problems(cfg: RecipeConfig, *, check_reference: bool = True) -> list[str]:
-    """Problems of the files and packages a recipe needs on the machine that checks it."""
+    """Problems of the files and packages a recipe needs on the machine that checks it, and of its
+    reference store (``check_reference=False``, solopo-ref-logps: whether the store can be written)."""
+    problems = _file_problems(cfg)
+    problems.extend(checkpoint_problems(cfg))
+    if not check_reference:
+        problems.extend(store_target_problems(cfg))
+    elif _store_checkable(cfg):
+        present, absent = reference_store_problems(cfg)
+        problems.extend(present + absent)
+    return problems
+
+
+def dry_run_problems(cfg: RecipeConfig, world_size: int | None) -> tuple[list[str], list[str]]:
+    """The dry run's (problems, what this machine lacks but a launch needs). A reference store that is
+    here but wrong is a problem; missing files are only listed (a cluster recipe planned elsewhere)."""
+    present, absent = reference_store_problems(cfg) if _store_checkable(cfg) else ([], [])
+    return config_problems(cfg, world_size) + present, _file_problems(cfg) + absent
+
+
+def _file_problems(cfg: RecipeConfig) -> list[str]:
+    """Data, tokenizer, checkpoints, pretrained weights and wandb on this machine."""
     problems = []
     ds = cfg.dataset
     for key, path in (("dataset.train_path", ds.train_path), ("dataset.valid_path", ds.valid_path)):
-        if path is not None and not Path(path).is_file():
-            problems.append(f"{key}: file {path} does not exist")
+        problem = input_file_problem(path) if path is not None else None
+        if problem is not None:
+            problems.append(f"{key}: file {path} {problem}")
     if ds.tokenizer != "tiny" and not Path(ds.tokenizer).is_dir():
         problems.append(
             f"dataset.tokenizer: {ds.tokenizer!r} is neither 'tiny' nor a local tokenizer directory"
@@ -142,8 +210,6 @@ def path_problems(cfg: RecipeConfig, *, check_reference: bool = True) -> list[st
     problems.extend(_pretrained_problems(cfg))
     if (problem := wandb_problem(cfg.logger)) is not None:
         problems.append(problem)
-    if check_reference and _loss_ok(cfg) and cfg.solopo.loss_config().needs_reference:
-        problems.extend(_reference_store_problems(cfg))
     return problems
 
 
@@ -174,20 +240,34 @@ def _pretrained_problems(cfg: RecipeConfig) -> list[str]:
     ]
 
 
-def _reference_store_problems(cfg: RecipeConfig) -> list[str]:
+def _store_checkable(cfg: RecipeConfig) -> bool:
+    """Whether the loss needs a store and the keys its fingerprint is built from are sound (else they
+    are reported by key, and the data cannot be encoded to fingerprint it)."""
+    if not _loss_ok(cfg) or not cfg.solopo.loss_config().needs_reference:
+        return False
+    if prompt_template_problem(cfg.dataset.prompt_template) is not None:
+        return False
+    return not any(p.startswith("dataset.") for p in bound_problems(cfg))
+
+
+def reference_store_problems(cfg: RecipeConfig) -> tuple[list[str], list[str]]:
+    """(problems of a reference store that exists on this machine: not a store, built for other data,
+    incomplete; the problem of one that does not exist while the recipe needs it)."""
     from ..data.errors import DataError
     from ..data.reference_store import read_store_header
     from .sources import expected_reference_fingerprint, resolve_reference_store
 
     s = cfg.solopo
-    if cfg.dataset.tokenizer != "tiny" and not Path(cfg.dataset.tokenizer).is_dir():
-        return []  # reported as a dataset.tokenizer problem; the fingerprint needs the tokenizer
+    tokenizer_here = cfg.dataset.tokenizer == "tiny" or Path(cfg.dataset.tokenizer).is_dir()
+    if not tokenizer_here and not s.reference_store:
+        return [], []  # reported as a dataset.tokenizer problem; the default path needs the fingerprint
     try:
-        expected = expected_reference_fingerprint(cfg)
+        # Without the tokenizer the fingerprint is unknown: a named store is still checked for being whole.
+        expected = expected_reference_fingerprint(cfg) if tokenizer_here else None
         path = resolve_reference_store(cfg, expected)
         if path is None or not path.exists():
             if s.compute_reference_if_missing:
-                return []
+                return [], []
             where = (
                 f"{s.reference_store} does not exist"
                 if s.reference_store
@@ -195,13 +275,39 @@ def _reference_store_problems(cfg: RecipeConfig) -> list[str]:
                 if path
                 else "is not set"
             )
-            return [
+            return [], [
                 f"solopo.reference_store: dpo needs reference log-probs, and the store {where} "
                 "(run solopo-ref-logps, or set solopo.compute_reference_if_missing=true)"
             ]
         read_store_header(path, data_fingerprint=expected)
     except (DataError, OSError) as error:
-        return [f"solopo.reference_store: {error}"]
+        return [f"solopo.reference_store: {error}"], []
+    return [], []
+
+
+def store_target_problems(cfg: RecipeConfig) -> list[str]:
+    """Why ``solopo-ref-logps`` could not write its store (checked before anything is computed): the
+    path is a directory, a folder on the way is a file, or the nearest existing folder is read-only."""
+    from .sources import cache_dir
+
+    if cfg.solopo.reference_store:
+        key, target = "solopo.reference_store", Path(cfg.solopo.reference_store)
+        if target.is_dir():
+            return [
+                f"{key}: {target} is a directory; name the store file "
+                f"(e.g. {target / 'reference_logps.jsonl'})"
+            ]
+        folder = target.parent
+    else:  # the default path is keyed by the data's fingerprint; its folder is known already
+        key, folder = "solopo.reference_store (unset: the default under dataset.cache_dir)", cache_dir(cfg)
+        folder = folder / "reference"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{key}: {existing} is a file, not a folder, so the store cannot be written under it"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{key}: folder {existing} is not writable, so the store cannot be written there"]
     return []
 
 
@@ -225,6 +331,10 @@ def validate_recipe(
     ``check_reference=False`` for solopo-ref-logps, which writes the store; ``check_paths=False`` for
     the dry run, which may plan a cluster recipe on a machine without its files.
     """
-    problems = recipe_problems(cfg, world_size, check_reference=check_reference, check_paths=check_paths)
+    raise_problems(recipe_problems(cfg, world_size, check_reference=check_reference, check_paths=check_paths))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """RecipeError listing ``problems``, one per line, if there are any."""
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))

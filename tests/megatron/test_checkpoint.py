@@ -1,4 +1,6 @@
-"""Checkpoints: SIGKILL mid-run and resume reproduces the uninterrupted losses; a crash mid-save keeps the last good one."""
+"""Checkpoints: SIGKILL mid-run and resume reproduces the uninterrupted losses; a crash mid-save keeps the
+last good one (and the lock the killed run left is taken over). Bad checkpoint folders, the run lock,
+SIGINT and the logged lr: test_run_safety.py."""
 
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert code == 0, log[-3000:]
     expected = _losses(metrics)
     assert sorted(expected) == list(range(1, STEPS + 1))
+    assert not (tmp_path / "straight" / "solopo-train.lock").exists()  # released at the end
 
     cmd, metrics = _command(tmp_path, "killed")
     latest = tmp_path / "killed" / "latest_checkpointed_iteration.txt"
@@ -119,11 +122,14 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     code, _ = _run(cmd, tmp_path, _env(SOLOPO_FAULT_INJECT="kill_during_save:4"), tmp_path / "crash.log")
     assert code == -signal.SIGKILL
     root = tmp_path / "crash"
+    assert (root / "solopo-train.lock").exists()  # left by the killed run
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (root / "iter_0000004.tmp").is_dir() and not (root / "iter_0000004").exists()
     code, log = _run(cmd, tmp_path, _env(), tmp_path / "resumed.log")
     assert code == 0, log[-3000:]
     assert f"resumed from {root / 'iter_0000002'} after step 2" in log
+    assert f"took over the stale lock {root / 'solopo-train.lock'}" in log
+    assert not (root / "solopo-train.lock").exists()
     assert not (root / "iter_0000004.tmp").exists()
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
 

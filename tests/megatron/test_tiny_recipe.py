@@ -101,7 +101,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
         f"dataset.cache_dir={tmp_path / 'cache'}",
         "scheduler.lr_warmup_iters=0",
         "scheduler.lr_decay_style=constant",
-        "optimizer.lr=.inf",
+        "optimizer.lr=1e37",  # finite (an infinite lr is a recipe error); Adam then overflows to inf
         "optimizer.clip_grad=0.0",
         "train.train_iters=10",
         "train.eval_interval=null",
@@ -145,3 +145,37 @@ def test_default_store_written_by_ref_logps_is_found_by_training(tmp_path):
     done = run_cli(tmp_path, *train)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 1/1" in done.stdout and "within the fp32 rounding bound" in done.stdout
+
+
+def test_skipped_records_are_reported_at_start_up_and_in_the_metrics(tmp_path):
+    """dataset.on_error=skip: the count and the first file:line: problems are printed, and the count
+    goes to the metrics file."""
+    from solopo_megatron.data.synthetic import generate_synthetic_records, write_jsonl
+
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    write_jsonl(generate_synthetic_records(40, seed=3, id_prefix="t"), train)
+    write_jsonl(generate_synthetic_records(8, seed=4, id_prefix="v"), valid)
+    lines = train.read_text().splitlines()
+    lines[4] = lines[4].replace(
+        '"question":', '"question": "\\ud800", "question":', 1
+    )  # surrogate + duplicate key
+    lines[7] = "{not json"
+    train.write_text("\n".join(lines) + "\n")
+    metrics = tmp_path / "metrics.jsonl"
+    done = run_cli(
+        tmp_path,
+        "model.context_parallel_size=1",
+        f"dataset.train_path={train}",
+        f"dataset.valid_path={valid}",
+        "dataset.on_error=skip",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "train.train_iters=1",
+        "train.eval_interval=null",
+        "scheduler.lr_warmup_iters=0",
+        f"logger.metrics_file={metrics}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dataset.on_error=skip: skipped 2 train record(s); the first:" in done.stdout
+    assert f"{train}:5: " in done.stdout and f"{train}:8: " in done.stdout
+    entries = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert entries[0] == {"step": 0, "data": {"skipped_records": {"train": 2, "valid": 0}}}
