@@ -1,0 +1,320 @@
+"""A generated corpus of bad inputs, each run through a command-line entry point as a user would.
+
+Every case must end with a non-zero exit, one message naming the file (and line and field) or the
+recipe key or option at fault, no Python traceback, and every file of the case's folder unchanged
+(nothing lost, nothing half-written). Inputs are generated here from the synthetic data and the tiny
+recipe, then broken one way each. The entry points run in this process, so the corpus takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tiny-cpu.yaml"
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str  # "data" (solopo-data), "train" (solopo-train), "ref-logps" (solopo-ref-logps)
+    argv: list[str]
+    expected: tuple[str, ...]  # pieces of the message: the file/line/field, or the key or option
+
+
+def _records(tmp: Path, count: int = 6) -> list[dict]:
+    from solopo_megatron.data.synthetic import generate_synthetic_records
+
+    return list(generate_synthetic_records(count, seed=11, id_prefix="c"))
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _data_file(tmp: Path, edit_line_3: Callable[[str], str] | None = None) -> Path:
+    """A valid JSONL file of synthetic records whose line 3 is replaced by ``edit_line_3(line)``."""
+    lines = [json.dumps(record) for record in _records(tmp)]
+    if edit_line_3 is not None:
+        lines[2] = edit_line_3(lines[2])
+    return _write_lines(tmp / "data.jsonl", lines)
+
+
+def _distractors(tmp: Path) -> str:
+    text = "The river bends twice before the mill. Nobody remembers who built the bridge.\n\n" * 20
+    path = tmp / "distractors.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _with_field(line: str, field: str, raw_value: str) -> str:
+    """``line`` with ``field`` set to the raw JSON text ``raw_value`` (kept invalid where it is meant to be)."""
+    record = json.loads(line)
+    record.pop(field, None)
+    return json.dumps(record)[:-1] + f', "{field}": {raw_value}}}'
+
+
+def _train(tmp: Path, *overrides: str, dry_run: bool = False) -> list[str]:
+    flags = ["--dry-run"] if dry_run else []
+    # One process (this one): the layout must fit a world of 1, so the case's problem is the only one.
+    layout = ["model.context_parallel_size=1"]
+    return [*flags, "--config", str(RECIPE), *layout, f"dataset.cache_dir={tmp / 'cache'}", *overrides]
+
+
+def _checkpoint_root(tmp: Path, *, latest: str | None, iteration: int = 2, complete: bool = True) -> Path:
+    """A checkpoint folder with one (fake) dist_checkpointing iteration, its run's config.yaml and a latest file."""
+    root = tmp / "run"
+    folder = root / f"iter_{iteration:07d}"
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+        (folder / "common.pt").write_bytes(b"common")
+        (folder / ".metadata").write_bytes(b"shards")
+    from solopo_megatron.recipe.loading import load_config
+
+    model = load_config(RECIPE).model
+    (root / "config.yaml").write_text(
+        yaml.safe_dump({"model": {f: getattr(model, f) for f in model.__dataclass_fields__}})
+    )
+    if latest is not None:
+        (root / "latest_checkpointed_iteration.txt").write_text(latest)
+    return root
+
+
+def _reference_store(tmp: Path, *, truncated: bool) -> Path:
+    """A store for this data (its real fingerprint) with three entries, then broken."""
+    from solopo_megatron.data.records import ROLES
+    from solopo_megatron.data.reference_store import ReferenceStore
+    from solopo_megatron.recipe.loading import load_config
+    from solopo_megatron.recipe.sources import expected_reference_fingerprint, write_synthetic_files
+
+    cfg = load_config(RECIPE, ["model.context_parallel_size=1", f"dataset.cache_dir={tmp / 'cache'}"])
+    write_synthetic_files(cfg)
+    fingerprint = expected_reference_fingerprint(cfg) if truncated else "0" * 24
+    store = ReferenceStore(ROLES, data_fingerprint=fingerprint, info={"source": "test"})
+    for i in range(3):
+        store.add(
+            f"x{i}",
+            {"short_chosen": -1.0, "short_rejected": -2.0, "long_chosen": -3.0, "long_rejected": -4.0},
+        )
+    path = tmp / "ref.jsonl"
+    store.save(path)
+    if truncated:
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    return path
+
+
+def _cases() -> dict[str, Callable[[Path], Case]]:
+    cases: dict[str, Callable[[Path], Case]] = {}
+
+    def data_record(name: str, edit: Callable[[str], str], *expected: str) -> None:
+        cases[f"data: {name}"] = lambda tmp: Case(
+            "data",
+            ["validate", str(_data_file(tmp, edit)), "--no-tokenizer-check"],
+            ("data.jsonl:3", *expected),
+        )
+
+    # Records that used to pass or end in a traceback.
+    data_record(
+        "lone surrogate",
+        lambda line: _with_field(line, "question", '"\\ud800"'),
+        "question",
+        "invalid unicode",
+    )
+    data_record("duplicate key", lambda line: line[:-1] + ', "chosen": "again"}', "chosen", "duplicate key")
+    data_record(
+        "whitespace-equal answers",
+        lambda line: _with_field(line, "rejected", json.dumps("  " + json.loads(line)["chosen"] + " \n")),
+        "rejected",
+    )
+    data_record("invalid JSON", lambda line: line[:-5], "JSON")
+    data_record(
+        "missing field",
+        lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != "question"}),
+        "question",
+    )
+    data_record("wrong type", lambda line: _with_field(line, "chosen", "42"), "chosen")
+    cases["data: a directory as the data file"] = lambda tmp: Case(
+        "data", ["validate", str(tmp), "--no-tokenizer-check"], (str(tmp), "is a directory")
+    )
+    # The data CLI: outputs, counts, sizes, templates.
+    cases["data: build-long IN --out IN"] = lambda tmp: Case(
+        "data", ["build-long", str(_data_file(tmp)), "--out", str(tmp / "data.jsonl"), "--target-tokens", "500", "--distractors", _distractors(tmp)],
+        ("--out", "data.jsonl", "input"),
+    )  # fmt: skip
+    cases["data: build-long missing input"] = lambda tmp: Case(
+        "data", ["build-long", str(tmp / "nope.jsonl"), "--out", str(tmp / "long.jsonl"), "--target-tokens", "500", "--distractors", _distractors(tmp)],
+        ("nope.jsonl", "does not exist"),
+    )  # fmt: skip
+    for option, value in (("--target-tokens", "-1"), ("--depth", "2"), ("--compression-ratio", "0")):
+        cases[f"data: build-long {option} {value}"] = lambda tmp, option=option, value=value: Case(
+            "data",
+            [
+                "build-long",
+                str(_data_file(tmp)),
+                "--out",
+                str(tmp / "long.jsonl"),
+                "--distractors",
+                _distractors(tmp),
+                option,
+                value,
+            ],
+            (option,),
+        )
+    for option, value in (("--max-tokens", "0"), ("--dp", "-1"), ("--cp", "0")):
+        cases[f"data: inspect {option} {value}"] = lambda tmp, option=option, value=value: Case(
+            "data", ["inspect", str(_data_file(tmp)), option, value], (option,)
+        )
+    cases["data: synthetic --num-records -5"] = lambda tmp: Case(
+        "data", ["synthetic", "--num-records", "-5", "--out", str(tmp / "s.jsonl")], ("--num-records",)
+    )
+    cases["data: synthetic --out in a missing folder"] = lambda tmp: Case(
+        "data",
+        ["synthetic", "--num-records", "3", "--out", str(tmp / "nodir" / "s.jsonl")],
+        ("--out", "nodir"),
+    )
+    cases["data: synthetic --out a folder"] = lambda tmp: Case(
+        "data", ["synthetic", "--num-records", "3", "--out", str(tmp)], ("--out", "directory")
+    )
+    cases["data: unknown template placeholder"] = lambda tmp: Case(
+        "data", ["validate", str(_data_file(tmp)), "--prompt-template", "{contxt} {question}"], ("--prompt-template", "contxt")
+    )  # fmt: skip
+    cases["data: tiny-tokenizer --out an existing file"] = lambda tmp: Case(
+        "data", ["tiny-tokenizer", "--out", str(_data_file(tmp))], ("--out", "data.jsonl")
+    )
+    cases["data: validate --max-problems -1"] = lambda tmp: Case(
+        "data", ["validate", str(_data_file(tmp)), "--max-problems", "-1"], ("--max-problems",)
+    )
+
+    # Recipes: each problem named by its key, before anything runs (the dry run too).
+    def recipe(name: str, overrides: list[str], *expected: str, dry_run: bool = False) -> None:
+        cases[f"recipe: {name}"] = lambda tmp: Case(
+            "train", _train(tmp, *overrides, dry_run=dry_run), expected
+        )
+
+    recipe("hidden_size 0", ["model.hidden_size=0"], "model.hidden_size")
+    recipe("num_layers -1 (dry run)", ["model.num_layers=-1"], "model.num_layers", dry_run=True)
+    recipe("lr 0", ["optimizer.lr=0"], "optimizer.lr")
+    recipe("lr nan", ["optimizer.lr=.nan"], "optimizer.lr")
+    recipe("lr inf", ["optimizer.lr=.inf"], "optimizer.lr")
+    recipe("min_lr above lr", ["optimizer.min_lr=1.0"], "optimizer.min_lr")
+    recipe("decay style typo", ["scheduler.lr_decay_style=cosin"], "scheduler.lr_decay_style")
+    recipe("optimizer typo", ["optimizer.optimizer=adamw"], "optimizer.optimizer")
+    recipe(
+        "transformer_impl typo (dry run)",
+        ["model.transformer_impl=te"],
+        "model.transformer_impl",
+        dry_run=True,
+    )
+    recipe("recompute typo", ["model.recompute_granularity=ful"], "model.recompute_granularity")
+    recipe(
+        "prompt template without {question}",
+        ["dataset.prompt_template='{context}: answer'"],
+        "dataset.prompt_template",
+    )
+    recipe("unknown key", ["model.hiden_size=8"], "hiden_size", "hidden_size")
+    recipe("unparsable override", ["train.train_iters=[1,"], "train.train_iters=[1,")
+    recipe("data file is a directory", ["dataset.train_path=/"], "dataset.train_path", "is a directory")
+    cases["recipe: --world-size 0"] = lambda tmp: Case(
+        "train", ["--world-size", "0", *_train(tmp, dry_run=True)], ("--world-size",)
+    )
+    cases["recipe: --config a directory"] = lambda tmp: Case(
+        "train", ["--config", str(tmp)], (str(tmp), "directory")
+    )
+    cases["recipe: a scalar file"] = lambda tmp: Case(
+        "train", ["--config", str(_write_lines(tmp / "scalar.yaml", ["42"]))], ("scalar.yaml",)
+    )
+    cases["recipe: a list file"] = lambda tmp: Case(
+        "train", ["--config", str(_write_lines(tmp / "list.yaml", ["- model", "- train"]))], ("list.yaml",)
+    )
+    cases["recipe: store for other data (dry run)"] = lambda tmp: Case(
+        "train", _train(tmp, f"solopo.reference_store={_reference_store(tmp, truncated=False)}", dry_run=True),
+        ("solopo.reference_store", "ref.jsonl"),
+    )  # fmt: skip
+    cases["recipe: truncated store"] = lambda tmp: Case(
+        "train", _train(tmp, f"solopo.reference_store={_reference_store(tmp, truncated=True)}"),
+        ("solopo.reference_store", "ref.jsonl"),
+    )  # fmt: skip
+    cases["recipe: ref-logps into a directory"] = lambda tmp: Case(
+        "ref-logps", _train(tmp, f"solopo.reference_store={tmp}"), ("solopo.reference_store", "directory")
+    )
+
+    # Checkpoint folders: one message naming the path and what to do, before any compute.
+    def checkpoint(name: str, make: Callable[[Path], Path], *expected: str) -> None:
+        cases[f"checkpoint: {name}"] = lambda tmp: Case(
+            "train", _train(tmp, f"checkpoint.save={make(tmp)}"), ("checkpoint.save", *expected)
+        )
+
+    checkpoint("corrupt latest", lambda tmp: _checkpoint_root(tmp, latest="garbage\n"), "corrupt")
+    checkpoint(
+        "latest names a missing iteration", lambda tmp: _checkpoint_root(tmp, latest="7\n"), "iter_0000007"
+    )
+    checkpoint(
+        "latest names a damaged iteration",
+        lambda tmp: _checkpoint_root(tmp, latest="2\n", complete=False),
+        "iter_0000002",
+    )
+    checkpoint(
+        "iterations without a latest file", lambda tmp: _checkpoint_root(tmp, latest=None), "iter_0000002"
+    )
+    checkpoint("save is a file", lambda tmp: _write_lines(tmp / "file", ["x"]), "is a file")
+
+    def other_model(tmp: Path) -> Path:
+        root = _checkpoint_root(tmp, latest="2\n")
+        saved = yaml.safe_load((root / "config.yaml").read_text())
+        saved["model"]["hidden_size"] = 128
+        (root / "config.yaml").write_text(yaml.safe_dump(saved))
+        return root
+
+    checkpoint("a checkpoint of another model", other_model, "model.hidden_size")
+
+    def locked(tmp: Path) -> Path:
+        root = tmp / "run"
+        root.mkdir()
+        owner = {"host": socket.gethostname(), "pid": os.getppid()}  # a live process, not this one
+        from solopo_megatron.recipe.checkpoints import LOCK
+
+        (root / LOCK).write_text(json.dumps(owner))
+        return root
+
+    checkpoint("a run already writing there", locked, "in use")
+    return cases
+
+
+CASES = _cases()
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_ends_in_one_clear_message(name, tmp_path, capsys):
+    case = CASES[name](tmp_path)
+    capsys.readouterr()  # what building the case printed
+    before = _snapshot(tmp_path)
+    if case.command == "data":
+        from solopo_megatron.cli import main
+    elif case.command == "train":
+        from solopo_megatron.train import main
+    else:
+        from solopo_megatron.train import ref_logps_main as main
+    try:
+        code = main(case.argv)
+    except SystemExit as exit_:  # argparse reports a bad option by exiting with 2
+        code = exit_.code
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code not in (0, None), text
+    assert "Traceback" not in text, text
+    for piece in case.expected:
+        assert piece in text, (piece, text)
+    assert _snapshot(tmp_path) == before, "an input was changed or an output left behind"
