@@ -161,19 +161,21 @@ def _po_loss(cfg: SoLoPOConfig, margin: Tensor, chosen_mean_logp: Tensor) -> Ten
     return -chosen_mean_logp - cfg.orpo_lambda * F.logsigmoid(margin)
 
 
-SOLO_RA_NOISE_ULPS = 64  # slack over unit roundoff for sums accumulated in another order (layout, machine)
+# Slack, in units of finfo(dtype).eps, for log-prob sums accumulated in another order (other packing,
+# layout or machine): the SoLo-RA noise floor here and the trainer's step-1 reward check use it.
+ROUNDING_ULPS = 64
 
 
 def _reward_noise(
     cfg: SoLoPOConfig, role: str, s: dict, mean: dict, n: dict, ref: dict | None, eps: float
 ) -> Tensor:
     """How far rounding alone can move a role's reward: the reward's sensitivity to its log-prob sums
-    times their unit roundoff (``eps`` of the dtype they were accumulated in), with ``SOLO_RA_NOISE_ULPS``
+    times their unit roundoff (``eps`` of the dtype they were accumulated in), with ``ROUNDING_ULPS``
     of slack. Detached."""
     with torch.no_grad():
         if cfg.preference_loss == "dpo":
-            return cfg.beta * eps * SOLO_RA_NOISE_ULPS * (s[role].abs() + ref[role].abs())
-        scale = eps * SOLO_RA_NOISE_ULPS * s[role].abs() / n[role].to(s[role].dtype).clamp(min=1)
+            return cfg.beta * eps * ROUNDING_ULPS * (s[role].abs() + ref[role].abs())
+        scale = eps * ROUNDING_ULPS * s[role].abs() / n[role].to(s[role].dtype).clamp(min=1)
         if cfg.preference_loss == "simpo":
             return cfg.beta * scale
         u = mean[role].clamp(max=ORPO_MAX_MEAN_LOGP)  # d log-odds / du = 1 / (1 - e^u)

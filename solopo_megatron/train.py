@@ -72,7 +72,14 @@ def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True
 
             print(dry_run(cfg, args.config, args.world_size))
             return 0
-        validate_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")), check_reference=check_reference)
+        # The job-wide checks (run lock, reference-store fingerprint: hashing the data) on rank 0 only:
+        # if they fail there, torchrun stops the other ranks.
+        validate_recipe(
+            cfg,
+            int(os.environ.get("WORLD_SIZE", "1")),
+            check_reference=check_reference,
+            check_run_state=os.environ.get("RANK", "0") == "0",
+        )
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -118,7 +125,7 @@ def _write_reference_store(cfg) -> None:
     from .megatron import trainer as training
     from .megatron.reference import write_reference_store
 
-    trainer = training.setup(cfg, load_reference=False)
+    trainer = training.setup(cfg, reference_pass=True)
     path, count = write_reference_store(cfg, trainer.ctx, trainer.chunks, trainer.data)
     trainer.log(f"wrote {count} examples' reference log-probs to {path}")
 

@@ -7,14 +7,24 @@ The kernels' default backend (``backend=None``) is ``SOLOPO_KERNELS``, read once
 cached (``solopo_kernels.dispatch.default_backend``). Every test starts and ends with that cache
 cleared, so a test (or a conftest below this one) that sets ``SOLOPO_KERNELS`` is obeyed in this
 process as well as in the ranks it spawns.
+
+``SOLOPO_CACHE_DIR`` (the default cache: tokenised data, synthetic files, reference stores) points at
+a fresh folder for the session, so no test depends on what earlier runs left in ~/.cache.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="solopo-test-cache-")
+os.environ["SOLOPO_CACHE_DIR"] = _SESSION_CACHE  # before solopo_megatron reads it; subprocesses inherit it
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -100,7 +100,7 @@ CASES = {
     "cp_comm_type typo": (
         ["model.cp_comm_type=allgather"],
         2,
-        "model.cp_comm_type: must be one of p2p, all_gather, a2a, a2a+p2p; got 'allgather'",
+        "model.cp_comm_type: must be one of p2p, all_gather, a2a; got 'allgather'",
     ),
     "decay style typo": (
         ["scheduler.lr_decay_style=cosin"],

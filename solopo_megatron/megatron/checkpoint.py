@@ -33,9 +33,11 @@ from ..recipe.checkpoints import (
     LATEST,
     LOCK,
     busy_message,
+    damage,
     is_ours,
     is_stale,
     iter_dir,
+    iteration_folders,
     read_lock,
     resolve_resume,
     this_process,
@@ -76,33 +78,38 @@ def take_run_lock(root: str | Path, rank: int, log: Callable[[str], None]) -> No
 
 
 def _take_lock(lock: Path) -> tuple[str | None, str | None]:
-    """(refusal, note): O_EXCL creation, so of two runs starting at once only one gets the lock."""
+    """(refusal, note). The owner's record is written to a temporary file first and hard-linked to the
+    lock's name, which fails if the lock exists: of two runs starting at once only one gets it, and a
+    lock is never seen half-written."""
     lock.parent.mkdir(parents=True, exist_ok=True)
+    record = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
+    record.write_text(json.dumps({**this_process(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
     note = None
-    for _ in range(3):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = read_lock(lock)
-            if owner is None:  # released meanwhile
-                continue
-            if is_ours(owner):
-                return None, None
-            if owner and is_stale(owner):
-                # Re-read just before removing: never delete a lock another starter has just taken.
-                if read_lock(lock) == owner:
-                    lock.unlink(missing_ok=True)
-                note = (
-                    f"checkpoint.save: took over the stale lock {lock} of pid {owner.get('pid')} on "
-                    f"{owner.get('host')} (that process has ended)"
-                )
-                continue
-            return busy_message(lock, owner), None
-        with os.fdopen(handle, "w") as out:
-            json.dump({**this_process(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}, out)
-        _HELD_LOCKS.append(lock)
-        return None, note
-    return busy_message(lock, read_lock(lock) or {}), None
+    try:
+        for _ in range(3):
+            try:
+                os.link(record, lock)
+            except FileExistsError:
+                owner = read_lock(lock)
+                if owner is None:  # released meanwhile
+                    continue
+                if is_ours(owner):
+                    return None, None
+                if is_stale(owner, lock):
+                    # Re-read just before removing: never delete a lock another starter has just taken.
+                    if read_lock(lock) == owner:
+                        lock.unlink(missing_ok=True)
+                    note = (
+                        f"checkpoint.save: took over the stale lock {lock} of pid {owner.get('pid')} on "
+                        f"{owner.get('host')} (that process or job has ended)"
+                    )
+                    continue
+                return busy_message(lock, owner), None
+            _HELD_LOCKS.append(lock)
+            return None, note
+        return busy_message(lock, read_lock(lock) or {}), None
+    finally:
+        record.unlink(missing_ok=True)
 
 
 def release_run_locks() -> None:
@@ -219,9 +226,10 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep_last: int | None) -> None:
+    """Keeps the newest ``keep_last`` complete checkpoints (by step number); damaged folders are not counted."""
     if not keep_last:
         return
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    complete = [path for path in iteration_folders(root) if damage(path) is None]
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -12,15 +12,13 @@ import torch
 import torch.distributed as dist
 
 from ..data.packing import Microbatch
+from ..objectives import ROUNDING_ULPS
 from ..recipe.schema import ModelSection
 from ..recipe.sizing import peak_tflops_for, training_flops
 from .parallel import ParallelState
 
 TRAIN_KEYS = ("loss", "po_loss", "solo_ra_loss", "accuracy/short", "solo_ra_gap/chosen", "grad_norm", "lr")
 EVAL_KEYS = ("loss", "accuracy/short", "accuracy/long", "margin/long")
-REWARD_CHECK_ULPS = (
-    64  # slack over fp32's unit roundoff: the two passes may pack rows (and round) differently
-)
 
 
 def reduce_reports(reports: list[dict], parallel: ParallelState) -> dict[str, float]:
@@ -102,21 +100,29 @@ class Throughput:
         return out
 
 
-def reward_check_message(metrics: dict[str, float], beta: float) -> str:
+def reward_check_message(
+    metrics: dict[str, float], beta: float, compute_dtype: torch.dtype = torch.float32
+) -> str:
     """The step-1 check that the reference store matches the initial weights.
 
     Before the first update policy == reference, so every DPO reward ``beta * (S - S_ref)`` is 0 up to
-    fp32 rounding: the reference pass and the training pass pack rows differently, so CPU matmuls may
-    round differently (different machines give ~1e-8). The bound is ``beta * |S| * 64 * 2^-24`` for the
-    largest mean log-prob sum ``|S|``; a store from other weights or data misses it by orders of magnitude.
+    rounding: the reference pass and the training pass pack rows differently, so matmuls may round
+    differently (fp32 on CPU: ~1e-8 on some machines, exactly 0 on others). The bound is
+    ``beta * |S| * ROUNDING_ULPS * finfo(compute_dtype).eps`` for the largest mean log-prob sum ``|S|``
+    (the objectives' noise-floor rule); a store from other weights or data misses it by orders of
+    magnitude in fp32. In bf16 the bound is loose: the check then only catches gross mismatches.
     """
     worst = max((abs(v) for k, v in metrics.items() if k.startswith("rewards/")), default=math.nan)
     largest_sum = max((abs(v) for k, v in metrics.items() if k.startswith("logps/")), default=1.0)
-    bound = beta * max(largest_sum, 1.0) * REWARD_CHECK_ULPS * 2.0**-24
+    eps = torch.finfo(compute_dtype).eps
+    bound = beta * max(largest_sum, 1.0) * ROUNDING_ULPS * eps
     verdict = "within" if worst <= bound else "ABOVE (the reference store does not match these weights)"
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        compute_dtype, str(compute_dtype)
+    )
     return (
         f"reward check: policy == reference before the first update, so rewards must be ~0: "
-        f"max |mean reward| = {worst:.3g}, {verdict} the fp32 rounding bound {bound:.3g}"
+        f"max |mean reward| = {worst:.3g}, {verdict} the {precision} rounding bound {bound:.3g}"
     )
 
 

@@ -140,6 +140,23 @@ def init_parallel_state(model: ModelSection, seed: int) -> ParallelState:
             pipeline_model_parallel_size=model.pipeline_model_parallel_size,
             context_parallel_size=model.context_parallel_size,
         )
+    initialised = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
+    )
+    wanted = (
+        model.tensor_model_parallel_size,
+        model.pipeline_model_parallel_size,
+        model.context_parallel_size,
+    )
+    if (
+        initialised != wanted
+    ):  # an earlier initialisation in this process: its groups would not fit the recipe
+        raise RuntimeError(
+            f"Megatron's parallel state is already initialised with tp x pp x cp = {initialised}, the recipe "
+            f"asks for {wanted}: call destroy() first"
+        )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     device = (

@@ -21,7 +21,12 @@ from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore, load_reference_store
 from ..recipe.errors import RecipeError
 from ..recipe.schema import RecipeConfig
-from ..recipe.sources import REFERENCE_COPY, combined_fingerprint, resolve_reference_store
+from ..recipe.sources import (
+    REFERENCE_COPY,
+    combined_fingerprint,
+    reference_store_target,
+    resolve_reference_store,
+)
 from .inputs import Data, step_batches
 from .step import StepContext, run_schedule
 
@@ -118,9 +123,10 @@ def keep_reference_with_checkpoints(store: ReferenceStore | None, root: str | Pa
 
 
 def write_reference_store(cfg: RecipeConfig, ctx: StepContext, chunks: list, data: Data) -> tuple[Path, int]:
-    """``solopo-ref-logps``: computes the store from the current weights where a run would read it;
-    returns its path and the number of examples."""
-    path = reference_store_path(cfg, data)
+    """``solopo-ref-logps``: computes the store from the current weights into ``solopo.reference_store``
+    (else the default cache path, where a run finds it); returns its path and the number of examples."""
+    path = reference_store_target(cfg, reference_fingerprint(data))
+    assert path is not None  # with a fingerprint, the default cache path always resolves
     store = compute_reference_store(
         ctx,
         chunks,

@@ -199,17 +199,19 @@ def sigint_received() -> bool:
 
 @contextmanager
 def sigint_handling() -> Iterator[None]:
-    """The first SIGINT raises KeyboardInterrupt, later ones are ignored (so the clean-up is not
-    interrupted in turn); the previous handler is restored on exit. A no-op outside the main thread."""
+    """The first SIGINT or SIGTERM (a scheduler's time limit or preemption) raises KeyboardInterrupt,
+    later ones are ignored (so the clean-up, which releases the run lock, is not interrupted in turn);
+    the previous handlers are restored on exit. A no-op outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _SIGINT_RECEIVED.clear()
-    previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous = {sig: signal.signal(sig, _on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -220,21 +222,24 @@ def setup(
     *,
     init_state: dict | None = None,
     log: Callable[[str], None] | None = None,
-    load_reference: bool = True,
+    reference_pass: bool = False,
 ) -> Trainer:
-    """Process groups, data, model, optimizer and scheduler, reference store (``load_reference``) and
-    resume from the latest checkpoint; initial weights from ``init_state`` (a full state dict) if given."""
+    """Process groups, data, model, optimizer and scheduler, reference store and resume from the latest
+    checkpoint; initial weights from ``init_state`` (a full state dict) if given.
+
+    ``reference_pass`` (solopo-ref-logps): the initial weights only, for writing the reference store:
+    no checkpoint is resumed, no run lock taken, nothing written into ``checkpoint.save``."""
     init_process_group()
     # Also for direct API callers. The reference store is checked where it is loaded (its fingerprint
     # comes from the tokenised data then), so the data files are not hashed a second time here.
-    validate_recipe(cfg, dist.get_world_size(), check_reference=False)
+    validate_recipe(cfg, dist.get_world_size(), check_paths=False, check_reference=False)
     printer = log or (lambda text: print(text, flush=True))
-    if cfg.checkpoint.save:
+    if cfg.checkpoint.save and not reference_pass:
         dist.barrier()  # every rank has checked the folder before rank 0 writes the lock into it
         take_run_lock(cfg.checkpoint.save, dist.get_rank(), printer)
     parallel = init_parallel_state(cfg.model, cfg.rng.seed)
     data = prepare_data(cfg, parallel)
-    resume_from = _resume_path(cfg, parallel)
+    resume_from = None if reference_pass else _resume_path(cfg, parallel)
     pretrained = cfg.checkpoint.pretrained_hf if resume_from is None else None  # a checkpoint replaces it
     state = build_model_and_optimizer(
         cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state, pretrained_hf=pretrained
@@ -245,7 +250,7 @@ def setup(
     trainer = Trainer(
         cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None)
     )
-    if load_reference:
+    if not reference_pass:
         trainer.store = ensure_reference_store(cfg, ctx, state.chunks, data, trainer.log)
     if resume_from is not None:
         trainer.start_step = load_checkpoint(
@@ -257,7 +262,7 @@ def setup(
         )
         trainer.steps_done, trainer.last_checkpoint = trainer.start_step, resume_from
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")
-    if cfg.checkpoint.save and parallel.rank == 0:
+    if cfg.checkpoint.save and parallel.rank == 0 and not reference_pass:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
 
@@ -350,7 +355,7 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
             skipped_in_a_row = 0
         entry = {"step": step + 1, "train": metrics}
         if step == 0 and trainer.store is not None and trainer.store.info.get("source") == "initial weights":
-            trainer.log(reward_check_message(metrics, cfg.solopo.beta))
+            trainer.log(reward_check_message(metrics, cfg.solopo.beta, trainer.state.config.params_dtype))
         if (step + 1) % log_every == 0 or step + 1 == iters:
             metrics.update(throughput.report(), peak_mem_gib=peak_memory_gib(trainer.parallel))
             elapsed = time.perf_counter() - start

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -276,8 +277,13 @@ def process_start(pid: int) -> str | None:
 
 
 def this_process() -> dict[str, Any]:
-    """What a lock taken by this process records."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    """What a lock taken by this process records (and the SLURM job, so a requeued job may take it over)."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": process_start(os.getpid()),
+        "job": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
 def is_ours(owner: dict[str, Any]) -> bool:
@@ -285,12 +291,27 @@ def is_ours(owner: dict[str, Any]) -> bool:
     return owner.get("host") == me["host"] and owner.get("pid") == me["pid"]
 
 
-def is_stale(owner: dict[str, Any]) -> bool:
-    """The owner ran on this host and is gone (or its pid now belongs to another process). Owners on
-    other hosts cannot be checked from here: they count as alive."""
+UNREADABLE_LOCK_GRACE_S = 60  # a lock being written is unreadable for a moment; longer means abandoned
+
+
+def is_stale(owner: dict[str, Any], lock: Path | None = None) -> bool:
+    """The owner is gone: it ran on this host and its process ended (or its pid now belongs to another
+    process), or it belonged to this same SLURM job (a requeued job restarts, maybe on another node),
+    or the lock has been unreadable for a minute (its writer died mid-write). Owners on other hosts
+    cannot be checked from here: they count as alive."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and owner.get("job") == job:
+        return True
+    if not owner:
+        try:
+            return lock is not None and time.time() - lock.stat().st_mtime > UNREADABLE_LOCK_GRACE_S
+        except OSError:
+            return False
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
+    if pid <= 0:
+        return True  # no process has that pid: a broken lock
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -321,7 +342,7 @@ def lock_problem(save: str | Path) -> str | None:
     """A live lock of another run in ``save`` (checked again, and taken, at process-group start)."""
     lock = Path(save) / LOCK
     owner = read_lock(lock)
-    if owner is None or is_ours(owner) or is_stale(owner):
+    if owner is None or is_ours(owner) or is_stale(owner, lock):
         return None
     return busy_message(lock, owner)
 
@@ -329,7 +350,7 @@ def lock_problem(save: str | Path) -> str | None:
 # ----------------------------------------------------------------------------- all of them
 
 
-def checkpoint_problems(cfg: RecipeConfig) -> list[str]:
+def checkpoint_problems(cfg: RecipeConfig, *, check_lock: bool = True) -> list[str]:
     """Every problem of ``checkpoint.save`` / ``checkpoint.load`` visible from files, each naming the
     path and what to do: an unusable save folder, a corrupt or dangling latest file, a damaged
     checkpoint, checkpoints without a latest file (which a fresh start would overwrite), a checkpoint
@@ -366,7 +387,7 @@ def checkpoint_problems(cfg: RecipeConfig) -> list[str]:
             and not _inside(Path(c.load), save)
         ):
             problems.append(orphans_problem(save))
-        if (problem := lock_problem(save)) is not None:
+        if check_lock and (problem := lock_problem(save)) is not None:
             problems.append(problem)
     return problems
 

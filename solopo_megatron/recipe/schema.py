@@ -113,7 +113,7 @@ class ModelSection:
     tensor_model_parallel_size: int = positive(1)
     pipeline_model_parallel_size: int = positive(1)
     context_parallel_size: int = positive(1)
-    cp_comm_type: str = choice("p2p", "p2p", "all_gather", "a2a", "a2a+p2p")
+    cp_comm_type: str = choice("p2p", "p2p", "all_gather", "a2a")  # a2a+p2p needs hierarchical CP groups
     sequence_parallel: bool = False
     recompute_granularity: str | None = choice(None, None, "full", "selective")
     recompute_method: str | None = choice(None, None, "uniform", "block")  # block/uniform: full recompute

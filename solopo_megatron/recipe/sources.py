@@ -109,9 +109,44 @@ def expected_reference_fingerprint(cfg: RecipeConfig) -> str | None:
 REFERENCE_COPY = "reference_logps.jsonl"  # a checkpoint root's copy of the store its run trained against
 
 
+# model.* keys that change how the same weights are split or recomputed, not the reference's values.
+LAYOUT_MODEL_KEYS = frozenset(
+    {
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "cp_comm_type",
+        "sequence_parallel",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+    }
+)
+
+
+def initial_model_fingerprint(cfg: RecipeConfig) -> str:
+    """Identifies the initial weights a reference pass scores: the model section (but its layout keys:
+    the initial weights are the same on every layout), the pretrained checkpoint and the seed."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in LAYOUT_MODEL_KEYS}
+    spec = {"model": model, "pretrained_hf": cfg.checkpoint.pretrained_hf, "seed": cfg.rng.seed}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def default_reference_store_path(cfg: RecipeConfig, fingerprint: str) -> Path:
-    """Where a run without ``solopo.reference_store`` keeps its store: the cache, keyed by data and seed."""
-    return cache_dir(cfg) / "reference" / f"{fingerprint}-seed{cfg.rng.seed}.jsonl"
+    """Where a run without ``solopo.reference_store`` keeps its store: the cache, keyed by the data and
+    by the initial weights (so recipes with other models never share a store)."""
+    return cache_dir(cfg) / "reference" / f"{fingerprint}-{initial_model_fingerprint(cfg)}.jsonl"
+
+
+def reference_store_target(cfg: RecipeConfig, fingerprint: str | None = None) -> Path | None:
+    """Where ``solopo-ref-logps`` writes a store: ``solopo.reference_store``, else the default cache
+    path of this data (None while the data files do not exist yet). Never a checkpoint's copy: that
+    one belongs to the run that trained against it."""
+    if cfg.solopo.reference_store:
+        return Path(cfg.solopo.reference_store)
+    if fingerprint is None:
+        fingerprint = expected_reference_fingerprint(cfg)
+    return default_reference_store_path(cfg, fingerprint) if fingerprint is not None else None
 
 
 def resolve_reference_store(cfg: RecipeConfig, fingerprint: str | None = None) -> Path | None:

@@ -77,9 +77,11 @@ def bound_problems(cfg: RecipeConfig) -> list[str]:
     """Numbers outside their schema range (``positive``, ``at_least``, ``fraction``; floats finite)."""
     problems = []
     for key, section in recipe_sections(cfg):
+        optional = {f.name for f in dataclasses.fields(section) if f.default is None}
         for name, bounds in field_bounds(section).items():
             if (problem := bounds.problem(getattr(section, name))) is not None:
-                problems.append(f"{key}.{name}: {problem}")
+                hint = " (or null to leave it unset)" if name in optional else ""
+                problems.append(f"{key}.{name}: {problem}{hint}")
     return problems
 
 
@@ -97,6 +99,7 @@ def recipe_problems(
     *,
     check_reference: bool = True,
     check_paths: bool = True,
+    check_run_state: bool = True,
 ) -> list[str]:
     """Every problem, by key: the configuration's, then (``check_paths``) those of the files it names.
 
@@ -105,7 +108,7 @@ def recipe_problems(
     """
     problems = config_problems(cfg, world_size)
     if check_paths:
-        problems.extend(path_problems(cfg, check_reference=check_reference))
+        problems.extend(path_problems(cfg, check_reference=check_reference, check_run_state=check_run_state))
     elif check_reference and _store_checkable(cfg):
         problems.extend(reference_store_problems(cfg)[0])
     return problems
@@ -173,14 +176,20 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
     return problems
 
 
-def path_problems(cfg: RecipeConfig, *, check_reference: bool = True) -> list[str]:
+def path_problems(
+    cfg: RecipeConfig, *, check_reference: bool = True, check_run_state: bool = True
+) -> list[str]:
     """Problems of the files and packages a recipe needs on the machine that checks it, and of its
-    reference store (``check_reference=False``, solopo-ref-logps: whether the store can be written)."""
+    reference store (``check_reference=False``, solopo-ref-logps: whether the store can be written).
+
+    ``check_run_state=False`` leaves out what one rank checks for the whole job: the run lock (a lock on
+    another node cannot be judged from here) and the reference store's fingerprint (hashing the data).
+    """
     problems = _file_problems(cfg)
-    problems.extend(checkpoint_problems(cfg))
+    problems.extend(checkpoint_problems(cfg, check_lock=check_run_state))
     if not check_reference:
         problems.extend(store_target_problems(cfg))
-    elif _store_checkable(cfg):
+    elif check_run_state and _store_checkable(cfg):
         present, absent = reference_store_problems(cfg)
         problems.extend(present + absent)
     return problems
@@ -190,6 +199,9 @@ def dry_run_problems(cfg: RecipeConfig, world_size: int | None) -> tuple[list[st
     """The dry run's (problems, what this machine lacks but a launch needs). A reference store that is
     here but wrong is a problem; missing files are only listed (a cluster recipe planned elsewhere)."""
     present, absent = reference_store_problems(cfg) if _store_checkable(cfg) else ([], [])
+    c = cfg.checkpoint
+    if any(path is not None and Path(path).exists() for path in (c.save, c.load)):
+        present += checkpoint_problems(cfg)  # a bad checkpoint folder here fails before the allocation
     return config_problems(cfg, world_size) + present, _file_problems(cfg) + absent
 
 
@@ -288,7 +300,7 @@ def reference_store_problems(cfg: RecipeConfig) -> tuple[list[str], list[str]]:
 def store_target_problems(cfg: RecipeConfig) -> list[str]:
     """Why ``solopo-ref-logps`` could not write its store (checked before anything is computed): the
     path is a directory, a folder on the way is a file, or the nearest existing folder is read-only."""
-    from .sources import cache_dir
+    from .sources import default_reference_store_path
 
     if cfg.solopo.reference_store:
         key, target = "solopo.reference_store", Path(cfg.solopo.reference_store)
@@ -298,9 +310,9 @@ def store_target_problems(cfg: RecipeConfig) -> list[str]:
                 f"(e.g. {target / 'reference_logps.jsonl'})"
             ]
         folder = target.parent
-    else:  # the default path is keyed by the data's fingerprint; its folder is known already
-        key, folder = "solopo.reference_store (unset: the default under dataset.cache_dir)", cache_dir(cfg)
-        folder = folder / "reference"
+    else:  # the default path is keyed by the data's fingerprint; its folder does not depend on it
+        key = "solopo.reference_store (unset: the default under dataset.cache_dir)"
+        folder = default_reference_store_path(cfg, "any").parent
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -325,13 +337,22 @@ def validate_recipe(
     *,
     check_reference: bool = True,
     check_paths: bool = True,
+    check_run_state: bool = True,
 ) -> None:
     """Raises RecipeError listing every problem (each with its key) before any process group exists.
 
     ``check_reference=False`` for solopo-ref-logps, which writes the store; ``check_paths=False`` for
     the dry run, which may plan a cluster recipe on a machine without its files.
     """
-    raise_problems(recipe_problems(cfg, world_size, check_reference=check_reference, check_paths=check_paths))
+    raise_problems(
+        recipe_problems(
+            cfg,
+            world_size,
+            check_reference=check_reference,
+            check_paths=check_paths,
+            check_run_state=check_run_state,
+        )
+    )
 
 
 def raise_problems(problems: list[str]) -> None:

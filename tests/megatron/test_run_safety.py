@@ -363,3 +363,108 @@ def test_sigint_ends_the_run_with_one_line(tmp_path):
     assert f"step {done}/200:" in out.read_text()
     assert not list(save.glob("iter_*.tmp"))  # an interrupted save is cleaned at once
     assert not (save / LOCK).exists()  # the lock is released
+
+
+def test_lock_of_this_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued SLURM job restarts (maybe on another node) under the same job id: its own lock is stale."""
+    save = tmp_path / "run"
+    lock = _write_lock(save, "node-that-died", 4242)
+    owner = json.loads(lock.read_text())
+    assert not checkpoints.is_stale(owner, lock)  # another host: cannot be judged
+    lock.write_text(json.dumps({**owner, "job": "777"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    assert checkpoints.is_stale(json.loads(lock.read_text()), lock)
+    monkeypatch.setenv("SLURM_JOB_ID", "778")  # another job: still refused
+    assert not checkpoints.is_stale(json.loads(lock.read_text()), lock)
+
+
+def test_unreadable_or_broken_lock(tmp_path):
+    """A lock cut while written (unreadable) is stale once it is a minute old; a pid <= 0 is never a live owner."""
+    save = tmp_path / "run"
+    save.mkdir()
+    lock = save / LOCK
+    lock.write_text("")
+    assert not checkpoints.is_stale({}, lock)  # just written, maybe still being written
+    old = time.time() - 2 * checkpoints.UNREADABLE_LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    assert checkpoints.is_stale({}, lock)
+    assert checkpoints.is_stale({"host": socket.gethostname(), "pid": 0}, lock)
+
+
+def test_lock_is_written_whole_or_not_at_all(tmp_path):
+    """The owner's record is complete the moment the lock exists (written aside, then linked)."""
+    lock = tmp_path / "run" / LOCK
+    refusal, _ = ckpt._take_lock(lock)
+    try:
+        assert refusal is None and json.loads(lock.read_text())["pid"] == os.getpid()
+        assert [p.name for p in lock.parent.iterdir()] == [LOCK]  # no temporary record left
+    finally:
+        ckpt.release_run_locks()
+
+
+def test_only_rank_zero_judges_the_lock_before_launch(tmp_path):
+    """A lock on another node cannot be judged from the other ranks: they leave it to rank 0."""
+    save = tmp_path / "run"
+    _write_lock(save, "another-node", 4242)
+    cfg = load_config(RECIPE, _overrides(tmp_path, save))
+    from solopo_megatron.recipe.validation import path_problems
+
+    assert any("is in use by another run" in p for p in path_problems(cfg))
+    assert not any("is in use" in p for p in path_problems(cfg, check_run_state=False))
+
+
+def test_sigterm_is_handled_like_sigint():
+    """A scheduler's SIGTERM (time limit, preemption) ends the run the same clean way (lock released)."""
+    from solopo_megatron.megatron.trainer import sigint_handling, sigint_received
+
+    with pytest.raises(KeyboardInterrupt), sigint_handling():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert sigint_received()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_dry_run_reports_a_bad_checkpoint_folder(tmp_path, capsys):
+    save = tmp_path / "run"
+    _fake_checkpoint(save, 2)
+    (save / LATEST).write_text("garbage\n")
+    code = main(["--dry-run", "--config", RECIPE, *_overrides(tmp_path, save)])
+    assert code == 2 and "latest_checkpointed_iteration.txt is corrupt" in capsys.readouterr().err
+
+
+def test_ref_logps_writes_from_the_initial_weights_never_into_the_checkpoint(tmp_path):
+    """solopo-ref-logps next to a run's checkpoints neither resumes them nor touches the run's store copy:
+    it writes the default store from the initial weights, equal to the copy the run started with."""
+    from solopo_megatron.data.reference_store import load_reference_store
+    from solopo_megatron.recipe.sources import REFERENCE_COPY
+
+    save = tmp_path / "run"
+    done = _run_cli(tmp_path, "train.train_iters=2", "scheduler.lr_warmup_iters=0", f"checkpoint.save={save}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    copy = (save / REFERENCE_COPY).read_bytes()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        ["solopo-ref-logps", "--config", RECIPE, *_small(tmp_path), f"checkpoint.save={save}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (save / REFERENCE_COPY).read_bytes() == copy and not (save / LOCK).exists()
+    written = list((tmp_path / "cache" / "reference").glob("*.jsonl"))
+    assert len(written) == 1 and f"to {written[0]}" in done.stdout
+    fresh, original = load_reference_store(written[0]), load_reference_store(save / REFERENCE_COPY)
+    assert fresh.values.keys() == original.values.keys()
+    for example_id, sums in original.values.items():
+        assert fresh.values[example_id] == pytest.approx(sums, rel=1e-5)
+
+
+def test_default_store_is_keyed_by_the_initial_weights(tmp_path):
+    from solopo_megatron.recipe.sources import default_reference_store_path
+
+    def path(*overrides):
+        return default_reference_store_path(
+            load_config(RECIPE, [f"dataset.cache_dir={tmp_path}", *overrides]), "fp"
+        )
+
+    assert path() == path("model.context_parallel_size=1", "model.recompute_granularity=full")  # layout only
+    assert path() != path("model.hidden_size=128", "model.ffn_hidden_size=256")
+    assert path() != path("rng.seed=7")

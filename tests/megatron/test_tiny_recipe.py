@@ -118,6 +118,11 @@ def test_reward_check_is_a_bound_not_bitwise_equality():
 
     noise = {"rewards/short_chosen": 4.77e-8, "rewards/long_chosen": -1e-8, "logps/long_chosen": -120.0}
     assert "= 4.77e-08, within the fp32 rounding bound" in reward_check_message(noise, beta=0.1)
+    import torch
+
+    assert "within the bf16 rounding bound" in reward_check_message(
+        {**noise, "rewards/short_chosen": 0.05}, 0.1, torch.bfloat16
+    )
     wrong = {"rewards/short_chosen": 0.05, "logps/short_chosen": -120.0}
     assert "ABOVE (the reference store does not match these weights)" in reward_check_message(wrong, beta=0.1)
 
