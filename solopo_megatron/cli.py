@@ -98,7 +98,7 @@ def _encoder(args):
     limits = LengthLimits(args.max_short_length, args.max_long_length, args.truncate_long_context)
     fmt = PromptFormat(prompt_template=args.prompt_template or DEFAULT_PROMPT_TEMPLATE)
     roles = required_roles(SoLoPOConfig(mode=args.mode, solo_ra_chosen_only=not args.align_rejected))
-    return SequenceEncoder(load_tokenizer(args.tokenizer), fmt, limits), roles
+    return SequenceEncoder(load_tokenizer(args.tokenizer, label="--tokenizer"), fmt, limits), roles
 
 
 def cmd_validate(args) -> int:
@@ -153,13 +153,18 @@ def cmd_build_long(args) -> int:
         item = Path(item)
         if not item.exists():
             raise DataError(f"--distractors {item}: does not exist")
-        paths.extend(
+        found = (
             sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
             if item.is_dir()
             else [item]
         )
+        if not found:
+            raise DataError(
+                f"--distractors {item}: the distractor corpus is empty (no .txt or .jsonl files in the folder)"
+            )
+        paths.extend(found)
     check_output_path(args.out, [args.input, *paths], label=f"--out {args.out}")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, label="--tokenizer")
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -253,8 +258,19 @@ def cmd_inspect(args) -> int:
     """Tokenises a file and prints length statistics and how a global batch packs into microbatches."""
     from .data.dataset import TokenizedDataset
     from .data.loading import GlobalBatchSampler, step_microbatches
-    from .data.packing import pad_multiple_for
+    from .data.packing import pad_multiple_for, padded_sequence_length
+    from .data.tokenize import pad_token_id
 
+    # The layout options first: a budget that no padding multiple divides is refused before tokenising.
+    multiple = pad_multiple_for(args.cp, args.tp, args.sequence_parallel)
+    if args.max_tokens % multiple:
+        factors = f"2 x --cp {args.cp}" + (f" x --tp {args.tp}" if args.sequence_parallel else "")
+        raise DataError(
+            f"--max-tokens {args.max_tokens}: must be a multiple of {multiple} ({factors}, the per-sequence "
+            f"padding), e.g. {args.max_tokens // multiple * multiple or multiple}"
+        )
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise DataError(f"--cache-dir {args.cache_dir}: is a file, not a folder")
     encoder, roles = _encoder(args)
     dataset, report = TokenizedDataset.build(
         args.file, encoder, roles, cache_dir=args.cache_dir, on_error="skip"
@@ -271,10 +287,19 @@ def cmd_inspect(args) -> int:
             f"{role:15s} tokens mean {statistics.fmean(lengths.tolist()):8.1f} max {int(lengths.max()):7d}"
             f"   response tokens mean {statistics.fmean(responses.tolist()):6.1f}"
         )
-    multiple = pad_multiple_for(args.cp, args.tp, args.sequence_parallel)
+    # A preference group is never split across microbatches, so the largest one must fit the budget.
+    group_tokens = padded_sequence_length(table[:, :, 0], multiple).sum(axis=1)
+    largest = int(group_tokens.argmax())
+    if group_tokens[largest] > args.max_tokens:
+        raise DataError(
+            f"--max-tokens {args.max_tokens}: the largest preference group ({args.file}: example "
+            f"{dataset.example_id(largest)!r}, all its sequences together) needs {int(group_tokens[largest])} "
+            f"padded tokens, and a group is never split across microbatches; raise --max-tokens to at least "
+            f"{int(group_tokens[largest])} or lower --max-short-length/--max-long-length"
+        )
     batch_size = min(args.global_batch_size, len(dataset))
     batch = GlobalBatchSampler(len(dataset), batch_size, seed=0).batch(0)
-    pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else encoder.eos
+    pad_id = pad_token_id(encoder.tokenizer)
     mbs = step_microbatches(
         dataset,
         batch,

@@ -9,8 +9,9 @@ recipe, then broken one way each. The entry points run in this process, so the c
 from __future__ import annotations
 
 import json
-import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,67 @@ def _cases() -> dict[str, Callable[[Path], Case]]:
         cases[f"data: inspect {option} {value}"] = lambda tmp, option=option, value=value: Case(
             "data", ["inspect", str(_data_file(tmp)), option, value], (option,)
         )
+    # Options argparse accepts that used to end in a traceback once the work began.
+    cases["data: inspect --max-tokens below the largest group"] = lambda tmp: Case(
+        "data", ["inspect", str(_data_file(tmp)), "--max-tokens", "16"], ("--max-tokens 16", "largest", "data.jsonl")
+    )  # fmt: skip
+    cases["data: inspect --cp 3 (4096 is no multiple of 6)"] = lambda tmp: Case(
+        "data", ["inspect", str(_data_file(tmp)), "--cp", "3"], ("--max-tokens 4096", "multiple of 6", "--cp 3")
+    )  # fmt: skip
+    cases["data: inspect --cache-dir a file"] = lambda tmp: Case(
+        "data", ["inspect", str(_data_file(tmp)), "--cache-dir", str(_data_file(tmp))], ("--cache-dir", "data.jsonl")
+    )  # fmt: skip
+
+    def not_a_tokenizer(tmp: Path) -> str:
+        folder = tmp / "notok"
+        folder.mkdir()
+        (folder / "readme.txt").write_text("not a tokenizer\n")
+        return str(folder)
+
+    def broken_tokenizer(tmp: Path) -> str:
+        from solopo_megatron.data.tiny_tokenizer import TINY_TOKENIZER_DIR
+
+        folder = tmp / "broken"
+        folder.mkdir()
+        for file in TINY_TOKENIZER_DIR.iterdir():
+            (folder / file.name).write_bytes(file.read_bytes())
+        (folder / "tokenizer.json").write_text("{not json")
+        return str(folder)
+
+    for command in ("validate", "inspect"):
+        cases[f"data: {command} --tokenizer a folder of no tokenizer"] = lambda tmp, command=command: Case(
+            "data", [command, str(_data_file(tmp)), "--tokenizer", not_a_tokenizer(tmp)], ("--tokenizer", "notok", "not a tokenizer folder")
+        )  # fmt: skip
+    cases["data: validate --tokenizer a broken tokenizer.json"] = lambda tmp: Case(
+        "data", ["validate", str(_data_file(tmp)), "--tokenizer", broken_tokenizer(tmp)], ("--tokenizer", "broken", "not a tokenizer folder")
+    )  # fmt: skip
+    cases["data: build-long --tokenizer a folder of no tokenizer"] = lambda tmp: Case(
+        "data", ["build-long", str(_data_file(tmp)), "--out", str(tmp / "long.jsonl"), "--target-tokens", "500", "--distractors", _distractors(tmp), "--tokenizer", not_a_tokenizer(tmp)],
+        ("--tokenizer", "notok", "not a tokenizer folder"),
+    )  # fmt: skip
+
+    def empty_folder(tmp: Path) -> str:
+        (tmp / "docs").mkdir()
+        (tmp / "docs" / "notes.md").write_text("not a distractor file\n")
+        return str(tmp / "docs")
+
+    cases["data: build-long --distractors a folder of no .txt/.jsonl"] = lambda tmp: Case(
+        "data", ["build-long", str(_data_file(tmp)), "--out", str(tmp / "long.jsonl"), "--target-tokens", "500", "--distractors", empty_folder(tmp)],
+        ("--distractors", "docs", ".txt"),
+    )  # fmt: skip
+
+    def raw_file(tmp: Path, content: bytes) -> str:
+        (tmp / "in.jsonl").write_bytes(content)
+        return str(tmp / "in.jsonl")
+
+    for name, content in (("empty", b""), ("blank-lines", b"\n  \n\t\n"), ("binary", bytes(range(256)) * 4)):
+        cases[f"data: inspect an {name} file"] = lambda tmp, content=content: Case(
+            "data", ["inspect", raw_file(tmp, content)], ("in.jsonl",)
+        )
+        cases[f"data: build-long an {name} file"] = lambda tmp, content=content: Case(
+            "data", ["build-long", raw_file(tmp, content), "--out", str(tmp / "long.jsonl"), "--target-tokens", "500", "--distractors", _distractors(tmp)],
+            ("in.jsonl",),
+        )  # fmt: skip
     cases["data: synthetic --num-records -5"] = lambda tmp: Case(
         "data", ["synthetic", "--num-records", "-5", "--out", str(tmp / "s.jsonl")], ("--num-records",)
     )
@@ -279,7 +341,9 @@ def _cases() -> dict[str, Callable[[Path], Case]]:
     def locked(tmp: Path) -> Path:
         root = tmp / "run"
         root.mkdir()
-        owner = {"host": socket.gethostname(), "pid": os.getppid()}  # a live process, not this one
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        _SLEEPERS.append(sleeper)
+        owner = {"host": socket.gethostname(), "pid": sleeper.pid}  # a live process, not this one
         from solopo_megatron.recipe.checkpoints import LOCK
 
         (root / LOCK).write_text(json.dumps(owner))
@@ -289,11 +353,21 @@ def _cases() -> dict[str, Callable[[Path], Case]]:
     return cases
 
 
+_SLEEPERS: list[subprocess.Popen] = []  # owners of the live-lock case, ended after each test
 CASES = _cases()
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def end_sleepers():
+    yield
+    while _SLEEPERS:
+        sleeper = _SLEEPERS.pop()
+        sleeper.kill()
+        sleeper.wait()
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -89,19 +89,44 @@ class LengthLimits:
     truncate_long_context: bool = False  # cut distractor text (never evidence, question, response)
 
 
-def load_tokenizer(name_or_path: str):
-    """``tiny`` (the bundled tokenizer) or a local Hugging Face tokenizer directory; never downloads."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(name_or_path: str, label: str = "tokenizer"):
+    """``tiny`` (the bundled tokenizer) or a local Hugging Face tokenizer directory; never downloads.
+
+    A path that is not a directory, or a directory Hugging Face cannot load a tokenizer from, is a
+    DataError whose message starts with ``label`` (the caller's key or option, e.g. ``--tokenizer``).
+    """
     from transformers import AutoTokenizer
 
     if name_or_path == "tiny":
         from .tiny_tokenizer import TINY_TOKENIZER_DIR
 
         name_or_path = str(TINY_TOKENIZER_DIR)
-    if not Path(name_or_path).is_dir():
+    folder = Path(name_or_path)
+    if not folder.is_dir():
         raise DataError(
-            f"tokenizer: {name_or_path!r} is not a directory (use 'tiny' or a local tokenizer folder)"
+            f"{label}: {name_or_path!r} is not a directory (use 'tiny' or a local tokenizer folder)"
         )
-    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except Exception as error:  # transformers raises ValueError, OSError, KeyError, JSONDecodeError, ...
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            reason = f"it holds none of {', '.join(_TOKENIZER_FILES)}"
+        else:
+            first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+            reason = f"{type(error).__name__}: {first_line[:200]}" if first_line else type(error).__name__
+        raise DataError(f"{label}: {name_or_path!r} is not a tokenizer folder ({reason})") from None
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads packed rows: the tokenizer's pad token, else its eos token (the one rule)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer: it has neither a pad nor an eos token to pad sequences with")
+    return int(tokenizer.eos_token_id)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

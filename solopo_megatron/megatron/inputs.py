@@ -13,6 +13,7 @@ from ..data.loading import step_microbatches
 from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
+from ..data.tokenize import pad_token_id
 from ..objectives import required_roles
 from ..recipe.schema import RecipeConfig
 from ..recipe.sources import cache_dir, data_paths, model_vocab_size, sequence_encoder, write_synthetic_files
@@ -77,7 +78,7 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
             # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
             valid = build(valid_path, ROLES) if valid_path else None
         dist.barrier()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
     return Data(

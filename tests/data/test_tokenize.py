@@ -16,6 +16,7 @@ from solopo_megatron.data.tokenize import (
     SequenceEncoder,
     cut_distractor_text,
     load_tokenizer,
+    pad_token_id,
     prompt_template_problem,
     tokenizer_fingerprint,
 )
@@ -164,3 +165,32 @@ def test_tiny_tokenizer_is_rebuilt_identically(tmp_path):
 def test_load_tokenizer_refuses_non_directories():
     with pytest.raises(DataError, match="is not a directory"):
         load_tokenizer("Qwen/Qwen2.5-7B-Instruct")
+
+
+def test_load_tokenizer_names_a_folder_that_is_no_tokenizer(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"^--tokenizer: .* is not a tokenizer folder \(it holds none of"):
+        load_tokenizer(str(tmp_path), label="--tokenizer")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in TINY_TOKENIZER_DIR.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(
+        DataError, match=r"^tokenizer: .*broken.* is not a tokenizer folder \(JSONDecodeError"
+    ):
+        load_tokenizer(str(broken))
+
+
+def test_pad_token_id_falls_back_to_eos(tokenizer):
+    class Stub:
+        def __init__(self, pad, eos):
+            self.pad_token_id, self.eos_token_id = pad, eos
+
+    assert pad_token_id(Stub(0, 2)) == 0
+    assert pad_token_id(Stub(None, 2)) == 2
+    assert pad_token_id(tokenizer) == (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    with pytest.raises(DataError, match="neither a pad nor an eos"):
+        pad_token_id(Stub(None, None))
