@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from .hf_config import effective_value
-from .schema import ModelSection, RecipeConfig
+from .schema import LAYOUT_MODEL_KEYS, ModelSection, RecipeConfig
 
 LATEST = "latest_checkpointed_iteration.txt"
 CONFIG = "config.yaml"
@@ -36,16 +36,8 @@ _ITER = re.compile(r"iter_(\d+)")
 
 # model.* keys a resumed run may change: the parallel layout and how the same weights are computed
 # (dropout, recomputation, attention implementation, precision, initialisation, which a resume replaces).
-RESUMABLE_MODEL_KEYS = frozenset(
+RESUMABLE_MODEL_KEYS = LAYOUT_MODEL_KEYS | frozenset(
     {
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-        "context_parallel_size",
-        "cp_comm_type",
-        "sequence_parallel",
-        "recompute_granularity",
-        "recompute_method",
-        "recompute_num_layers",
         "transformer_impl",
         "bf16",
         "use_cpu_initialization",

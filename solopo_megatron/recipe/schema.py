@@ -86,6 +86,22 @@ def field_bounds(section: Any) -> dict[str, Bounds]:
     return {f.name: f.metadata["bounds"] for f in dataclasses.fields(section) if "bounds" in f.metadata}
 
 
+# model.* keys that only change how the same weights are split over ranks or recomputed: the initial
+# weights, their log-probs and a checkpoint's tensors are the same whatever their values.
+LAYOUT_MODEL_KEYS = frozenset(
+    {
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "cp_comm_type",
+        "sequence_parallel",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+    }
+)
+
+
 @dataclass
 class ModelSection:
     """``model:``: the architecture and its parallel layout (Megatron-Core names)."""

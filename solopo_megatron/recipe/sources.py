@@ -17,7 +17,7 @@ from ..data.records import ROLES
 from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
 from ..objectives import required_roles
 from .errors import RecipeError
-from .schema import DatasetSection, RecipeConfig
+from .schema import LAYOUT_MODEL_KEYS, DatasetSection, RecipeConfig
 
 
 def cache_dir(cfg: RecipeConfig) -> Path:
@@ -107,21 +107,6 @@ def expected_reference_fingerprint(cfg: RecipeConfig) -> str | None:
 
 
 REFERENCE_COPY = "reference_logps.jsonl"  # a checkpoint root's copy of the store its run trained against
-
-
-# model.* keys that change how the same weights are split or recomputed, not the reference's values.
-LAYOUT_MODEL_KEYS = frozenset(
-    {
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-        "context_parallel_size",
-        "cp_comm_type",
-        "sequence_parallel",
-        "recompute_granularity",
-        "recompute_method",
-        "recompute_num_layers",
-    }
-)
 
 
 def initial_model_fingerprint(cfg: RecipeConfig) -> str:
