@@ -468,3 +468,37 @@ def test_default_store_is_keyed_by_the_initial_weights(tmp_path):
     assert path() == path("model.context_parallel_size=1", "model.recompute_granularity=full")  # layout only
     assert path() != path("model.hidden_size=128", "model.ffn_hidden_size=256")
     assert path() != path("rng.seed=7")
+
+
+def test_sigint_under_torchrun_with_context_parallelism(tmp_path):
+    """Ctrl-C to a torchrun job (every worker gets SIGINT; a peer may see the other's exit as a
+    collective error): one line from the logging rank, no traceback from our workers, lock released."""
+    save = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "solopo_megatron.train", "--config", RECIPE, *_small(tmp_path),
+               "model.context_parallel_size=2", "train.train_iters=200", f"checkpoint.save={save}"]  # fmt: skip
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=stdout, stderr=stderr,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.time() + 600
+            while "step 2/200" not in out.read_text():
+                assert process.poll() is None and time.time() < deadline, err.read_text()[-3000:]
+                time.sleep(0.1)
+            os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    errors = err.read_text()
+    assert code != 0
+    assert len([line for line in errors.splitlines() if line.startswith("interrupted at step ")]) == 1, errors
+    assert "KeyboardInterrupt" not in errors, errors[-3000:]
+    # torchrun's agent reports its own SignalException; nothing else raises.
+    if "Traceback" in errors:
+        tail = errors[-3000:]
+        assert errors.count("Traceback") == 1 and "SignalException" in errors.split("Traceback")[1], tail
+    assert not (save / LOCK).exists()
