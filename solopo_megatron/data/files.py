@@ -108,6 +108,19 @@ def same_file(a: PathArg, b: PathArg) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
+def nearest_existing(path: PathArg) -> tuple[Path, str | None]:
+    """The nearest existing folder at or above ``path`` (where a missing ``path`` would be created) and
+    why nothing can be created there: ``"is a file"`` or ``"is not writable"``; None when it can."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return existing, "is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return existing, "is not writable"
+    return existing, None
+
+
 def check_output_path(
     path: PathArg, inputs: Iterable[PathArg] = (), *, label: str | None = None, directory: bool = False
 ) -> None:

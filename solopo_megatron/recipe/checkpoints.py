@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ..data.files import nearest_existing
 from .hf_config import effective_value
 from .schema import LAYOUT_MODEL_KEYS, ModelSection, RecipeConfig
 
@@ -180,12 +181,10 @@ def save_folder_problem(save: str | Path) -> str | None:
             f"checkpoint.save: {path} is a file, not a folder; point checkpoint.save at a folder "
             "(it is created if missing)"
         )
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    existing, problem = nearest_existing(path)
+    if problem == "is a file":
         return f"checkpoint.save: cannot create {path}: {existing} is a file; point checkpoint.save elsewhere"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if problem is not None:
         what = (
             f"{path} is not writable"
             if existing == path

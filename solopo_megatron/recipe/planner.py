@@ -45,7 +45,7 @@ def model_vocab_rows(cfg: RecipeConfig) -> tuple[int | None, str]:
     if cfg.dataset.tokenizer == "tiny" or Path(cfg.dataset.tokenizer).is_dir():
         from ..data.tokenize import load_tokenizer
 
-        tokenizer_size = len(load_tokenizer(cfg.dataset.tokenizer))
+        tokenizer_size = len(load_tokenizer(cfg.dataset.tokenizer, label="dataset.tokenizer"))
     rows = model_vocab_size(cfg, tokenizer_size)
     if rows is None:
         return None, "unknown (set model.vocab_size)"

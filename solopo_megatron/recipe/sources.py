@@ -64,7 +64,7 @@ def data_paths(cfg: RecipeConfig) -> tuple[str, str | None]:
 def sequence_encoder(ds: DatasetSection) -> SequenceEncoder:
     """The tokenizer, prompt format and length limits of the dataset section."""
     return SequenceEncoder(
-        load_tokenizer(ds.tokenizer),
+        load_tokenizer(ds.tokenizer, label="dataset.tokenizer"),
         PromptFormat(prompt_template=ds.prompt_template, system=ds.system_prompt),
         LengthLimits(ds.max_short_length, ds.max_long_length, ds.truncate_long_context),
     )

@@ -6,12 +6,11 @@ Unknown or misspelt keys and wrong types are caught earlier, by the typed schema
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..data.files import input_file_problem
+from ..data.files import input_file_problem, nearest_existing
 from ..data.packing import pad_multiple_for
 from .checkpoints import checkpoint_problems
 from .errors import RecipeError
@@ -313,12 +312,10 @@ def store_target_problems(cfg: RecipeConfig) -> list[str]:
     else:  # the default path is keyed by the data's fingerprint; its folder does not depend on it
         key = "solopo.reference_store (unset: the default under dataset.cache_dir)"
         folder = default_reference_store_path(cfg, "any").parent
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    existing, problem = nearest_existing(folder)
+    if problem == "is a file":
         return [f"{key}: {existing} is a file, not a folder, so the store cannot be written under it"]
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if problem is not None:
         return [f"{key}: folder {existing} is not writable, so the store cannot be written there"]
     return []
 
