@@ -92,6 +92,11 @@ class LengthLimits:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def tokenizer_available(name_or_path: str) -> bool:
+    """Whether ``load_tokenizer`` can look here: ``tiny`` (bundled) or an existing local folder."""
+    return name_or_path == "tiny" or Path(name_or_path).is_dir()
+
+
 def load_tokenizer(name_or_path: str, label: str = "tokenizer"):
     """``tiny`` (the bundled tokenizer) or a local Hugging Face tokenizer directory; never downloads.
 

@@ -7,9 +7,9 @@ max_long_length), so microbatch counts, tokens and memory are upper bounds for r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..data.packing import pad_multiple_for, padded_sequence_length
+from ..data.tokenize import load_tokenizer, tokenizer_available
 from ..objectives import required_roles
 from .schema import RecipeConfig
 from .sizing import GIB, MemoryEstimate, estimate_memory, padded_vocab_size, parameter_counts, training_flops
@@ -42,9 +42,7 @@ def model_vocab_rows(cfg: RecipeConfig) -> tuple[int | None, str]:
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size, "model.vocab_size"
     tokenizer_size = None
-    if cfg.dataset.tokenizer == "tiny" or Path(cfg.dataset.tokenizer).is_dir():
-        from ..data.tokenize import load_tokenizer
-
+    if tokenizer_available(cfg.dataset.tokenizer):
         tokenizer_size = len(load_tokenizer(cfg.dataset.tokenizer, label="dataset.tokenizer"))
     rows = model_vocab_size(cfg, tokenizer_size)
     if rows is None:

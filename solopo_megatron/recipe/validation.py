@@ -12,6 +12,7 @@ from typing import Any
 
 from ..data.files import input_file_problem, nearest_existing
 from ..data.packing import pad_multiple_for
+from ..data.tokenize import tokenizer_available
 from .checkpoints import checkpoint_problems
 from .errors import RecipeError
 from .schema import LoggerSection, ModelSection, RecipeConfig, field_bounds, field_choices
@@ -212,7 +213,7 @@ def _file_problems(cfg: RecipeConfig) -> list[str]:
         problem = input_file_problem(path) if path is not None else None
         if problem is not None:
             problems.append(f"{key}: file {path} {problem}")
-    if ds.tokenizer != "tiny" and not Path(ds.tokenizer).is_dir():
+    if not tokenizer_available(ds.tokenizer):
         problems.append(
             f"dataset.tokenizer: {ds.tokenizer!r} is neither 'tiny' nor a local tokenizer directory"
         )
@@ -269,7 +270,7 @@ def reference_store_problems(cfg: RecipeConfig) -> tuple[list[str], list[str]]:
     from .sources import expected_reference_fingerprint, resolve_reference_store
 
     s = cfg.solopo
-    tokenizer_here = cfg.dataset.tokenizer == "tiny" or Path(cfg.dataset.tokenizer).is_dir()
+    tokenizer_here = tokenizer_available(cfg.dataset.tokenizer)
     if not tokenizer_here and not s.reference_store:
         return [], []  # reported as a dataset.tokenizer problem; the default path needs the fingerprint
     try:
