@@ -18,6 +18,7 @@ __all__ = [
     "check_token_logprob_inputs",
     "compute_dtype",
     "group_size",
+    "merge_logit_stats",
     "owned_labels",
     "row_chunks",
 ]
@@ -66,3 +67,26 @@ def owned_labels(
     local = labels - vocab_start_index
     owned = (local >= 0) & (local < local_vocab) & (labels != ignore_index)
     return owned, torch.where(owned, local, torch.zeros_like(local))
+
+
+def merge_logit_stats(
+    stats: Tensor, labels: Tensor, ignore_index: int, tp_group: dist.ProcessGroup | None
+) -> tuple[Tensor, Tensor]:
+    """(log-probs [T], log-sum-exp [T]) from per-shard statistics ``stats`` [3, T].
+
+    ``stats`` rows: this shard's row max, sum of exp(logit - row max), and the label's logit where
+    this shard owns the label (0 elsewhere), in fp32 or fp64. Under TP two small all-reduces merge
+    the shards: MAX of the max, then SUM of the rescaled sum-exp and of the owner's target logit.
+    ``stats`` is overwritten.
+    """
+    row_max = stats[0]
+    if group_size(tp_group) > 1:
+        row_max = row_max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+        # A shard whose logits are all -inf (masked vocab) contributes exp(-inf) = 0, never NaN.
+        shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+        stats[1].mul_(torch.exp(stats[0] - shift))
+        dist.all_reduce(stats[1:], group=tp_group)
+    lse = stats[1].log().add_(row_max)
+    out = (stats[2] - lse).masked_fill_(labels == ignore_index, 0.0)
+    return out, lse

@@ -18,7 +18,12 @@ from torch import Tensor
 
 from .common import check_token_logprob_inputs, compute_dtype, group_size, owned_labels, row_chunks
 
-__all__ = ["segment_sum_reference", "token_logprobs_reference"]
+__all__ = [
+    "logit_stats_reference",
+    "segment_sum_reference",
+    "softmax_grad_reference",
+    "token_logprobs_reference",
+]
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -63,13 +68,36 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_out = torch.where(labels != ctx.ignore_index, grad_out.to(lse.dtype), torch.zeros_like(lse))
         grad_logits = torch.empty_like(logits)
         for rows in row_chunks(num_tokens, local_vocab):
-            g = grad_out[rows]
-            # d out / d logit_v = onehot(label) - softmax_v, formed in fp32 and rounded once.
-            chunk = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(-g[:, None])
-            hit = torch.where(owned[rows], g, torch.zeros_like(g))
-            chunk.scatter_add_(1, local_labels[rows, None], hit[:, None])
-            grad_logits[rows] = chunk
+            grad_logits[rows] = softmax_grad_reference(
+                logits[rows], local_labels[rows], owned[rows], lse[rows], grad_out[rows]
+            )
         return grad_logits, None, None, None, None
+
+
+def logit_stats_reference(
+    logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int
+) -> Tensor:
+    """This shard's per-token statistics [3, T] in fp32 (fp64 for fp64 logits): row max, sum of
+    exp(logit - max), label logit (0 where not owned). ``common.merge_logit_stats`` finishes them.
+    Makes one fp32 copy of ``logits``: callers pass a row chunk."""
+    owned, local_labels = owned_labels(labels, vocab_start_index, logits.shape[1], ignore_index)
+    x = logits.to(compute_dtype(logits.dtype))
+    row_max = x.amax(dim=1)
+    sum_exp = (x - row_max[:, None]).exp_().sum(dim=1)
+    target = x.gather(1, local_labels[:, None]).squeeze(1)
+    return torch.stack([row_max, sum_exp, torch.where(owned, target, torch.zeros_like(target))])
+
+
+def softmax_grad_reference(
+    logits: Tensor, local_labels: Tensor, owned: Tensor, lse: Tensor, grad_out: Tensor
+) -> Tensor:
+    """d(sum_t g_t * logp_t) / d logits = g * (onehot(label) - softmax), formed in ``lse``'s dtype and
+    rounded once to the logits' dtype. ``owned``/``local_labels`` from ``common.owned_labels`` (ignored
+    tokens are not owned; their ``grad_out`` must be 0). One fp32 [T, V_local] temporary: pass a chunk."""
+    grad = (logits.to(lse.dtype) - lse[:, None]).exp_().mul_(-grad_out[:, None])
+    hit = torch.where(owned, grad_out, torch.zeros_like(grad_out))
+    grad.scatter_add_(1, local_labels[:, None], hit[:, None])
+    return grad.to(logits.dtype)
 
 
 def token_logprobs_reference(

@@ -24,10 +24,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import check_token_logprob_inputs
+from .common import check_token_logprob_inputs, merge_logit_stats
 from .dispatch import TRITON_LOGPROBS_DTYPES, triton_interpret_enabled
 
-__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "backward_into", "forward_logprobs", "token_logprobs_triton"]
+__all__ = [
+    "INTERPRETED",
+    "SUPPORTED_DTYPES",
+    "backward_into",
+    "forward_logprobs",
+    "logit_stats_triton",
+    "token_logprobs_triton",
+]
 
 # Decorating under TRITON_INTERPRET=1 makes these kernels run on CPU tensors (the CPU tests).
 INTERPRETED = triton_interpret_enabled()
@@ -156,18 +163,18 @@ def forward_logprobs(
         if num_tokens:
             _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, out, finalize=True)
         return out, lse
-    stats = torch.empty(3, num_tokens, dtype=torch.float32, device=device)
+    stats = logit_stats_triton(logits, labels, vocab_start_index, ignore_index)
+    return merge_logit_stats(stats, labels, ignore_index, tp_group)
+
+
+def logit_stats_triton(logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int) -> Tensor:
+    """This shard's per-token statistics fp32 [3, T]: row max, sum of exp(logit - max), label logit
+    (0 where not owned); ``common.merge_logit_stats`` turns them into log-probs."""
+    num_tokens = logits.shape[0]
+    stats = torch.empty(3, num_tokens, dtype=torch.float32, device=logits.device)
     if num_tokens:
         _launch_forward(logits, labels, vocab_start_index, ignore_index, stats, stats, stats, finalize=False)
-    global_max = stats[0].clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-    shift = torch.where(global_max == float("-inf"), 0.0, global_max)
-    stats[1].mul_(torch.exp(stats[0] - shift))
-    partial = stats[1:]
-    dist.all_reduce(partial, group=tp_group)
-    lse = partial[0].log().add_(global_max)
-    out = partial[1].sub_(lse).masked_fill_(labels == ignore_index, 0.0)
-    return out.clone(), lse
+    return stats
 
 
 def backward_into(

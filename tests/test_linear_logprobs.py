@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import grid_groups, run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton_support import triton_runs_on_cpu
 
 from solopo_kernels import common, linear_token_logprobs
 
@@ -28,14 +30,17 @@ def _oracle(x, w, labels):
     return torch.where(labels == IGNORE, torch.zeros_like(picked), picked)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=str
 )
-def test_matches_float64_values_and_gradients(dtype, tol, monkeypatch):
+def test_matches_float64_values_and_gradients(dtype, tol, backend, monkeypatch):
+    if backend == "triton" and (dtype == torch.float64 or not triton_runs_on_cpu()):
+        pytest.skip("the Triton kernels take bf16/fp16/fp32, and run on CPU tensors only when interpreted")
     monkeypatch.setattr(common, "CHUNK_ELEMENTS", 7 * 50)  # several token chunks
     x, w, labels, grad = _inputs(23, 16, 50, dtype, seed=1)
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-    out = linear_token_logprobs(xl, wl, labels, ignore_index=IGNORE)
+    out = linear_token_logprobs(xl, wl, labels, ignore_index=IGNORE, backend=backend)
     out.backward(grad.to(out.dtype))
     xo, wo = x.double().requires_grad_(), w.double().requires_grad_()
     expected = _oracle(xo, wo, labels)
@@ -61,6 +66,41 @@ def test_saves_no_logits():
         linear_token_logprobs(x.requires_grad_(), w.requires_grad_(), labels)
     assert all(t.numel() < 40 * 300 for t in saved)
     assert sorted(tuple(t.shape) for t in saved) == sorted([(40, 8), (300, 8), (40,), (40,)])
+
+
+class _RecordAllocations(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[tuple[tuple[int, ...], torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((tuple(t.shape), t.dtype, t.untyped_storage().data_ptr()))
+        return result
+
+
+def test_bf16_never_builds_full_logits_nor_an_fp32_weight_copy(monkeypatch):
+    """Blocks of at most 8 tokens; matmuls in bf16; the only weight-sized fp32 tensor is the dW accumulator."""
+    tokens, hidden, vocab = 40, 8, 300
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 8 * vocab)
+    x, w, labels, grad = _inputs(tokens, hidden, vocab, torch.bfloat16, seed=5)
+    x.requires_grad_(), w.requires_grad_()
+    with _RecordAllocations() as forward:
+        out = linear_token_logprobs(x, w, labels, ignore_index=IGNORE, backend="torch")
+    with _RecordAllocations() as backward:
+        out.backward(grad.float())
+    for shape, _, _ in forward.outputs + backward.outputs:
+        assert not (len(shape) == 2 and shape[0] > 8 and shape[1] == vocab), f"a {shape} logits tensor"
+
+    def fp32_weight_sized(outputs):
+        return {ptr for shape, dtype, ptr in outputs if dtype == torch.float32 and shape == (vocab, hidden)}
+
+    assert fp32_weight_sized(forward.outputs) == set()
+    assert len(fp32_weight_sized(backward.outputs)) == 1  # the dW accumulator, updated in place
 
 
 def _tp_worker(rank: int, world_size: int) -> None:
