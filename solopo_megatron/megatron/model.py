@@ -105,7 +105,7 @@ def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: in
     with the process groups of ``parallel`` (a ``parallel.ParallelState``)."""
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, impl),
         vocab_size=padded_vocab_size(vocab_size, model),
@@ -120,3 +120,8 @@ def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: in
         rope_scaling_factor=model.rope_scaling_factor,
         pg_collection=parallel.groups,
     )
+    if model.logits == "response_only" and parallel.is_last_stage:
+        from .lm_head import defer_output_layer
+
+        defer_output_layer(gpt)
+    return gpt

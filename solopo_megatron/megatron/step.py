@@ -17,6 +17,7 @@ from torch import Tensor
 from ..data.packing import Microbatch
 from ..logprobs import sequence_logprobs, token_logprobs
 from ..objectives import SoLoPOConfig, solopo_loss
+from .lm_head import output_weight, scored_sequence_logps
 from .parallel import ParallelState
 
 
@@ -26,8 +27,9 @@ class StepContext:
 
     loss: SoLoPOConfig
     parallel: ParallelState
-    inplace_logits_backward: bool = True
+    inplace_logits_backward: bool = True  # model.logits=full only
     forward_only_logps: bool = False  # reference pass: report per-sequence sums, no loss
+    response_only: bool = True  # model.logits=response_only: the model returns hidden states (lm_head)
 
 
 def packed_seq_params(mb: Microbatch):
@@ -56,11 +58,18 @@ def forward_step(ctx: StepContext, data_iterator, model):
         attention_mask=None,  # THD: sequences are delimited by packed_seq_params
         packed_seq_params=packed_seq_params(mb),
     )
-    return output, partial(loss_func, ctx, mb)
+    weight = output_weight(model) if ctx.response_only and ctx.parallel.is_last_stage else None
+    return output, partial(loss_func, ctx, mb, weight)
 
 
-def microbatch_sequence_logps(ctx: StepContext, mb: Microbatch, logits: Tensor) -> Tensor:
-    """Per-sequence response log-prob sums [S] (complete over TP and CP) from vocab-parallel logits."""
+def microbatch_sequence_logps(
+    ctx: StepContext, mb: Microbatch, output: Tensor, weight: Tensor | None
+) -> Tensor:
+    """Per-sequence response log-prob sums [S] (complete over TP and CP) from the last stage's output:
+    hidden states and the LM head's weight (response-only), or vocab-parallel logits (weight None)."""
+    if weight is not None:
+        return scored_sequence_logps(mb, output, weight, ctx.parallel)
+    logits = output
     logits = logits.reshape(-1, logits.shape[-1])  # [t, 1, V_local] -> [t, V_local]
     if logits.shape[0] != mb.labels.numel():
         raise ValueError(f"logits cover {logits.shape[0]} tokens but the microbatch has {mb.labels.numel()}")
@@ -76,9 +85,9 @@ def microbatch_sequence_logps(ctx: StepContext, mb: Microbatch, logits: Tensor) 
     )
 
 
-def loss_func(ctx: StepContext, mb: Microbatch, output_tensor: Tensor):
+def loss_func(ctx: StepContext, mb: Microbatch, weight: Tensor | None, output_tensor: Tensor):
     """The loss closure: (loss sum, valid examples on CP rank 0 else 0, report), or per-sequence sums in forward-only mode."""
-    sums = microbatch_sequence_logps(ctx, mb, output_tensor)
+    sums = microbatch_sequence_logps(ctx, mb, output_tensor, weight)
     valid = mb.valid
     count = (
         valid.sum().to(torch.int)

@@ -245,7 +245,10 @@ def setup(
         cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state, pretrained_hf=pretrained
     )
     ctx = StepContext(
-        cfg.solopo.loss_config(), parallel, inplace_logits_backward=cfg.solopo.inplace_logits_backward
+        cfg.solopo.loss_config(),
+        parallel,
+        inplace_logits_backward=cfg.solopo.inplace_logits_backward,
+        response_only=cfg.model.logits == "response_only",
     )
     trainer = Trainer(
         cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None)

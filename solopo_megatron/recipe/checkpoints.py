@@ -40,6 +40,8 @@ _ITER = re.compile(r"iter_(\d+)")
 RESUMABLE_MODEL_KEYS = LAYOUT_MODEL_KEYS | frozenset(
     {
         "transformer_impl",
+        "attention_backend",
+        "logits",
         "bf16",
         "use_cpu_initialization",
         "init_method_std",

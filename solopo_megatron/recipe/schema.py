@@ -135,6 +135,12 @@ class ModelSection:
     recompute_method: str | None = choice(None, None, "uniform", "block")  # block/uniform: full recompute
     recompute_num_layers: int | None = positive(None)
     transformer_impl: str = choice("auto", "auto", "transformer_engine", "local")  # auto: TE when importable
+    # Core attention: te (TE's fused THD + CP), flex (torch flex_attention, CUDA), sdpa (per-sequence
+    # torch SDPA); auto: te with the TE spec, else flex on CUDA, else sdpa. (DESIGN 5.1)
+    attention_backend: str = choice("auto", "auto", "te", "flex", "sdpa")
+    # response_only: the LM head and log-probs run on the scored (response) positions only; full: on
+    # every token (the [t, V/tp] logits; kept for comparison and the equality tests).
+    logits: str = choice("response_only", "response_only", "full")
     bf16: bool | None = None  # None: bf16 on CUDA, fp32 on CPU
     use_cpu_initialization: bool | None = None  # None: only without CUDA (true: same init on any device)
 

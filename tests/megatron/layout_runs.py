@@ -58,6 +58,7 @@ def run_layout(
     tag: str,
     extra: dict,
     variant: str = "base",
+    modes: tuple[str, ...] = MODES,
 ) -> None:
     """Trains 3 steps per mode; rank 0 saves losses, grad norms and the full weights before and after.
 
@@ -70,7 +71,7 @@ def run_layout(
     from solopo_megatron.recipe.loading import load_config
 
     results = {}
-    for mode in MODES:
+    for mode in modes:
         cfg = load_config(None, tiny_overrides(tmp, mode, tp, pp, cp, variant, **extra))
         init_path = os.path.join(tmp, f"init-{variant}-{mode}.pt")
         init_state = torch.load(init_path) if os.path.exists(init_path) else None
