@@ -1,0 +1,369 @@
+"""One SoLoPO training step at long contexts, side by side: modes x LM-head paths x context lengths.
+
+    python benchmarks/long_context/bench_step.py                     # CPU grid: 1K..32K, results JSON + plot
+    python benchmarks/long_context/bench_step.py --smoke             # tiny shapes, seconds (checks the script)
+    python benchmarks/long_context/bench_step.py --device cuda --bf16 --lengths 8192,16384,32768,65536 \\
+        --hidden 896 --ffn 4864 --layers 24 --heads 14 --groups 2 --vocab 151936 --memory-budget-gib 60
+
+One process, megatron-core's GPTModel through this project's stack (the recipe's model section, the
+local layer spec with the packed attention, DDP, Megatron's Adam and schedule): one packed row holds
+one preference group whose long sequences have the given length. Per case, in a fresh subprocess
+(so each peak is that case's alone): peak memory of the step above the post-build baseline (CPU: peak
+RSS, reset after the build; CUDA: max_memory_allocated minus the memory held after the build), the
+median step time over ``--steps`` steps after ``--warmup``, tokens/s, and model TFLOP/s. Then, for
+solopo and long_po with the response-only head, the largest long context whose step stays under
+``--memory-budget-gib`` (grid lengths, then doubling past the grid, then bisection).
+
+A case that cannot run is reported with its reason, never dropped: a full-logits row whose fp32
+[T, V] logits alone would exceed ``--full-logits-cap-gib`` is skipped as such; a child that dies
+(out of memory) is recorded as failed. Results: benchmarks/results/long-context-<device>.json;
+report.py draws the plot and writes the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+MODES = ("solopo", "long_po", "short_po")
+HEADS = ("response_only", "full")
+PROBE_MODES = ("solopo", "long_po")
+
+
+# ----------------------------------------------------------------------------- one case (child)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _group(mode: str, long_length: int, short_length: int, response: int, vocab: int, seed: int):
+    """One preference group of random tokens: the roles ``mode`` forwards, responses of ``response`` tokens."""
+    import torch
+
+    from solopo_megatron.data.packing import Group
+    from solopo_megatron.data.tokenize import EncodedSequence
+    from solopo_megatron.objectives import SoLoPOConfig, required_roles
+
+    g = torch.Generator().manual_seed(seed)
+    sequences = {}
+    for role in required_roles(SoLoPOConfig(mode=mode)):
+        length = long_length if role.startswith("long") else short_length
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        sequences[role] = EncodedSequence(tuple(ids), response_start=length - response)
+    return Group("bench", sequences, ref_logps={role: -1.0 * response for role in sequences})
+
+
+def run_case(case: dict) -> dict:
+    """Builds the model and optimizer, then times ``steps`` training steps on one packed group."""
+    import torch
+
+    from solopo_megatron.data.packing import pack_microbatch, pad_multiple_for
+    from solopo_megatron.megatron import cpu_compat
+    from solopo_megatron.megatron.build import build_model_and_optimizer
+    from solopo_megatron.megatron.parallel import destroy, init_parallel_state, init_process_group
+    from solopo_megatron.megatron.step import StepContext, run_schedule
+    from solopo_megatron.recipe.loading import load_config
+    from solopo_megatron.recipe.sizing import padded_vocab_size, training_flops
+
+    overrides = {
+        "model.num_layers": case["layers"],
+        "model.hidden_size": case["hidden"],
+        "model.ffn_hidden_size": case["ffn"],
+        "model.num_attention_heads": case["heads"],
+        "model.num_query_groups": case["groups"],
+        "model.vocab_size": case["vocab"],
+        "model.logits": case["logits"],
+        "model.bf16": case["bf16"],
+        "model.transformer_impl": "local",
+        "model.attention_backend": case["attention"],
+        "solopo.mode": case["mode"],
+        "solopo.preference_loss": "dpo",
+        "optimizer.optimizer": "adam",
+    }
+    cfg = load_config(None, [f"{key}={value}" for key, value in overrides.items()])
+    with cpu_compat.enabled():
+        init_process_group()
+        parallel = init_parallel_state(cfg.model, seed=1)
+        device = parallel.device
+        group = _group(
+            case["mode"], case["long_length"], case["short_length"], case["response"], case["vocab"], 1
+        )
+        roles = tuple(group.sequences)
+        mb = pack_microbatch([group], roles, pad_multiple=pad_multiple_for(), pad_id=0).to(device)
+        row_tokens = mb.tokens.numel()
+        state = build_model_and_optimizer(cfg, parallel, case["vocab"], row_tokens)
+        ctx = StepContext(cfg.solopo.loss_config(), parallel, response_only=case["logits"] == "response_only")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            baseline = _rss_kib("VmRSS") * 1024
+            _reset_peak_rss()
+        times = []
+        for step in range(case["warmup"] + case["steps"]):
+            start = time.perf_counter()
+            for chunk in state.chunks:
+                chunk.zero_grad_buffer()
+            state.optimizer.zero_grad()
+            reports = run_schedule(ctx, state.chunks, [mb], seq_length=row_tokens, forward_only=False)
+            state.optimizer.step()
+            loss = float(reports[0]["loss"][0])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= case["warmup"]:
+                times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() - baseline
+        else:
+            peak = _rss_kib("VmHWM") * 1024 - baseline
+        real_lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist()
+        flops = training_flops(cfg.model, padded_vocab_size(case["vocab"], cfg.model), real_lengths)
+        destroy()
+    median = statistics.median(times)
+    return {
+        "status": "ok",
+        "row_tokens": row_tokens,
+        "peak_gib": peak / 2**30,
+        "baseline_gib": baseline / 2**30,
+        "step_s": median,
+        "step_times_s": times,
+        "tokens_per_s": sum(real_lengths) / median,
+        "model_tflops_per_s": flops / median / 1e12,
+        "loss": loss,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _row_tokens(mode: str, long_length: int, short_length: int) -> int:
+    roles = {"solopo": (1, 2), "long_po": (2, 0), "short_po": (0, 2)}[mode]
+    return roles[0] * long_length + roles[1] * short_length
+
+
+def run_in_child(case: dict, timeout: float) -> dict:
+    """``run_case`` in a fresh interpreter; a crash or timeout becomes a 'failed' record with its reason."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        command = [sys.executable, __file__, "--child", json.dumps(case), "--child-out", out.name]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**case, "status": "failed", "reason": f"over the {timeout:.0f} s case timeout"}
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            killed = done.returncode < 0 or done.returncode == 137
+            reason = "killed (out of memory)" if killed else " | ".join(tail)
+            return {**case, "status": "failed", "reason": f"exit {done.returncode}: {reason}"}
+        return {**case, **json.loads(Path(out.name).read_text())}
+
+
+def _describe(result: dict) -> str:
+    head = f"{result['mode']:8} {result['logits']:13} long={result['long_length']:6}"
+    if result["status"] != "ok":
+        return f"{head}  {result['status']}: {result.get('reason', '')}"
+    return (
+        f"{head}  peak {result['peak_gib']:7.3f} GiB  step {result['step_s']:8.2f} s  "
+        f"{result['tokens_per_s']:9.0f} tok/s"
+    )
+
+
+def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log) -> dict:
+    """Largest long length (multiple of 64) whose step peak stays under the budget, for ``base``'s mode."""
+    fits = [r["long_length"] for r in grid if r["status"] == "ok" and r["peak_gib"] <= budget_gib]
+    over = [r["long_length"] for r in grid if r["status"] != "skipped" and r["long_length"] not in fits]
+    runs = []
+    base = {**base, "steps": 1, "warmup": 0}  # the probe needs the peak, not a timing
+    best = max(fits, default=0)
+    worst = min((n for n in over if n > best), default=None)
+    length = max(best, args.lengths[0]) * 2
+    while worst is None and length <= args.probe_max:
+        result = run_in_child({**base, "long_length": length}, args.case_timeout)
+        runs.append(result)
+        log("  probe " + _describe(result))
+        if result["status"] == "ok" and result["peak_gib"] <= budget_gib:
+            best, length = length, length * 2
+        else:
+            worst = length
+    for _ in range(args.probe_refine if worst is not None else 0):
+        middle = (best + worst) // 2 // 64 * 64
+        if middle in (best, worst):
+            break
+        result = run_in_child({**base, "long_length": middle}, args.case_timeout)
+        runs.append(result)
+        log("  probe " + _describe(result))
+        if result["status"] == "ok" and result["peak_gib"] <= budget_gib:
+            best = middle
+        else:
+            worst = middle
+    return {
+        "mode": base["mode"],
+        "logits": base["logits"],
+        "budget_gib": budget_gib,
+        "max_long_length": best,
+        "first_over_budget": worst,
+        "bounded_by_probe_max": worst is None,
+        "probe_runs": runs,
+    }
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    try:
+        import megatron.core
+
+        megatron_version = megatron.core.__version__
+    except ImportError:
+        megatron_version = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"cpu: {platform.machine()}, {os.cpu_count()} cores"
+    return {
+        "device": name,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "megatron_core": megatron_version,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--lengths", default="1024,2048,4096,8192,16384,32768", help="long-context lengths (tokens)"
+    )
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--logits", default=",".join(HEADS))
+    p.add_argument("--short-length", type=int, default=512, help="tokens of each short sequence")
+    p.add_argument("--response", type=int, default=64, help="response tokens of every sequence")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--attention", default="auto", help="model.attention_backend")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--memory-budget-gib", type=float, default=2.0)
+    p.add_argument("--probe-max", type=int, default=131072, help="longest length the budget probe tries")
+    p.add_argument("--probe-refine", type=int, default=2, help="bisection steps after the doubling")
+    p.add_argument("--full-logits-cap-gib", type=float, default=6.0, help="skip full-logit rows above this")
+    p.add_argument("--case-timeout", type=float, default=1800.0)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and lengths (seconds)")
+    p.add_argument(
+        "--out", default=None, help="results JSON (default benchmarks/results/long-context-<device>.json)"
+    )
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.vocab, args.hidden, args.ffn, args.heads = "128,256", 512, 32, 64, 2
+        args.short_length, args.response, args.steps, args.warmup = 64, 16, 1, 0
+        args.memory_budget_gib, args.probe_max, args.probe_refine = 64.0, 512, 0
+    args.lengths = [int(n) for n in str(args.lengths).split(",")]
+    args.modes = [m for m in str(args.modes).split(",") if m]
+    args.logits = [h for h in str(args.logits).split(",") if h]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        result = run_case(json.loads(args.child))
+        Path(args.child_out).write_text(json.dumps(result))
+        return 0
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    shape = {
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "ffn": args.ffn,
+        "layers": args.layers,
+        "heads": args.heads,
+        "groups": args.groups,
+        "bf16": args.bf16,
+        "attention": args.attention,
+        "short_length": args.short_length,
+        "response": args.response,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    results = []
+    for mode in args.modes:
+        for logits in args.logits:
+            for length in args.lengths:
+                case = {**shape, "mode": mode, "logits": logits, "long_length": length}
+                logits_gib = _row_tokens(mode, length, args.short_length) * args.vocab * 4 / 2**30
+                if logits == "full" and logits_gib > args.full_logits_cap_gib:
+                    reason = f"its fp32 [T, V] logits alone are {logits_gib:.1f} GiB (cap {args.full_logits_cap_gib} GiB)"
+                    result = {**case, "status": "skipped", "reason": reason}
+                elif mode == "short_po" and length != args.lengths[0]:
+                    result = {**case, "status": "skipped", "reason": "short_po forwards no long context"}
+                else:
+                    result = run_in_child(case, args.case_timeout)
+                results.append(result)
+                log(_describe(result))
+    probes = []
+    for mode in PROBE_MODES:
+        if mode in args.modes and "response_only" in args.logits:
+            base = {**shape, "mode": mode, "logits": "response_only"}
+            grid = [r for r in results if r["mode"] == mode and r["logits"] == "response_only"]
+            log(f"budget probe: {mode}, {args.memory_budget_gib} GiB")
+            probes.append(probe_max_length(base, grid, args.memory_budget_gib, args, log))
+    report = {
+        "benchmark": "long_context_step",
+        **environment(args.device),
+        "settings": {**shape, "lengths": args.lengths, "memory_budget_gib": args.memory_budget_gib},
+        "results": results,
+        "budget_probe": probes,
+    }
+    out = Path(args.out) if args.out else RESULTS / f"long-context-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    log(f"wrote {out}")
+    if not args.no_plot:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from report import plot
+
+        log(f"wrote {plot(report, out.with_suffix('.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
