@@ -82,6 +82,16 @@ CASES = {
         "dataset.on_error: must be one of raise, skip; got 'ignore'",
     ),
     # String choices fail here, before launch, not when Megatron builds the model or the scheduler.
+    "te attention on the local spec": (
+        ["model.attention_backend=te", "model.transformer_impl=local"],
+        2,
+        "model.attention_backend: te is Transformer Engine's attention; it needs transformer_impl",
+    ),
+    "logits typo": (
+        ["model.logits=response"],
+        2,
+        "model.logits: must be one of response_only, full; got 'response'",
+    ),
     "transformer_impl typo": (
         ["model.transformer_impl=te"],
         2,

@@ -6,13 +6,19 @@ every rank holds a zigzag share of every sequence; keys and values are all-gathe
 group (autograd-correct: the backward sums every rank's gradient for this rank's keys and values)
 and the mask is built from global token positions, so the result equals one process's attention.
 
-Without flash-attn, attention runs one sequence at a time with torch SDPA (``sequence_spans`` finds
-each sequence's queries and, under CP, its keys among the gathered ones): causal SDPA when CP = 1,
-else a [local queries, sequence keys] mask in global positions. Extra memory is bounded by the
-longest sequence, not by the packed row, and no work is spent on pairs of different sequences.
+Two backends (``model.attention_backend``; ``te`` is Transformer Engine's own attention module):
+
+- ``sdpa``: one sequence at a time with torch SDPA (``sequence_spans`` finds each sequence's queries
+  and, under CP, its keys among the gathered ones): causal SDPA when CP = 1, else a [local queries,
+  sequence keys] mask in global positions. Extra memory is bounded by the longest sequence, not by
+  the packed row, and no work is spent on pairs of different sequences. On CUDA with CP = 1 and
+  bf16/fp16, flash-attn's varlen kernel serves instead when it is installed.
+- ``flex``: torch ``flex_attention`` over the whole row with a document-causal block mask built from
+  segment ids and global (zigzag) positions (``document_causal_block_mask``), one mask per microbatch
+  shared by every layer; grouped-query attention without repeating K/V. Compiled on CUDA (training);
+  on CPU torch runs it forward-only (the tests' check).
+
 ``packed_attention_mask`` (the dense [t_local, t_global] mask of a whole row) is the tests' oracle.
-On GPUs the Transformer Engine spec (fused THD + CP attention) is the production path, and
-flash-attn's varlen kernel serves CP = 1 when installed.
 """
 
 from __future__ import annotations
@@ -61,16 +67,62 @@ def sequence_spans(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> lis
     return spans
 
 
+def _row_positions(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int):
+    """(segment id of every global token, global positions of this rank's queries, of the gathered keys)."""
+    bounds = cu_seqlens_padded.to("cpu", torch.int64)
+    segment = torch.repeat_interleave(torch.arange(bounds.numel() - 1), bounds[1:] - bounds[:-1])
+    query_positions = zigzag_indices(bounds, cp_size, cp_rank)
+    key_positions = torch.cat([zigzag_indices(bounds, cp_size, r) for r in range(cp_size)])
+    return segment, query_positions, key_positions
+
+
+def document_causal_block_mask(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int, device: torch.device):
+    """flex_attention's BlockMask for this rank's queries against the CP-gathered keys: a query sees the
+    keys of its own sequence at global positions up to its own (the dense oracle, never materialised)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment, query_positions, key_positions = _row_positions(cu_seqlens_padded, cp_size, cp_rank)
+    q_pos, k_pos = query_positions.to(device), key_positions.to(device)
+    q_seg, k_seg = segment.to(device)[q_pos], segment.to(device)[k_pos]
+
+    def document_causal(b, h, q, k):
+        return (q_seg[q] == k_seg[k]) & (k_pos[k] <= q_pos[q])
+
+    build = _compiled("create_block_mask", create_block_mask) if device.type == "cuda" else create_block_mask
+    return build(document_causal, None, None, q_pos.numel(), k_pos.numel(), device=device)
+
+
+_LAST_MASK: list = []  # [(packed_seq_params, cp_size, cp_rank, device), block mask] of the last microbatch
+
+
+def _shared_block_mask(params, cp_size: int, cp_rank: int, device: torch.device):
+    """The block mask of ``params``' row, built once: every layer of one forward (and its recomputation)
+    gets the same PackedSeqParams object, so all of them share one mask."""
+    key = (params, cp_size, cp_rank, device)
+    if not _LAST_MASK or _LAST_MASK[0][0] is not params or _LAST_MASK[0][1:] != key[1:]:
+        _LAST_MASK[:] = [
+            key,
+            document_causal_block_mask(params.cu_seqlens_q_padded, cp_size, cp_rank, device),
+        ]
+    return _LAST_MASK[1]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str, fn):
+    """``torch.compile(fn)``, once per process: flex attention and its block mask are fast (and the
+    mask blockwise, never [T, T]) only when compiled; dynamic shapes, since every row has its own length."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
 def packed_attention_mask(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> Tensor:
     """bool [t_local, t_global]: causal within each sequence, in global (pre-sharding) positions.
 
-    The dense mask of a whole row: the oracle the per-sequence path is tested against."""
-    bounds = cu_seqlens_padded.to("cpu", torch.int64)
-    total = int(bounds[-1])
-    segment = torch.repeat_interleave(torch.arange(bounds.numel() - 1), bounds[1:] - bounds[:-1])
-    key_positions = torch.cat([zigzag_indices(bounds, cp_size, r) for r in range(cp_size)])
-    query_positions = zigzag_indices(bounds, cp_size, cp_rank)
-    assert key_positions.numel() == total
+    The dense mask of a whole row: the oracle the attention backends are tested against."""
+    segment, query_positions, key_positions = _row_positions(cu_seqlens_padded, cp_size, cp_rank)
     same_sequence = segment[query_positions][:, None] == segment[key_positions][None, :]
     causal = key_positions[None, :] <= query_positions[:, None]
     return same_sequence & causal
@@ -115,9 +167,17 @@ class PackedCoreAttention(MegatronModule):
         cp_comm_type=None,
         softmax_scale=None,
         pg_collection=None,
+        backend: str = "sdpa",
         **kwargs,
     ):
         super().__init__(config=config)
+        if backend not in ("sdpa", "flex"):
+            raise ValueError(f"PackedCoreAttention backend must be sdpa or flex, got {backend!r}")
+        if backend == "flex" and config.attention_dropout:
+            raise ValueError(
+                "the flex attention backend has no attention dropout; set model.attention_dropout=0"
+            )
+        self.backend = backend
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         if config.context_parallel_size > 1 and getattr(pg_collection, "cp", None) is None:
@@ -155,7 +215,10 @@ class PackedCoreAttention(MegatronModule):
             return out.permute(2, 0, 1, 3).reshape(s, b, -1)
         # THD: [t, heads, d] -> [1, heads, t, d]
         cp = self.cp_group is not None and dist.get_world_size(self.cp_group) > 1
-        flash = _flash_varlen() if query.is_cuda and not cp else None
+        if self.backend == "flex":
+            return self._flex(query, key, value, packed_seq_params, cp)
+        half = query.dtype in (torch.bfloat16, torch.float16)  # flash-attn takes no fp32
+        flash = _flash_varlen() if query.is_cuda and half and not cp else None
         if flash is not None:
             cu = (
                 packed_seq_params.cu_seqlens_q_padded
@@ -196,6 +259,28 @@ class PackedCoreAttention(MegatronModule):
             )
             outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs).reshape(query.shape[0], -1)
+
+    def _flex(self, query: Tensor, key: Tensor, value: Tensor, params, cp: bool) -> Tensor:
+        """The whole row through flex_attention with the document-causal block mask; THD in and out."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if cp:
+            key = _AllGatherTokens.apply(key, self.cp_group)
+            value = _AllGatherTokens.apply(value, self.cp_group)
+        cp_size, cp_rank = (
+            (dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)) if cp else (1, 0)
+        )
+        block_mask = _shared_block_mask(params, cp_size, cp_rank, query.device)
+        attend = _compiled("flex_attention", flex_attention) if query.is_cuda else flex_attention
+        out = attend(
+            query.transpose(0, 1)[None],  # [1, heads, t, d]
+            key.transpose(0, 1)[None],  # [1, groups, t_global, d]
+            value.transpose(0, 1)[None],
+            block_mask=block_mask,
+            scale=self._scale(query),
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        return out[0].transpose(0, 1).reshape(query.shape[0], -1)
 
     def _scale(self, query: Tensor) -> float:
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])

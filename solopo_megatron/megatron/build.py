@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..recipe.schema import RecipeConfig
-from .model import build_gpt_model, resolve_transformer_impl, transformer_config
+from .model import build_gpt_model, resolve_attention_backend, resolve_transformer_impl, transformer_config
 from .parallel import ParallelState
 
 
@@ -18,6 +18,7 @@ class ModelAndOptimizer:
     optimizer: Any  # megatron.core.optimizer.MegatronOptimizer
     scheduler: Any  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
     transformer_impl: str  # "local" | "transformer_engine"
+    attention_backend: str  # "te" | "flex" | "sdpa"
 
     @property
     def config(self):
@@ -46,8 +47,9 @@ def build_model_and_optimizer(
 
     bf16 = cfg.model.bf16 if cfg.model.bf16 is not None else parallel.device.type == "cuda"
     impl = resolve_transformer_impl(cfg.model)
+    attention = resolve_attention_backend(cfg.model, impl)
     config = transformer_config(cfg.model, bf16=bf16, max_tokens=max_tokens)
-    module = build_gpt_model(cfg.model, config, vocab_size, max_tokens, impl, parallel)
+    module = build_gpt_model(cfg.model, config, vocab_size, max_tokens, impl, parallel, attention)
     if init_state is not None:
         from .weights import load_full_state_dict
 
@@ -99,4 +101,4 @@ def build_model_and_optimizer(
         wd_incr_steps=max(1, train_iters),
         wd_incr_style="constant",
     )
-    return ModelAndOptimizer(chunks, optimizer, scheduler, impl)
+    return ModelAndOptimizer(chunks, optimizer, scheduler, impl, attention)

@@ -34,6 +34,40 @@ def resolve_transformer_impl(model: ModelSection) -> str:
     return model.transformer_impl
 
 
+def flex_attention_available() -> bool:
+    """Whether this torch has ``flex_attention`` (torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(model: ModelSection, impl: str) -> str:
+    """``model.attention_backend`` resolved for the layer implementation ``impl`` on this machine.
+
+    auto: TE's attention with the TE layer spec; otherwise flex attention on CUDA (where torch has it);
+    otherwise the per-sequence SDPA path. ``te`` needs the TE spec; ``flex`` needs CUDA to train (torch
+    runs flex_attention's backward on CUDA only).
+    """
+    choice = model.attention_backend
+    if choice == "auto":
+        if impl == "transformer_engine":
+            return "te"
+        return "flex" if torch.cuda.is_available() and flex_attention_available() else "sdpa"
+    if choice == "te" and impl != "transformer_engine":
+        raise RecipeError(
+            "model.attention_backend: te needs Transformer Engine's layer spec (model.transformer_impl="
+            f"transformer_engine, or auto with TE importable); this run uses the {impl} spec"
+        )
+    if choice == "flex" and not (torch.cuda.is_available() and flex_attention_available()):
+        raise RecipeError(
+            "model.attention_backend: flex needs CUDA and torch >= 2.5 (flex_attention's backward runs on "
+            "CUDA only); use sdpa or auto here"
+        )
+    return choice
+
+
 def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
     """Megatron's TransformerConfig for the recipe's model section (fp32 or bf16)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -81,33 +115,49 @@ def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
     )
 
 
-def layer_spec(model: ModelSection, impl: str):
-    """The layer spec: Transformer Engine's, or the local spec with ``PackedCoreAttention``."""
+def layer_spec(model: ModelSection, impl: str, attention: str = "sdpa"):
+    """The layer spec: Transformer Engine's or the local one; its core attention TE's own (``te``) or
+    ``PackedCoreAttention`` with the ``sdpa`` or ``flex`` backend."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .attention import PackedCoreAttention
+
+    packed = ModuleSpec(module=PackedCoreAttention, params={"backend": attention})
     if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        if attention != "te":
+            spec.submodules.self_attention.submodules.core_attention = packed
+        return spec
     if model.sequence_parallel:
         raise RecipeError(
             "model.sequence_parallel needs the Transformer Engine layer spec (its norms support it)"
         )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from .attention import PackedCoreAttention
-
     spec = get_gpt_layer_local_spec(normalization=model.normalization)
-    spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = packed
     return spec
 
 
-def build_gpt_model(model: ModelSection, config, vocab_size: int, max_tokens: int, impl: str, parallel):
+def build_gpt_model(
+    model: ModelSection,
+    config,
+    vocab_size: int,
+    max_tokens: int,
+    impl: str,
+    parallel,
+    attention: str = "sdpa",
+):
     """This pipeline stage's GPTModel (embedding on the first stage, output layer on the last), built
-    with the process groups of ``parallel`` (a ``parallel.ParallelState``)."""
+    with the process groups of ``parallel`` (a ``parallel.ParallelState``), core attention ``attention``
+    (see ``resolve_attention_backend``), and the output layer deferred for ``model.logits=response_only``."""
     from megatron.core.models.gpt import GPTModel
 
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, impl),
+        transformer_layer_spec=layer_spec(model, impl, attention),
         vocab_size=padded_vocab_size(vocab_size, model),
         max_sequence_length=max_tokens,
         pre_process=parallel.is_first_stage,

@@ -142,6 +142,11 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
         problems.append(
             "model.sequence_parallel: needs the Transformer Engine layer spec, not transformer_impl=local"
         )
+    if m.attention_backend == "te" and m.transformer_impl == "local":
+        problems.append(
+            "model.attention_backend: te is Transformer Engine's attention; it needs transformer_impl "
+            "transformer_engine (or auto), not local"
+        )
     if t.micro_batch_size != 1:
         problems.append(
             f"train.micro_batch_size: must be 1 (a microbatch is one packed row of whole groups; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from distributed import megatron_on_cpu
+from distributed import grid_groups, megatron_on_cpu
 
 from solopo_megatron.data.packing import Group, pack_microbatch
 from solopo_megatron.data.tokenize import EncodedSequence
@@ -125,3 +125,61 @@ def deferred_head_matches_output_layer(rank: int, world_size: int, sequence_para
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert want[0].abs().min() > 0 and want[1].abs().max() > 0
+
+
+def attention_backend_matches_oracle(rank: int, world_size: int, backend: str) -> None:
+    """CP = world_size: this rank's zigzag share of a packed row (several sequences, uneven lengths, padded
+    slots and a tail slot) through ``PackedCoreAttention(backend)`` equals the dense-mask SDPA of the whole
+    row at this rank's rows, and so do the gradients of q, k and v where the backend trains on this device
+    (flex: forward only on CPU; with CUDA and CP = 1 it runs, compiled, on the GPU with its backward)."""
+    import types
+
+    import torch.nn.functional as F
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from solopo_megatron.data.cp_sharding import zigzag_indices
+    from solopo_megatron.megatron.attention import PackedCoreAttention, packed_attention_mask
+
+    _, cp_group, _, _ = grid_groups(1, world_size)
+    dtype = torch.float64 if backend == "sdpa" else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    device = "cuda" if backend == "flex" and world_size == 1 and torch.cuda.is_available() else "cpu"
+    with_grad = backend == "sdpa" or device == "cuda"
+    cu = torch.tensor([0, 8, 20, 44, 48, 64])  # the last slot: a row's tail padding, its own slot
+    real = torch.tensor([0, 5, 19, 40, 48, 48])
+    t, heads, groups, d = 64, 4, 2, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(t, n, d, generator=g, dtype=torch.float64).to(dtype) for n in (heads, groups, groups)
+    )
+    weights = torch.randn(t, heads * d, generator=g, dtype=torch.float64).to(dtype)
+    mine = zigzag_indices(cu, world_size, rank)
+    local = [x[mine].clone().requires_grad_(with_grad) for x in (q, k, v)]
+    config = types.SimpleNamespace(context_parallel_size=world_size, attention_dropout=0.0)
+    groups_ = types.SimpleNamespace(cp=cp_group)
+    attention = PackedCoreAttention(
+        config, layer_number=1, attn_mask_type=None, pg_collection=groups_, backend=backend
+    )
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=real,
+        cu_seqlens_kv=real,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=24,
+        max_seqlen_kv=24,
+    )
+    out = attention(*local, None, packed_seq_params=params)
+    full = [x.clone().requires_grad_(with_grad) for x in (q, k, v)]
+    expand = lambda x: x.repeat_interleave(heads // groups, dim=1).transpose(0, 1)[None]  # noqa: E731
+    mask = packed_attention_mask(cu, 1, 0).to(device)
+    oracle = F.scaled_dot_product_attention(
+        full[0].transpose(0, 1)[None], expand(full[1]), expand(full[2]), attn_mask=mask
+    )
+    oracle = oracle[0].transpose(0, 1).reshape(t, -1)
+    torch.testing.assert_close(out, oracle[mine], rtol=tol, atol=tol)
+    if with_grad:
+        (out * weights[mine]).sum().backward()
+        (oracle * weights).sum().backward()
+        for got, want in zip(local, full):
+            torch.testing.assert_close(got.grad, want.grad[mine], rtol=tol, atol=tol)

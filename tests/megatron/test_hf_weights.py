@@ -136,7 +136,7 @@ def megatron_logits(rank: int, world_size: int, root: str, runs: list, out: str)
         directory = os.path.join(root, checkpoint)
         fields = {**model_section_from_hf_config(directory), **overrides}
         model_section = ModelSection(
-            **fields, tensor_model_parallel_size=world_size, transformer_impl="local"
+            **fields, tensor_model_parallel_size=world_size, transformer_impl="local", logits="full"
         )
         parallel = init_parallel_state(model_section, seed=0)
         tp_group = parallel.tp_group

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from distributed import run_distributed
-from model_checks import packed_equals_alone
+from model_checks import attention_backend_matches_oracle, packed_equals_alone
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
 
@@ -88,3 +89,21 @@ def test_per_sequence_attention_equals_the_dense_oracle_with_gqa():
     torch.testing.assert_close(out, oracle, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, torch.autograd.grad((oracle * weights).sum(), (q, k, v))):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_attention_backends_equal_the_dense_oracle(backend, cp):
+    """Outputs (and, where the backend trains here, gradients) on packed rows with padding, CP 1 and 2.
+    flex: forward only on CPU (torch's flex_attention backward needs CUDA); the GPU tests run its backward."""
+    if backend == "flex" and not _flex_available():
+        pytest.skip("this torch has no flex_attention")
+    run_distributed(attention_backend_matches_oracle, cp, backend)
