@@ -75,11 +75,45 @@ def _group(mode: str, long_length: int, short_length: int, response: int, vocab:
     return Group("bench", sequences, ref_logps={role: -1.0 * response for role in sequences})
 
 
+def _packed_rows(case: dict) -> list:
+    """The case's microbatches: one group at ``long_length`` or, for a packing case, a seeded mix of
+    groups planned into rows of at most ``max_tokens`` (padded to it when ``padded``)."""
+    import random
+
+    from solopo_megatron.data.packing import pack_microbatch, pad_multiple_for, plan_microbatches
+
+    if case.get("kind") != "packing":
+        group = _group(
+            case["mode"], case["long_length"], case["short_length"], case["response"], case["vocab"], 1
+        )
+        return [pack_microbatch([group], tuple(group.sequences), pad_multiple=pad_multiple_for(), pad_id=0)]
+    rng = random.Random(case["seed"])
+    # A realistic mix: long contexts log-normal around the median, clipped to [1/4, 4] x median.
+    median = case["long_length"]
+    lengths = [
+        int(min(4 * median, max(median / 4, rng.lognormvariate(0, 0.7) * median)))
+        for _ in range(case["groups_in_mix"])
+    ]
+    groups = [
+        _group(case["mode"], n, case["short_length"], case["response"], case["vocab"], seed)
+        for seed, n in enumerate(lengths)
+    ]
+    roles = tuple(groups[0].sequences)
+    padded = [g.padded_length(pad_multiple_for()) for g in groups]
+    plan = plan_microbatches(padded, case["max_tokens"])[0]
+    row_length = case["max_tokens"] if case["padded"] else None
+    return [
+        pack_microbatch(
+            [groups[i] for i in slot], roles, pad_multiple=pad_multiple_for(), pad_id=0, row_length=row_length
+        )
+        for slot in plan
+    ]
+
+
 def run_case(case: dict) -> dict:
-    """Builds the model and optimizer, then times ``steps`` training steps on one packed group."""
+    """Builds the model and optimizer, then times ``steps`` training steps over the case's packed rows."""
     import torch
 
-    from solopo_megatron.data.packing import pack_microbatch, pad_multiple_for
     from solopo_megatron.megatron import cpu_compat
     from solopo_megatron.megatron.build import build_model_and_optimizer
     from solopo_megatron.megatron.parallel import destroy, init_parallel_state, init_process_group
@@ -107,13 +141,10 @@ def run_case(case: dict) -> dict:
         init_process_group()
         parallel = init_parallel_state(cfg.model, seed=1)
         device = parallel.device
-        group = _group(
-            case["mode"], case["long_length"], case["short_length"], case["response"], case["vocab"], 1
-        )
-        roles = tuple(group.sequences)
-        mb = pack_microbatch([group], roles, pad_multiple=pad_multiple_for(), pad_id=0).to(device)
-        row_tokens = mb.tokens.numel()
-        state = build_model_and_optimizer(cfg, parallel, case["vocab"], row_tokens)
+        mbs = [mb.to(device) for mb in _packed_rows(case)]
+        row_tokens = sum(mb.tokens.numel() for mb in mbs)
+        longest = max(mb.tokens.numel() for mb in mbs)
+        state = build_model_and_optimizer(cfg, parallel, case["vocab"], longest)
         ctx = StepContext(cfg.solopo.loss_config(), parallel, response_only=case["logits"] == "response_only")
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -128,9 +159,9 @@ def run_case(case: dict) -> dict:
             for chunk in state.chunks:
                 chunk.zero_grad_buffer()
             state.optimizer.zero_grad()
-            reports = run_schedule(ctx, state.chunks, [mb], seq_length=row_tokens, forward_only=False)
+            reports = run_schedule(ctx, state.chunks, mbs, seq_length=longest, forward_only=False)
             state.optimizer.step()
-            loss = float(reports[0]["loss"][0])
+            loss = sum(float(r["loss"][0]) for r in reports)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= case["warmup"]:
@@ -139,13 +170,17 @@ def run_case(case: dict) -> dict:
             peak = torch.cuda.max_memory_allocated() - baseline
         else:
             peak = _rss_kib("VmHWM") * 1024 - baseline
-        real_lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist()
+        real_lengths = [
+            n for mb in mbs for n in (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist() if n
+        ]
         flops = training_flops(cfg.model, padded_vocab_size(case["vocab"], cfg.model), real_lengths)
         destroy()
     median = statistics.median(times)
     return {
         "status": "ok",
         "row_tokens": row_tokens,
+        "real_tokens": sum(real_lengths),
+        "rows": len(mbs),
         "peak_gib": peak / 2**30,
         "baseline_gib": baseline / 2**30,
         "step_s": median,
@@ -182,6 +217,8 @@ def run_in_child(case: dict, timeout: float) -> dict:
 
 def _describe(result: dict) -> str:
     head = f"{result['mode']:8} {result['logits']:13} long={result['long_length']:6}"
+    if result.get("kind") == "packing" and result["status"] == "ok":
+        head += f"  rows {result['rows']}: {result['row_tokens']} tokens for {result['real_tokens']} real"
     if result["status"] != "ok":
         return f"{head}  {result['status']}: {result.get('reason', '')}"
     return (
@@ -284,6 +321,9 @@ def parse_args(argv=None):
     p.add_argument("--probe-max", type=int, default=131072, help="longest length the budget probe tries")
     p.add_argument("--probe-refine", type=int, default=2, help="bisection steps after the doubling")
     p.add_argument("--full-logits-cap-gib", type=float, default=6.0, help="skip full-logit rows above this")
+    p.add_argument("--packing-groups", type=int, default=12, help="groups in the packing mix (0: skip it)")
+    p.add_argument("--packing-median", type=int, default=2048, help="median long-context length of the mix")
+    p.add_argument("--packing-max-tokens", type=int, default=16384, help="dataset.max_tokens of the mix")
     p.add_argument("--case-timeout", type=float, default=1800.0)
     p.add_argument("--smoke", action="store_true", help="tiny shapes and lengths (seconds)")
     p.add_argument(
@@ -297,6 +337,7 @@ def parse_args(argv=None):
         args.lengths, args.vocab, args.hidden, args.ffn, args.heads = "128,256", 512, 32, 64, 2
         args.short_length, args.response, args.steps, args.warmup = 64, 16, 1, 0
         args.memory_budget_gib, args.probe_max, args.probe_refine = 64.0, 512, 0
+        args.packing_groups, args.packing_median, args.packing_max_tokens = 4, 128, 1024
     args.lengths = [int(n) for n in str(args.lengths).split(",")]
     args.modes = [m for m in str(args.modes).split(",") if m]
     args.logits = [h for h in str(args.logits).split(",") if h]
@@ -339,6 +380,23 @@ def main(argv=None) -> int:
                     result = run_in_child(case, args.case_timeout)
                 results.append(result)
                 log(_describe(result))
+    packing = []
+    if args.packing_groups:
+        for padded in (True, False):
+            case = {
+                **shape,
+                "kind": "packing",
+                "mode": "solopo",
+                "logits": "response_only",
+                "long_length": args.packing_median,
+                "groups_in_mix": args.packing_groups,
+                "max_tokens": args.packing_max_tokens,
+                "padded": padded,
+                "seed": 0,
+            }
+            result = run_in_child(case, args.case_timeout)
+            packing.append(result)
+            log(f"packing, rows {'padded to max_tokens' if padded else 'unpadded'}: " + _describe(result))
     probes = []
     for mode in PROBE_MODES:
         if mode in args.modes and "response_only" in args.logits:
@@ -351,6 +409,7 @@ def main(argv=None) -> int:
         **environment(args.device),
         "settings": {**shape, "lengths": args.lengths, "memory_budget_gib": args.memory_budget_gib},
         "results": results,
+        "packing": packing,
         "budget_probe": probes,
     }
     out = Path(args.out) if args.out else RESULTS / f"long-context-{args.device}.json"

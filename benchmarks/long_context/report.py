@@ -110,6 +110,16 @@ def table(report: dict) -> str:
             + (f"; {probe['first_over_budget']} is over" if probe["first_over_budget"] else "")
             + "."
         )
+    packing = {r["padded"]: r for r in report.get("packing", []) if r["status"] == "ok"}
+    if True in packing and False in packing:
+        padded, lean = packing[True], packing[False]
+        lines.append(
+            f"- Packing a mix of {padded['groups_in_mix']} solopo groups (long contexts log-normal around "
+            f"{padded['long_length']} tokens, dataset.max_tokens {padded['max_tokens']}, {padded['rows']} rows): "
+            f"rows padded to max_tokens compute {padded['row_tokens']} tokens in {padded['step_s']:.2f} s; "
+            f"unpadded rows {lean['row_tokens']} tokens in {lean['step_s']:.2f} s "
+            f"(x{padded['step_s'] / lean['step_s']:.2f} faster, {lean['real_tokens']} real tokens)."
+        )
     probes = facts["probe"]
     if "solopo" in probes and "long_po" in probes and probes["long_po"]["max_long_length"]:
         ratio = probes["solopo"]["max_long_length"] / probes["long_po"]["max_long_length"]

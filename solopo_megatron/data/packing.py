@@ -23,6 +23,7 @@ from .records import ROLES
 from .tokenize import EncodedSequence
 
 IGNORE_INDEX = -100
+TAIL_SEGMENT = -1  # segment id of a row's tail padding (outside every sequence)
 
 
 def pad_multiple_for(cp_size: int = 1, tp_size: int = 1, sequence_parallel: bool = False) -> int:
@@ -49,10 +50,11 @@ class Microbatch:
     tokens: Tensor  # int64 [T]
     labels: Tensor  # int64 [T], next token within the sequence, IGNORE_INDEX elsewhere
     loss_mask: Tensor  # bool [T], True where the label is a response token
-    segment_ids: Tensor  # int64 [T], sequence index (padding belongs to its sequence's padded span)
-    position_ids: Tensor  # int64 [T], restarting at 0 for every sequence
-    cu_seqlens: Tensor  # int32 [S+1], unpadded sequence boundaries in the padded layout's offsets
-    cu_seqlens_padded: Tensor  # int32 [S+1], padded boundaries (the last one absorbs the row's tail)
+    segment_ids: Tensor  # int64 [T], sequence index (its padding included); TAIL_SEGMENT for the row's tail
+    position_ids: Tensor  # int64 [T], restarting at 0 for every sequence (and for the tail slot)
+    # Slots: the S sequences, then (for a row padded to a fixed length) the tail padding as its own slot.
+    cu_seqlens: Tensor  # int32 [slots+1], each slot's real end in the padded layout's offsets (tail: empty)
+    cu_seqlens_padded: Tensor  # int32 [slots+1], padded slot boundaries
     seq_roles: Tensor  # int64 [S], index into ROLES
     seq_groups: Tensor  # int64 [S], group index in this microbatch
     num_response_tokens: Tensor  # int64 [G, R], response tokens of the *full* sequence
@@ -106,7 +108,8 @@ def pack_microbatch(
     row_length: int | None = None,
     valid: Sequence[bool] | None = None,
 ) -> Microbatch:
-    """Packs whole groups into one THD row, optionally padded to ``row_length`` tokens."""
+    """Packs whole groups into one THD row, optionally padded to ``row_length`` tokens (the padding
+    then forms a slot of its own at the end of the row, with no real tokens)."""
     roles = tuple(roles)
     if not groups:
         raise ValueError("pack_microbatch needs at least one group (use dummy_group for an empty slot)")
@@ -150,15 +153,14 @@ def pack_microbatch(
         if row_length % pad_multiple:
             raise ValueError(f"row length {row_length} is not a multiple of {pad_multiple}")
         tail = row_length - offset
-        if tail:  # the last sequence's padded span absorbs the tail
-            last = len(segments) - 1
+        if tail:  # the row's tail padding is a slot of its own: no sequence's attention span grows
             tokens.append(torch.full((tail,), pad_id, dtype=torch.int64))
             labels.append(torch.full((tail,), IGNORE_INDEX, dtype=torch.int64))
             mask.append(torch.zeros(tail, dtype=torch.bool))
-            segments.append(torch.full((tail,), last, dtype=torch.int64))
-            start = positions[-1][-1].item() + 1
-            positions.append(torch.arange(start, start + tail, dtype=torch.int64))
-            cu_padded[-1] = row_length
+            segments.append(torch.full((tail,), TAIL_SEGMENT, dtype=torch.int64))
+            positions.append(torch.arange(tail, dtype=torch.int64))
+            cu.append(offset)  # no real tokens
+            cu_padded.append(row_length)
     return Microbatch(
         tokens=torch.cat(tokens),
         labels=torch.cat(labels),

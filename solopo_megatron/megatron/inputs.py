@@ -102,8 +102,8 @@ def step_batches(
 ) -> list[Microbatch]:
     """This rank's microbatches for one global batch: planned for its DP rank, sharded for its CP rank.
 
-    Rows are padded to ``dataset.max_tokens`` only under pipeline parallelism (its stages exchange
-    fixed-shape activations); otherwise a row ends with its last sequence, so no compute goes to padding.
+    A row ends with its last sequence (never padded to ``dataset.max_tokens``), so no compute goes to
+    padding; under pipeline parallelism the stages exchange each row's shape (``variable_seq_lengths``).
     """
     mbs = step_microbatches(
         dataset,
@@ -115,6 +115,6 @@ def step_batches(
         dp_size=parallel.dp,
         dp_rank=parallel.dp_rank,
         ref_store=store,
-        pad_to_max_tokens=parallel.pp > 1,
+        pad_to_max_tokens=False,
     )
     return [shard_microbatch(mb, parallel.cp, parallel.cp_rank).to(parallel.device) for mb in mbs]

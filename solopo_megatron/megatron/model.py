@@ -111,7 +111,12 @@ def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
         if model.use_cpu_initialization is not None
         else not torch.cuda.is_available(),
         calculate_per_token_loss=True,
-        variable_seq_lengths=False,
+        # Rows have their own lengths (never padded to dataset.max_tokens): under PP the stages exchange
+        # each activation's shape first (megatron-core's variable-length p2p).
+        variable_seq_lengths=model.pipeline_model_parallel_size > 1,
+        # Dense model: no MoE dispatch happens; megatron-core refuses variable lengths with its default
+        # (allgather) dispatcher type even so.
+        moe_token_dispatcher_type="alltoall",
     )
 
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from solopo_megatron.data.packing import (
     IGNORE_INDEX,
+    TAIL_SEGMENT,
     Group,
     dummy_group,
     pack_microbatch,
@@ -44,7 +45,7 @@ def groups_strategy(draw, max_groups: int = 5):
 
 def _sequence_bounds(mb):
     cu, cu_padded = mb.cu_seqlens.tolist(), mb.cu_seqlens_padded.tolist()
-    return [(cu_padded[s], cu[s + 1]) for s in range(len(cu) - 1)]  # (start, end of real tokens)
+    return [(cu_padded[s], cu[s + 1]) for s in range(mb.num_sequences)]  # (start, end of real tokens)
 
 
 @settings(max_examples=60, deadline=None)
@@ -71,6 +72,13 @@ def test_labels_stay_inside_their_sequence(data, cp, pad_row):
         torch.tensor([g.sequences[r].num_response_tokens for g in groups for r in roles]),
     )
     assert all(length % multiple == 0 for length in torch.diff(mb.cu_seqlens_padded).tolist())
+    # A padded row's tail is a slot of its own, after the last sequence's own padded span.
+    assert mb.cu_seqlens.numel() == mb.num_sequences + (2 if pad_row else 1)
+    if pad_row:
+        tail = slice(need, need + 2 * multiple)
+        assert mb.cu_seqlens_padded[-2:].tolist() == [need, need + 2 * multiple] and mb.cu_seqlens[-1] == need
+        assert (mb.segment_ids[tail] == TAIL_SEGMENT).all() and not mb.loss_mask[tail].any()
+        assert mb.position_ids[tail].tolist() == list(range(2 * multiple))
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,12 +140,14 @@ def test_exact_layout_small_case():
     I = IGNORE_INDEX  # noqa: E741
     assert mb.labels.tolist() == [12, 13, 14, 15, I, I, I, I, 22, 23, I, I, I, I, I, I]
     assert mb.loss_mask.nonzero().flatten().tolist() == [2, 3, 9]
-    assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]
-    assert mb.cu_seqlens.tolist() == [0, 5, 11] and mb.cu_seqlens_padded.tolist() == [0, 8, 16]
-    assert mb.segment_ids.tolist() == [0] * 8 + [1] * 8
+    assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 3]
+    assert mb.cu_seqlens.tolist() == [0, 5, 11, 12] and mb.cu_seqlens_padded.tolist() == [0, 8, 12, 16]
+    assert mb.segment_ids.tolist() == [0] * 8 + [1] * 4 + [-1] * 4  # the row's tail: its own slot
     assert mb.num_response_tokens.tolist() == [[2, 1]] and mb.ref_logps.tolist() == [[-1.5, -2.5]]
-    shard = shard_microbatch(mb, cp_size=2, cp_rank=0)  # TE order: rank 0 keeps [0,1,6,7,8,9,14,15]
-    assert shard.tokens.tolist() == [11, 12, 0, 0, 21, 22, 0, 0]
+    shard = shard_microbatch(
+        mb, cp_size=2, cp_rank=0
+    )  # TE order, per slot: rank 0 keeps [0,1,6,7,8,11,12,15]
+    assert shard.tokens.tolist() == [11, 12, 0, 0, 21, 0, 0, 0]
 
 
 def test_dummy_group_contributes_nothing():
