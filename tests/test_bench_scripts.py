@@ -44,3 +44,41 @@ def test_logprob_benchmark_smoke_run_and_report(tmp_path):
     )
     assert "| 16 | 64 | fwd+bwd | solopo_triton |" in done.stdout
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_long_context_benchmark_smoke_run_and_report(tmp_path):
+    """Tiny shapes: every mode x LM-head case, the packing pair and the budget probe land in the JSON;
+    the report's table, facts and plot come from it."""
+    out = tmp_path / "long-context.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/long_context/bench_step.py"), "--smoke", "--lengths", "128"]
+    cmd += ["--modes", "solopo,long_po", "--memory-budget-gib", "0.000001", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    report = json.loads(out.read_text())
+    assert {
+        "device",
+        "versions",
+        "date",
+        "commit",
+        "settings",
+        "results",
+        "packing",
+        "budget_probe",
+    } <= report.keys()
+    cases = {(r["mode"], r["logits"]): r for r in report["results"]}
+    assert cases.keys() == {(m, h) for m in ("solopo", "long_po") for h in ("response_only", "full")}
+    for r in cases.values():
+        assert r["status"] == "ok" and r["step_s"] > 0 and r["peak_gib"] > -1 and r["row_tokens"] >= 256
+    padded, lean = sorted(report["packing"], key=lambda r: not r["padded"])
+    assert padded["row_tokens"] == padded["rows"] * 1024 and lean["row_tokens"] < padded["row_tokens"]
+    assert padded["real_tokens"] == lean["real_tokens"]
+    # A budget nothing fits: the probe says 0 tokens fit and names the first length over it.
+    assert [(p["mode"], p["max_long_length"], p["first_over_budget"]) for p in report["budget_probe"]] == [
+        ("solopo", 0, 128),
+        ("long_po", 0, 128),
+    ]
+    sys.path.insert(0, str(ROOT / "benchmarks/long_context"))
+    from report import table
+
+    text = table(report)
+    assert "| solopo | response_only | 128 |" in text and "Packing a mix of 4 solopo groups" in text
+    assert out.with_suffix(".png").stat().st_size > 0

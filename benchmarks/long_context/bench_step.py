@@ -39,6 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("solopo", "long_po", "short_po")
 HEADS = ("response_only", "full")
 PROBE_MODES = ("solopo", "long_po")
+BUDGET_GIB = 2.0
 
 
 # ----------------------------------------------------------------------------- one case (child)
@@ -317,7 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto", help="model.attention_backend")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--memory-budget-gib", type=float, default=2.0)
+    p.add_argument("--memory-budget-gib", type=float, default=BUDGET_GIB)
     p.add_argument("--probe-max", type=int, default=131072, help="longest length the budget probe tries")
     p.add_argument("--probe-refine", type=int, default=2, help="bisection steps after the doubling")
     p.add_argument("--full-logits-cap-gib", type=float, default=6.0, help="skip full-logit rows above this")
@@ -336,7 +337,9 @@ def parse_args(argv=None):
     if args.smoke:
         args.lengths, args.vocab, args.hidden, args.ffn, args.heads = "128,256", 512, 32, 64, 2
         args.short_length, args.response, args.steps, args.warmup = 64, 16, 1, 0
-        args.memory_budget_gib, args.probe_max, args.probe_refine = 64.0, 512, 0
+        args.probe_max, args.probe_refine = 512, 0
+        if args.memory_budget_gib == BUDGET_GIB:
+            args.memory_budget_gib = 64.0
         args.packing_groups, args.packing_median, args.packing_max_tokens = 4, 128, 1024
     args.lengths = [int(n) for n in str(args.lengths).split(",")]
     args.modes = [m for m in str(args.modes).split(",") if m]

@@ -21,9 +21,9 @@ TIED = {"model.share_embeddings_and_output_weights": True}
 # (tp, pp, cp, world size, overrides)
 LAYOUTS = [
     pytest.param(1, 1, 1, 1, {}, id="one-process"),
-    pytest.param(2, 1, 1, 2, {}, id="tp2"),
+    pytest.param(2, 1, 1, 2, {}, id="tp2", marks=pytest.mark.slow),  # tp2-tied runs TP by default
     pytest.param(1, 1, 2, 2, {}, id="cp2"),
-    pytest.param(1, 2, 1, 2, {}, id="pp2"),
+    pytest.param(1, 2, 1, 2, {}, id="pp2", marks=pytest.mark.slow),  # pp2-tied runs PP by default
     pytest.param(2, 1, 2, 4, {}, id="tp2cp2", marks=pytest.mark.slow),  # 70 s; TP and CP each run above
     pytest.param(2, 1, 1, 2, TIED, id="tp2-tied"),
     pytest.param(1, 2, 1, 2, TIED, id="pp2-tied"),
