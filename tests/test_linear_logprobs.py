@@ -126,3 +126,9 @@ def _tp_worker(rank: int, world_size: int) -> None:
 
 def test_tensor_parallel_matches_one_process():
     run_distributed(_tp_worker, 2)
+
+
+def test_planner_chunk_constant_matches_the_kernels():
+    from solopo_megatron.recipe.sizing import HEAD_CHUNK_ELEMENTS
+
+    assert HEAD_CHUNK_ELEMENTS == common.CHUNK_ELEMENTS

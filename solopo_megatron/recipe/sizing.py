@@ -155,6 +155,9 @@ def activation_bytes_per_token_per_layer(m: ModelSection) -> float:
     return 2.0 * per_token
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 24  # solopo_kernels.common.CHUNK_ELEMENTS (the recipe layer imports no kernels)
+
+
 def estimate_memory(
     m: ModelSection,
     padded_vocab: int,
@@ -176,7 +179,13 @@ def estimate_memory(
     if m.recompute_granularity == "full":  # one layer's full activations while it is recomputed
         activations += activation_bytes_per_token_per_layer(_no_recompute(m)) * tokens_per_rank
     vocab_per_rank = padded_vocab / tp
-    logits = 2.0 * tokens_per_rank * vocab_per_rank * (1 if inplace_logits_backward else 2)
+    if m.logits == "response_only":
+        # One [chunk, V/tp] block of the fused head (bf16 logits + its fp32 working copy), plus the fp32
+        # dW accumulator of backward; the chunk is bounded by solopo_kernels.common.CHUNK_ELEMENTS.
+        chunk = min(tokens_per_rank, max(1.0, float(HEAD_CHUNK_ELEMENTS // int(vocab_per_rank))))
+        logits = 6.0 * chunk * vocab_per_rank + 4.0 * vocab_per_rank * m.hidden_size
+    else:
+        logits = 2.0 * tokens_per_rank * vocab_per_rank * (1 if inplace_logits_backward else 2)
     return MemoryEstimate(
         weights=2.0 * params,
         gradients=4.0 * params,

@@ -131,7 +131,18 @@ def test_stage_parameters_and_memory():
         m, VOCAB, tokens_per_microbatch=1024, microbatches=4, dp=8, distributed_optimizer=True
     )
     assert plain.optimizer == 12 * counts.total and sharded.optimizer == plain.optimizer / 8
-    assert plain.weights == 2 * counts.total and plain.logits == 2 * 1024 * VOCAB
+    assert plain.weights == 2 * counts.total
+    # The response-only head (default) holds one [chunk, V] block and the fp32 dW; full logits [T, V] bf16.
+    assert plain.logits == 6 * 1024 * VOCAB + 4 * VOCAB * 64
+    whole = estimate_memory(
+        ModelSection(**{**m.__dict__, "logits": "full"}),
+        VOCAB,
+        tokens_per_microbatch=1024,
+        microbatches=4,
+        dp=8,
+        distributed_optimizer=False,
+    )
+    assert whole.logits == 2 * 1024 * VOCAB
     full = estimate_memory(
         ModelSection(**{**m.__dict__, "recompute_granularity": "full"}),
         VOCAB,
