@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,13 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, args.results.with_suffix(".png"))
     print(f"wrote {args.results.with_suffix('.png')}")
     if args.readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        if START not in content or END not in content:
-            raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-        head, rest = content.split(START, 1)
-        _, tail = rest.split(END, 1)
-        readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from readme_section import write_readme_section
+
+        write_readme_section(START, END, text)
         print("updated README.md")
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,13 +168,10 @@ def main(argv=None) -> int:
     print(text)
     plot(report, Path(args.json).with_suffix(".png"))
     if args.readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        if START not in content or END not in content:
-            raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-        head, rest = content.split(START, 1)
-        _, tail = rest.split(END, 1)
-        readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from readme_section import write_readme_section
+
+        write_readme_section(START, END, text)
     return 0
 
 

@@ -52,45 +52,6 @@ def test_sequence_spans_cover_exactly_the_dense_mask():
             assert torch.equal(covered, dense), (cp, rank)
 
 
-def test_per_sequence_attention_equals_the_dense_oracle_with_gqa():
-    """Values and gradients of the per-sequence path equal one SDPA over the row with the dense mask."""
-    import types
-
-    import torch.nn.functional as F
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    from solopo_megatron.megatron.attention import PackedCoreAttention, packed_attention_mask
-
-    g = torch.Generator().manual_seed(3)
-    cu = torch.tensor([0, 6, 16, 30])
-    t, heads, groups, d = 30, 4, 2, 8
-    q, k, v = (
-        torch.randn(t, n, d, generator=g, dtype=torch.float64, requires_grad=True)
-        for n in (heads, groups, groups)
-    )
-    config = types.SimpleNamespace(context_parallel_size=1, attention_dropout=0.0)
-    attention = PackedCoreAttention(config, layer_number=1, attn_mask_type=None)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
-        max_seqlen_q=14,
-        max_seqlen_kv=14,
-    )
-    out = attention(q, k, v, None, packed_seq_params=params)
-    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    mask = packed_attention_mask(cu, 1, 0)
-    expand = lambda x: x.repeat_interleave(heads // groups, dim=1).transpose(0, 1)[None]  # noqa: E731
-    oracle = F.scaled_dot_product_attention(q.transpose(0, 1)[None], expand(k), expand(v), attn_mask=mask)
-    oracle = oracle[0].transpose(0, 1).reshape(t, -1)
-    torch.testing.assert_close(out, oracle, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads, torch.autograd.grad((oracle * weights).sum(), (q, k, v))):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
 def _flex_available() -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
