@@ -76,10 +76,19 @@ def _row_positions(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int):
     return segment, query_positions, key_positions
 
 
-def document_causal_block_mask(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int, device: torch.device):
+def document_causal_block_mask(
+    cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int, device: torch.device, block_size: int = 128
+):
     """flex_attention's BlockMask for this rank's queries against the CP-gathered keys: a query sees the
-    keys of its own sequence at global positions up to its own (the dense oracle, never materialised)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    keys of its own sequence at global positions up to its own (the dense oracle, never materialised).
+
+    Built blockwise without torch.compile: a few [rows, keys] tiles of the mask at a time (at most
+    ``_MASK_TILE_ELEMENTS``) reduce to which [block_size x block_size] blocks are empty, full or partial
+    (partial blocks apply the mask function inside the kernel). ``create_block_mask`` evaluates the mask
+    over the whole [t, t] grid unless compiled, and compiling it on a fresh closure per microbatch
+    recompiles; this costs neither.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     segment, query_positions, key_positions = _row_positions(cu_seqlens_padded, cp_size, cp_rank)
     q_pos, k_pos = query_positions.to(device), key_positions.to(device)
@@ -88,10 +97,42 @@ def document_causal_block_mask(cu_seqlens_padded: Tensor, cp_size: int, cp_rank:
     def document_causal(b, h, q, k):
         return (q_seg[q] == k_seg[k]) & (k_pos[k] <= q_pos[q])
 
-    build = _compiled("create_block_mask", create_block_mask) if device.type == "cuda" else create_block_mask
-    return build(document_causal, None, None, q_pos.numel(), k_pos.numel(), device=device)
+    num_q, num_k = q_pos.numel(), k_pos.numel()
+    q_blocks, k_blocks = -(-num_q // block_size), -(-num_k // block_size)
+    any_allowed = torch.empty(q_blocks, k_blocks, dtype=torch.bool, device=device)
+    all_allowed = torch.empty_like(any_allowed)
+    rows = max(1, _MASK_TILE_ELEMENTS // (k_blocks * block_size * block_size)) * block_size
+    for start in range(0, num_q, rows):
+        stop = min(num_q, start + rows)
+        tile = (q_seg[start:stop, None] == k_seg[None, :]) & (k_pos[None, :] <= q_pos[start:stop, None])
+        n = -(-(stop - start) // block_size)
+        # Out-of-range rows and keys count as masked, as in create_block_mask: edge blocks stay partial.
+        padded = F.pad(tile, (0, k_blocks * block_size - num_k, 0, n * block_size - (stop - start)))
+        blocks = padded.view(n, block_size, k_blocks, block_size).sum(dim=(1, 3), dtype=torch.int32)
+        first = start // block_size
+        any_allowed[first : first + n] = blocks > 0
+        all_allowed[first : first + n] = blocks == block_size * block_size
+    partial = any_allowed & ~all_allowed
+
+    def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:
+        # Per query block: how many key blocks, and their indices first (ascending), the rest after.
+        order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)
+        return selected.sum(dim=1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    kv_num, kv_indices = as_kv_blocks(partial)
+    full_num, full_indices = as_kv_blocks(all_allowed)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_indices,
+        full_num,
+        full_indices,
+        BLOCK_SIZE=block_size,
+        mask_mod=document_causal,
+        seq_lengths=(num_q, num_k),
+    )
 
 
+_MASK_TILE_ELEMENTS = 1 << 26  # mask elements evaluated at once while building a block mask (64 MB of bool)
 _LAST_MASK: list = []  # [(packed_seq_params, cp_size, cp_rank, device), block mask] of the last microbatch
 
 
@@ -111,8 +152,8 @@ _COMPILED: dict[str, object] = {}
 
 
 def _compiled(name: str, fn):
-    """``torch.compile(fn)``, once per process: flex attention and its block mask are fast (and the
-    mask blockwise, never [T, T]) only when compiled; dynamic shapes, since every row has its own length."""
+    """``torch.compile(fn)``, once per process: flex attention runs as a fused kernel only when compiled;
+    dynamic shapes, since every row has its own length."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=True)
     return _COMPILED[name]

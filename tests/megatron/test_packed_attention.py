@@ -68,3 +68,35 @@ def test_attention_backends_equal_the_dense_oracle(backend, cp):
     if backend == "flex" and not _flex_available():
         pytest.skip("this torch has no flex_attention")
     run_distributed(attention_backend_matches_oracle, cp, backend)
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, monkeypatch):
+    """The blockwise builder gives create_block_mask's block structure (empty / partial / full blocks and
+    the dense mask they stand for), tile by tile, for CP ranks and rows that are not block multiples."""
+    if not _flex_available():
+        pytest.skip("this torch has no flex_attention")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from solopo_megatron.megatron import attention
+
+    monkeypatch.setattr(attention, "_MASK_TILE_ELEMENTS", 16 * 16 * 3)  # several tiles per row
+    cu = torch.tensor([0, 8, 20, 44, 48, 64, 100])
+    for cp in (1, 2):
+        for rank in range(cp):
+            got = attention.document_causal_block_mask(cu, cp, rank, torch.device("cpu"), block_size)
+            dense = attention.packed_attention_mask(cu, cp, rank)
+            want = create_block_mask(
+                lambda b, h, q, k, dense=dense: dense[q, k],
+                None,
+                None,
+                *dense.shape,
+                device="cpu",
+                BLOCK_SIZE=block_size,
+            )
+            assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+            assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+            assert torch.equal(got.to_dense(), want.to_dense())
+            rows = torch.arange(dense.shape[0])[:, None]
+            keys = torch.arange(dense.shape[1])[None, :]
+            assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
