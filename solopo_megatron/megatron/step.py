@@ -33,15 +33,25 @@ class StepContext:
 
 
 def packed_seq_params(mb: Microbatch):
-    """Megatron's PackedSeqParams (THD) of a microbatch: global cu_seqlens, real and padded."""
+    """Megatron's PackedSeqParams (THD) of a microbatch, with the padded slot offsets as both
+    ``cu_seqlens_*`` and ``cu_seqlens_*_padded`` (global, before CP sharding).
+
+    Transformer Engine reads the sequence lengths from ``cu_seqlens`` (cumulative REAL lengths) and the
+    offsets from ``cu_seqlens_padded``; passing one padded tensor as both makes every slot a sequence of
+    its padded length. That is exactly what the local attention computes: the padding sits after a
+    sequence's real tokens, so causal masking keeps every real token from seeing it, and its own
+    outputs are never scored. It also keeps TE's FlashAttention backend eligible (it takes no separate
+    padded offsets), and an empty tail or dummy slot stays well formed. The cost: attention over at
+    most ``pad_multiple - 1`` padding tokens per sequence.
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
     padded = mb.cu_seqlens_padded
     max_len = int((padded[1:] - padded[:-1]).max())
     return PackedSeqParams(
         qkv_format="thd",
-        cu_seqlens_q=mb.cu_seqlens,
-        cu_seqlens_kv=mb.cu_seqlens,
+        cu_seqlens_q=padded,
+        cu_seqlens_kv=padded,
         cu_seqlens_q_padded=padded,
         cu_seqlens_kv_padded=padded,
         max_seqlen_q=max_len,

@@ -100,3 +100,38 @@ def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, mon
             rows = torch.arange(dense.shape[0])[:, None]
             keys = torch.arange(dense.shape[1])[None, :]
             assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
+
+
+@pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])
+def test_packed_seq_params_follow_transformer_engines_thd_contract(cp):
+    """TE takes lengths from cu_seqlens and offsets from cu_seqlens_padded. We pass the padded slot
+    offsets as both (global, before CP sharding): every slot is read as one sequence of its padded
+    length, starting where the sequence starts, so no sequence is read past its slot into the next."""
+    from solopo_megatron.data.packing import Group, pack_microbatch, pad_multiple_for, shard_microbatch
+    from solopo_megatron.data.tokenize import EncodedSequence
+    from solopo_megatron.megatron.step import packed_seq_params
+
+    multiple = pad_multiple_for(cp)
+    lengths = [5, 13, 4, 9]  # uneven padding: 1, 1, 0, 1 tokens at cp=1; 3, 3, 0, 3 at cp=2
+    groups = [
+        Group(f"ex{i}", {"short_chosen": EncodedSequence(tuple(range(3, 3 + n)), n - 2)})
+        for i, n in enumerate(lengths)
+    ]
+    mb = pack_microbatch(groups, ("short_chosen",), pad_multiple=multiple, pad_id=0, row_length=64)
+    for rank in range(cp):
+        params = packed_seq_params(shard_microbatch(mb, cp, rank))
+        padded = params.cu_seqlens_q_padded
+        assert torch.equal(params.cu_seqlens_q, padded) and torch.equal(params.cu_seqlens_kv, padded)
+        assert torch.equal(params.cu_seqlens_kv_padded, padded) and torch.equal(padded, mb.cu_seqlens_padded)
+        assert padded.dtype == torch.int32 and int(padded[0]) == 0 and int(padded[-1]) == 64  # global row
+        slots = torch.diff(padded)
+        assert (slots % (2 * cp) == 0).all() and params.max_seqlen_q == params.max_seqlen_kv == int(
+            slots.max()
+        )
+        # Each sequence's real tokens start at its slot and end inside it (the tail slot holds none).
+        real_ends = mb.cu_seqlens[1:]
+        assert (real_ends <= padded[1:]).all() and (real_ends >= padded[:-1]).all()
+        for s, n in enumerate(lengths):
+            assert int(padded[s]) + n == int(real_ends[s]) and mb.tokens[
+                padded[s] : padded[s] + n
+            ].tolist() == list(range(3, 3 + n))
