@@ -294,10 +294,21 @@ def test_interpreter_flag_falls_back_to_the_environment(monkeypatch):
     assert triton_interpret_enabled() is False
 
 
-def test_importing_the_package_does_not_import_triton():
-    code = "import sys, solopo_kernels, solopo_megatron.logprobs; assert 'triton' not in sys.modules"
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import solopo_kernels, solopo_megatron.logprobs",
+        # The CPU-only data CLI and the dry-run planner never pay for Triton's import.
+        "from solopo_megatron.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+        "from solopo_megatron.train import main\nassert main(['--dry-run', '--config', 'recipes/tiny-cpu.yaml']) == 0",
+    ],
+    ids=["import", "solopo-data --help", "solopo-train --dry-run"],
+)
+def test_triton_is_not_imported_until_a_kernel_runs(code):
     env = {**os.environ, "TRITON_INTERPRET": "1", "SOLOPO_KERNELS": "triton"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    check = "\nimport sys\nassert 'triton' not in sys.modules, 'triton was imported'"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code + check], check=True, env=env, cwd=root, capture_output=True)
 
 
 def test_masked_vocab_gives_finite_log_probs(kernel_impl):
