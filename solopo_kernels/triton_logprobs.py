@@ -1,7 +1,8 @@
 """Triton vocab-parallel token log-probs: one read of the logits forward, one read + one write backward.
 
 Forward: one program per token streams its row of this rank's vocab shard through an online
-max / sum-exp in fp32 and picks the label's logit if this shard owns it. On a single shard the
+max / sum-exp in fp32, kept per lane and reduced once at the end, and picks the label's logit if this
+shard owns it. On a single shard the
 kernel writes the log-prob and log-sum-exp directly; under TP three fp32 numbers per token leave the
 kernel (max, sum-exp, target) and two small all-reduces merge them (MAX of the max, then SUM of the
 rescaled sum-exp and the target). Saved for backward: the logits themselves (no copy) and one fp32
@@ -58,16 +59,21 @@ def _forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
-    row_max = tl.full((), float("-inf"), tl.float32)
-    sum_exp = tl.zeros((), tl.float32)
+    # Per-lane running max and sum-exp, reduced across lanes once after the loop (no block-wide
+    # reduction per vocab block). One exp per logit: exp(-|x - m|) rescales whichever side is smaller.
+    lane_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    lane_sum = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, local_vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < local_vocab, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(x, axis=0))
-        # While every logit so far is -inf (masked vocab), shift by 0 so no -inf - -inf NaN appears.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        row_max = new_max
+        larger = x > lane_max
+        # -inf logits (masked vocab, lanes past the end) add exp(-inf) = 0 and never form -inf - -inf.
+        scale = tl.where(x == float("-inf"), 0.0, tl.exp(tl.minimum(x, lane_max) - tl.maximum(x, lane_max)))
+        lane_sum = tl.where(larger, lane_sum * scale + 1.0, lane_sum + scale)
+        lane_max = tl.maximum(lane_max, x)
+    row_max = tl.max(lane_max, axis=0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    sum_exp = tl.sum(tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp(lane_max - shift)), axis=0)
     label = tl.load(labels_ptr + row)
     local_label = label - vocab_start_index
     owned = (label != ignore_index) & (local_label >= 0) & (local_label < local_vocab)
