@@ -70,5 +70,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and "cpu_ok" not in item.keywords:
             item.add_marker(skip)

@@ -12,8 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, gpu: bool) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not gpu:
+        # Before CUDA initialises in this rank: gloo ranks build everything on the CPU, also on a GPU machine.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store_path}",
@@ -28,14 +31,15 @@ def _entry(rank: int, world_size: int, store_path: str, fn: Callable, args: tupl
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args) -> None:
+def run_distributed(fn: Callable, world_size: int, *args, gpu: bool = False) -> None:
     """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; re-raise any failure.
 
-    ``fn`` must be importable by module name (define it at module level).
+    ``fn`` must be importable by module name (define it at module level). The ranks see no GPU unless
+    ``gpu`` (one rank on CUDA: a single GPU cannot serve several NCCL ranks, and gloo takes CPU tensors).
     """
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(
-            _entry, args=(world_size, os.path.join(tmp, "store"), fn, args), nprocs=world_size, join=True
+            _entry, args=(world_size, os.path.join(tmp, "store"), fn, args, gpu), nprocs=world_size, join=True
         )
 
 

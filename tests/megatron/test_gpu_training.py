@@ -1,4 +1,9 @@
-"""CUDA (``pytest -m gpu``): a training step with the local attention spec, and bf16 CUDA against fp32 CPU."""
+"""CUDA (``pytest -m gpu``): training steps on the production path (Triton kernels, flex / SDPA attention,
+Transformer Engine when importable), and bf16 CUDA against fp32 CPU.
+
+tests/megatron/conftest.py sets ``SOLOPO_KERNELS=triton`` for these tests (and the runs they start),
+whatever the environment says; ``test_gpu_tests_run_the_triton_kernels`` checks that on any machine.
+"""
 
 from __future__ import annotations
 
@@ -38,12 +43,37 @@ def _run(tmp_path, name: str, overrides: list[str], *, cpu: bool = False) -> lis
     return [json.loads(line)["train"] for line in metrics.read_text().splitlines() if "train" in line]
 
 
-def test_training_steps_with_local_attention_spec(tmp_path):
+@pytest.mark.cpu_ok
+def test_gpu_tests_run_the_triton_kernels():
+    """Needs no GPU: test_gpu_selection.py runs it on CPU with SOLOPO_KERNELS=torch in the environment."""
+    assert os.environ.get("SOLOPO_KERNELS") == "triton" and "TRITON_INTERPRET" not in os.environ
+
+
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+def test_training_steps_with_local_spec(tmp_path, attention):
     steps = _run(
-        tmp_path, "local", ["model.transformer_impl=local", "train.train_iters=3", "train.eval_interval=null"]
+        tmp_path,
+        attention,
+        [
+            "model.transformer_impl=local",
+            f"model.attention_backend={attention}",
+            "train.train_iters=3",
+            "train.eval_interval=null",
+        ],
     )
     assert len(steps) == 3
     assert all(step["loss"] == step["loss"] and step["grad_norm"] > 0 for step in steps)  # finite, learning
+
+
+def test_training_steps_with_transformer_engine(tmp_path):
+    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
+    overrides = [
+        "model.transformer_impl=transformer_engine",
+        "train.train_iters=3",
+        "train.eval_interval=null",
+    ]
+    steps = _run(tmp_path, "te", overrides)
+    assert len(steps) == 3 and all(step["loss"] == step["loss"] for step in steps)
 
 
 def test_cuda_bf16_matches_cpu_fp32(tmp_path):

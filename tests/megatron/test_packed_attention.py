@@ -67,7 +67,7 @@ def test_attention_backends_equal_the_dense_oracle(backend, cp):
     flex: forward only on CPU (torch's flex_attention backward needs CUDA); the GPU tests run its backward."""
     if backend == "flex" and not _flex_available():
         pytest.skip("this torch has no flex_attention")
-    run_distributed(attention_backend_matches_oracle, cp, backend)
+    run_distributed(attention_backend_matches_oracle, cp, backend, gpu=backend == "flex" and cp == 1)
 
 
 @pytest.mark.parametrize("block_size", [16, 128])
