@@ -279,12 +279,7 @@ class PackedCoreAttention(MegatronModule):
                 causal=True,
             )
             return out.reshape(out.shape[0], -1)
-        if cp:
-            key = _AllGatherTokens.apply(key, self.cp_group)
-            value = _AllGatherTokens.apply(value, self.cp_group)
-        cp_size, cp_rank = (
-            (dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)) if cp else (1, 0)
-        )
+        key, value, cp_size, cp_rank = self._gather_keys(key, value, cp)
         outputs = []
         for span in sequence_spans(packed_seq_params.cu_seqlens_q_padded, cp_size, cp_rank):
             rows = slice(span.start, span.end)
@@ -301,16 +296,19 @@ class PackedCoreAttention(MegatronModule):
             outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs).reshape(query.shape[0], -1)
 
+    def _gather_keys(self, key: Tensor, value: Tensor, cp: bool):
+        """(keys, values of every CP rank in rank order, cp size, cp rank); this rank's own without CP."""
+        if not cp:
+            return key, value, 1, 0
+        key = _AllGatherTokens.apply(key, self.cp_group)
+        value = _AllGatherTokens.apply(value, self.cp_group)
+        return key, value, dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
+
     def _flex(self, query: Tensor, key: Tensor, value: Tensor, params, cp: bool) -> Tensor:
         """The whole row through flex_attention with the document-causal block mask; THD in and out."""
         from torch.nn.attention.flex_attention import flex_attention
 
-        if cp:
-            key = _AllGatherTokens.apply(key, self.cp_group)
-            value = _AllGatherTokens.apply(value, self.cp_group)
-        cp_size, cp_rank = (
-            (dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)) if cp else (1, 0)
-        )
+        key, value, cp_size, cp_rank = self._gather_keys(key, value, cp)
         block_mask = _shared_block_mask(params, cp_size, cp_rank, query.device)
         attend = _compiled("flex_attention", flex_attention) if query.is_cuda else flex_attention
         out = attend(

@@ -79,8 +79,7 @@ def microbatch_sequence_logps(
     hidden states and the LM head's weight (response-only), or vocab-parallel logits (weight None)."""
     if weight is not None:
         return scored_sequence_logps(mb, output, weight, ctx.parallel)
-    logits = output
-    logits = logits.reshape(-1, logits.shape[-1])  # [t, 1, V_local] -> [t, V_local]
+    logits = output.reshape(-1, output.shape[-1])  # [t, 1, V_local] -> [t, V_local]
     if logits.shape[0] != mb.labels.numel():
         raise ValueError(f"logits cover {logits.shape[0]} tokens but the microbatch has {mb.labels.numel()}")
     token_logps = token_logprobs(

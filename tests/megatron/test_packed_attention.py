@@ -8,6 +8,7 @@ from distributed import run_distributed
 from model_checks import attention_backend_matches_oracle, packed_equals_alone
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
+from solopo_megatron.megatron.model import flex_attention_available
 
 
 def test_mask_is_block_causal_in_global_positions():
@@ -52,20 +53,12 @@ def test_sequence_spans_cover_exactly_the_dense_mask():
             assert torch.equal(covered, dense), (cp, rank)
 
 
-def _flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_attention_backends_equal_the_dense_oracle(backend, cp):
     """Outputs (and, where the backend trains here, gradients) on packed rows with padding, CP 1 and 2.
     flex: forward only on CPU (torch's flex_attention backward needs CUDA); the GPU tests run its backward."""
-    if backend == "flex" and not _flex_available():
+    if backend == "flex" and not flex_attention_available():
         pytest.skip("this torch has no flex_attention")
     run_distributed(attention_backend_matches_oracle, cp, backend, gpu=backend == "flex" and cp == 1)
 
@@ -74,7 +67,7 @@ def test_attention_backends_equal_the_dense_oracle(backend, cp):
 def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, monkeypatch):
     """The blockwise builder gives create_block_mask's block structure (empty / partial / full blocks and
     the dense mask they stand for), tile by tile, for CP ranks and rows that are not block multiples."""
-    if not _flex_available():
+    if not flex_attention_available():
         pytest.skip("this torch has no flex_attention")
     from torch.nn.attention.flex_attention import create_block_mask
 
