@@ -1,12 +1,18 @@
 """Test set-up: without CUDA, Triton kernels run in interpreter mode on CPU tensors.
 
-TRITON_INTERPRET must be set before any @triton.jit decoration, so it is set here, before the
-tests import the kernels; spawned gloo workers inherit it.
+TRITON_INTERPRET must be set before any @triton.jit decoration, so it is set here (in
+``pytest_configure``), before the tests import the kernels; spawned gloo workers inherit it.
 
 The kernels' default backend (``backend=None``) is ``SOLOPO_KERNELS``, read once per process and
 cached (``solopo_kernels.dispatch.default_backend``). Every test starts and ends with that cache
 cleared, so a test (or a conftest below this one) that sets ``SOLOPO_KERNELS`` is obeyed in this
 process as well as in the ranks it spawns.
+
+On a GPU machine the default suite runs as it does on a CPU machine: unless the session's mark
+expression can select ``gpu`` tests, ``pytest_configure`` hides every GPU (``CUDA_VISIBLE_DEVICES=""``)
+before CUDA initialises. In a session that runs ``gpu`` tests, the CPU tests' subprocesses and spawned
+ranks still see no GPU (``hide_gpus_from_cpu_tests``), since several gloo or torchrun ranks cannot
+share one GPU.
 
 ``SOLOPO_CACHE_DIR`` (the default cache: tokenised data, synthetic files, reference stores) points at
 a fresh folder for the session, so no test depends on what earlier runs left in ~/.cache.
@@ -26,14 +32,28 @@ _SESSION_CACHE = tempfile.mkdtemp(prefix="solopo-test-cache-")
 os.environ["SOLOPO_CACHE_DIR"] = _SESSION_CACHE  # before solopo_megatron reads it; subprocesses inherit it
 atexit.register(shutil.rmtree, _SESSION_CACHE, True)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from triton_support import set_default_backend, triton_runs_on_cpu  # noqa: E402  (after TRITON_INTERPRET)
+from session_devices import selects_gpu_tests  # noqa: E402
+from triton_support import set_default_backend, triton_runs_on_cpu  # noqa: E402  (imports no Triton)
 
 from solopo_kernels.dispatch import default_backend  # noqa: E402
 
 IMPLEMENTATIONS = ("torch", "triton")
+
+
+def pytest_configure(config):
+    # Runs before any test module imports: nothing has initialised CUDA yet.
+    if not selects_gpu_tests(config.getoption("markexpr") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if not torch.cuda.is_available():
+        # Before any @triton.jit decoration; spawned gloo workers inherit it.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def hide_gpus_from_cpu_tests(request, monkeypatch):
+    """A CPU test's subprocesses and spawned ranks see no GPU, also in a session that runs ``gpu`` tests."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(autouse=True)

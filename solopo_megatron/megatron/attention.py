@@ -94,6 +94,8 @@ def document_causal_block_mask(
     q_pos, k_pos = query_positions.to(device), key_positions.to(device)
     q_seg, k_seg = segment.to(device)[q_pos], segment.to(device)[k_pos]
 
+    # Indexing is safe on an edge block's rows and keys past the row: inductor's flex kernels take
+    # them modulo the length (get_bounded_indices) before calling the mask, and mask them out after.
     def document_causal(b, h, q, k):
         return (q_seg[q] == k_seg[k]) & (k_pos[k] <= q_pos[q])
 

@@ -95,6 +95,37 @@ def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, mon
             assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
 
 
+def test_compiled_flex_attention_does_not_recompile_per_row():
+    """The production call (compiled with dynamic shapes, a fresh mask closure per microbatch) on rows of
+    many lengths: the graphs stop at two (a size that first equals another, like 2 query blocks and 2 KV
+    groups, is traced as one symbol, then generalised once), so dynamo's recompile limit (8) never
+    sends flex attention back to eager.
+    Dynamo's guards are what is tested, so the graph runs on the eager backend (inductor's CPU flex
+    template fails to build some of these shapes; the GPU tests run the Triton one)."""
+    if not flex_attention_available():
+        pytest.skip("this torch has no flex_attention")
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from solopo_megatron.megatron import attention
+
+    compiled = torch.compile(flex_attention, dynamic=True, backend="eager")
+    graphs = [counters["stats"]["unique_graphs"]]
+    gen = torch.Generator().manual_seed(0)
+    for lengths in ([136, 120], [200, 8, 176], [264], [72, 312, 40], [1000, 24], [520, 520, 8]):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        t = int(cu[-1])
+        q, k, v = (torch.randn(1, h, t, 32, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+        mask = attention.document_causal_block_mask(cu, 1, 0, torch.device("cpu"))
+        got = compiled(q.float(), k.float(), v.float(), block_mask=mask, enable_gqa=True)
+        dense = attention.packed_attention_mask(cu, 1, 0)
+        scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 32**0.5
+        want = scores.masked_fill(~dense, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] - graphs[0] <= 2 and graphs[-1] == graphs[2]  # none after the second row
+
+
 @pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])
 def test_packed_seq_params_follow_transformer_engines_thd_contract(cp):
     """TE takes lengths from cu_seqlens and offsets from cu_seqlens_padded. We pass the padded slot
