@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(relative: str):
+    """A benchmark script as a module (they live outside the packages)."""
+    spec = importlib.util.spec_from_file_location(Path(relative).stem + "_under_test", ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def kernel_bench():
+    return _load("benchmarks/kernels/bench_logprobs.py")
 
 
 def test_logprob_benchmark_smoke_run_and_report(tmp_path):
@@ -44,6 +62,68 @@ def test_logprob_benchmark_smoke_run_and_report(tmp_path):
     )
     assert "| 16 | 64 | fwd+bwd | solopo_triton |" in done.stdout
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+class _RecordOutputs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((t.dtype, tuple(t.shape)))
+        return out
+
+
+def test_kernel_benchmark_makes_its_inputs_in_bf16(kernel_bench):
+    """No fp32 [T, V] temporary: at the largest shapes it alone would run out of memory first."""
+    with _RecordOutputs() as recorded:
+        logits, labels, grad_out = kernel_bench.make_inputs(32, 200, "cpu")
+    assert logits.dtype == torch.bfloat16 and logits.shape == (32, 200) and 2.5 < logits.float().std() < 5.5
+    assert all(dtype == torch.bfloat16 for dtype, shape in recorded.outputs if shape == (32, 200))
+
+
+def test_kernel_benchmark_reports_out_of_memory_per_provider_and_mode(kernel_bench):
+    """A provider whose backward runs out of memory keeps its forward row; the other modes are reported."""
+
+    def forward_fits_backward_does_not(logits, labels):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+
+    skipped: list[dict] = []
+    inputs = kernel_bench.make_inputs(16, 64, "cpu")
+    rows = kernel_bench.measure("tight", forward_fits_backward_does_not, False, inputs, "cpu", skipped)
+    assert [r["mode"] for r in rows] == ["fwd"]
+    assert [(s["provider"], s["mode"], s["reason"]) for s in skipped] == [
+        ("tight", "fwd+bwd", "out of memory"),
+        ("tight", "bwd", "out of memory"),
+    ]
+
+
+def test_kernel_benchmark_compiled_baseline_never_falls_back_to_eager(tmp_path):
+    """Five shapes make ten graphs, past dynamo's recompile limit of eight: rebuilt per shape, every shape
+    is measured compiled (without the reset, the fifth shape is reported as hitting the limit)."""
+    out = tmp_path / "compiled.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/kernels/bench_logprobs.py"), "--smoke"]
+    cmd += ["--providers", "torch_compile", "--tokens", "8", "16", "24", "32", "40", "--vocabs", "64"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=tmp_path, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["skipped"] == [] and len(report["results"]) == 5 * 3
+
+
+def test_kernel_benchmark_presets(kernel_bench):
+    def shapes(*argv):
+        args = type("Args", (), {"tokens": None, "vocabs": None, "smoke": False, "quick": False})()
+        for flag in argv:
+            setattr(args, flag, True)
+        return kernel_bench._shapes(args)
+
+    assert shapes("quick") == list(kernel_bench.QUICK_SHAPES)
+    assert len(shapes()) == len(kernel_bench.FULL_TOKENS) * len(kernel_bench.FULL_VOCABS)
+    assert shapes("smoke") == list(kernel_bench.SMOKE_SHAPES)
 
 
 def test_long_context_benchmark_smoke_run_and_report(tmp_path):

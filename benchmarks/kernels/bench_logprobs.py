@@ -1,6 +1,7 @@
 """Token log-probs from vocab-parallel logits: ours against the field, on the same shapes in one run.
 
-    python benchmarks/kernels/bench_logprobs.py                 # CUDA: the full grid, results JSON + plot
+    python benchmarks/kernels/bench_logprobs.py                 # CUDA: the full grid, results JSON
+    python benchmarks/kernels/bench_logprobs.py --quick         # CUDA: two shapes, under 3 minutes
     python benchmarks/kernels/bench_logprobs.py --smoke         # CPU, tiny shapes (checks the script runs)
 
 Per-rank shapes (T tokens x V_local vocab columns) with a single-rank process group; bf16 logits;
@@ -9,8 +10,13 @@ labels all valid (Megatron's CE has no ignore_index). For each provider and shap
 forward+backward, and the backward alone (forward+backward minus a forward that records autograd state); achieved GB/s against the bytes that must move (2 bytes per
 logit forward, 4 backward, 6 both) and its fraction of the measured device copy bandwidth; peak memory
 beyond the inputs and outputs (the outputs being the [T] result and, where one is allocated, the
-[T, V_local] gradient). Results go to benchmarks/results/logprobs-<device>.json; report.py plots them
-and writes the README table.
+[T, V_local] gradient). Results go to benchmarks/results/logprobs-<device>.json (rewritten after every
+shape, so a run stopped early keeps what it measured); report.py plots them and writes the README table.
+
+Honest at the edges: inputs are made in bf16 (no fp32 [T, V] temporary); a shape whose inputs cannot
+fit the free device memory, and a provider that runs out of memory in a mode, are reported per
+provider and mode; ``torch.compile`` is reset and rebuilt per shape, and dynamo's recompile limit
+raises instead of silently falling back to eager.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 FULL_TOKENS = (8192, 32768, 131072)
 FULL_VOCABS = (19008, 152064, 128256)  # Qwen2.5 152064/tp8, Qwen2.5 tp1, Llama-3 tp1
+QUICK_SHAPES = ((32768, 19008), (16384, 152064))  # --quick: a TP=8 shard and a whole Qwen2.5 vocabulary
+SMOKE_SHAPES = ((64, 512), (128, 512))
 BYTES_PER_LOGIT = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +72,8 @@ def _torch_eager(tp_group) -> tuple[Fn, bool]:
 
 
 def _torch_compile(tp_group) -> tuple[Fn, bool]:
+    # Built afresh for every shape after torch._dynamo.reset() (see main): one shape's graphs never count
+    # towards another's recompile limit, and hitting it raises (fail_on_recompile_limit_hit).
     eager, _ = _torch_eager(tp_group)
     return torch.compile(eager, dynamic=False), False
 
@@ -147,42 +157,84 @@ def copy_bandwidth_gbps(device: str) -> float | None:
     return 2 * src.numel() / ms / 1e6
 
 
-def measure(provider: str, fn: Fn, writes_in_place: bool, tokens: int, vocab: int, device: str) -> list[dict]:
+def make_inputs(tokens: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 logits (std 4, made in bf16: no fp32 [T, V] temporary), labels and an upstream gradient."""
     gen = torch.Generator(device=device).manual_seed(tokens + vocab)
-    logits = (torch.randn(tokens, vocab, generator=gen, device=device) * 4).to(torch.bfloat16)
+    logits = torch.randn(tokens, vocab, generator=gen, device=device, dtype=torch.bfloat16).mul_(4)
     labels = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
     grad_out = torch.randn(tokens, device=device, generator=gen)
+    return logits, labels, grad_out
+
+
+def input_bytes(tokens: int, vocab: int, writes_in_place: bool) -> int:
+    """The logits and, unless written into them, their gradient: what a provider needs before any workspace."""
+    return tokens * vocab * 2 * (1 if writes_in_place else 2)
+
+
+class ModeSkipped(Exception):
+    """A mode that could not be measured (out of memory, an error): reported, never dropped."""
+
+    def __init__(self, mode: str, reason: str):
+        super().__init__(f"{mode}: {reason}")
+        self.mode, self.reason = mode, reason
+
+
+def measure(
+    provider: str, fn: Fn, writes_in_place: bool, inputs: tuple, device: str, skipped: list[dict]
+) -> list[dict]:
+    """Rows for the modes that ran; each mode that did not is appended to ``skipped`` with its reason."""
+    logits, labels, grad_out = inputs
+    tokens, vocab = logits.shape
     leaf = logits.requires_grad_()
     rows = []
 
-    def row(mode: str, ms: float, extra_bytes: int | None) -> dict:
-        gbps = BYTES_PER_LOGIT[mode] * tokens * vocab / ms / 1e6
+    def row(mode: str, ms: float) -> dict:
         return {
             "provider": provider,
             "tokens": tokens,
             "vocab_local": vocab,
             "mode": mode,
             "ms": ms,
-            "GBps": gbps,
-            "peak_extra_bytes": extra_bytes,
-            "extra_bytes_per_token": None if extra_bytes is None else extra_bytes / tokens,
+            "GBps": BYTES_PER_LOGIT[mode] * tokens * vocab / ms / 1e6,
+            "peak_extra_bytes": None,
+            "extra_bytes_per_token": None,
         }
 
-    with torch.no_grad():
-        rows.append(row("fwd", _bench(lambda: fn(logits, labels), device), None))
+    def timed(mode: str, call: Callable[[], object], **kwargs) -> float:
+        try:
+            return _bench(call, device, **kwargs)
+        except torch.OutOfMemoryError:
+            raise ModeSkipped(mode, "out of memory") from None
+        except Exception as error:  # noqa: BLE001  (a baseline that breaks on this shape)
+            raise ModeSkipped(mode, f"error: {error!r}"[:300]) from None
 
     def fwd_bwd():
         fn(leaf, labels).backward(grad_out)
 
-    fwd_bwd_ms = _bench(fwd_bwd, device, grad_to_none=[leaf])
-    rows.append(row("fwd+bwd", fwd_bwd_ms, None))
-    # Backward alone = (forward + backward) - (forward recording autograd state): several baselines
-    # modify saved tensors in their backward, so a retained graph cannot be replayed.
-    fwd_train_ms = _bench(lambda: fn(leaf, labels), device)
-    rows.append(row("bwd", max(fwd_bwd_ms - fwd_train_ms, 1e-6), None))
+    try:
+        with torch.no_grad():
+            rows.append(row("fwd", timed("fwd", lambda: fn(logits, labels))))
+        fwd_bwd_ms = timed("fwd+bwd", fwd_bwd, grad_to_none=[leaf])
+        rows.append(row("fwd+bwd", fwd_bwd_ms))
+        # Backward alone = (forward + backward) - (forward recording autograd state): several baselines
+        # modify saved tensors in their backward, so a retained graph cannot be replayed.
+        fwd_train_ms = timed("bwd", lambda: fn(leaf, labels))
+        rows.append(row("bwd", max(fwd_bwd_ms - fwd_train_ms, 1e-6)))
+    except ModeSkipped as skip:
+        modes = ("fwd", "fwd+bwd", "bwd")
+        for mode in modes[modes.index(skip.mode) :]:  # the modes after it need at least as much
+            skipped.append(
+                {
+                    "provider": provider,
+                    "tokens": tokens,
+                    "vocab_local": vocab,
+                    "mode": mode,
+                    "reason": skip.reason,
+                }
+            )
     leaf.grad = None
 
-    if device == "cuda":
+    if device == "cuda" and any(r["mode"] == "fwd+bwd" for r in rows):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -192,8 +244,12 @@ def measure(provider: str, fn: Fn, writes_in_place: bool, tokens: int, vocab: in
         outputs = result.numel() * result.element_size()
         if not writes_in_place:
             outputs += leaf.grad.numel() * leaf.grad.element_size()
-        rows[1]["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base - outputs
-        rows[1]["extra_bytes_per_token"] = rows[1]["peak_extra_bytes"] / tokens
+        fwd_bwd_row = next(r for r in rows if r["mode"] == "fwd+bwd")
+        fwd_bwd_row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base - outputs
+        fwd_bwd_row["extra_bytes_per_token"] = fwd_bwd_row["peak_extra_bytes"] / tokens
+        del result
+    leaf.grad = None
+    leaf.requires_grad_(False)
     return rows
 
 
@@ -238,11 +294,51 @@ def _commit() -> str | None:
         return None
 
 
+def _shapes(args) -> list[tuple[int, int]]:
+    if args.tokens or args.vocabs:
+        default_tokens, default_vocabs = zip(*SMOKE_SHAPES) if args.smoke else (FULL_TOKENS, FULL_VOCABS)
+        return [
+            (t, v)
+            for t in args.tokens or sorted(set(default_tokens))
+            for v in args.vocabs or sorted(set(default_vocabs))
+        ]
+    if args.smoke:
+        return list(SMOKE_SHAPES)
+    if args.quick:
+        return list(QUICK_SHAPES)
+    return [(t, v) for t in FULL_TOKENS for v in FULL_VOCABS]
+
+
+def _print_row(r: dict, copy_bw: float | None) -> None:
+    frac = f" ({r['fraction_of_copy_bandwidth']:.0%} of copy)" if copy_bw else ""
+    mem = (
+        f", extra {r['extra_bytes_per_token']:.1f} B/token" if r["extra_bytes_per_token"] is not None else ""
+    )
+    print(
+        f"{r['provider']:34s} T={r['tokens']:6d} V={r['vocab_local']:6d} {r['mode']:8s} "
+        f"{r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s{frac}{mem}",
+        flush=True,
+    )
+
+
+def _skip(report: dict, entry: dict) -> None:
+    report["skipped"].append(entry)
+    where = (
+        f" T={entry['tokens']:6d} V={entry['vocab_local']:6d} {entry.get('mode', '')}"
+        if "tokens" in entry
+        else ""
+    )
+    print(f"skip {entry['provider']}{where}: {entry['reason']}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreted Triton")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"CUDA, the shapes {QUICK_SHAPES} (under 3 minutes)"
+    )
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), help="default: all that import")
     parser.add_argument("--tokens", nargs="+", type=int, help=f"default {FULL_TOKENS}")
     parser.add_argument("--vocabs", nargs="+", type=int, help=f"default {FULL_VOCABS}")
@@ -254,13 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke for the CPU check")
-    tokens = args.tokens or ((64, 128) if args.smoke else FULL_TOKENS)
-    vocabs = args.vocabs or ((512,) if args.smoke else FULL_VOCABS)
+    shapes = _shapes(args)
     providers = args.providers or (SMOKE_PROVIDERS if args.smoke else tuple(PROVIDERS))
     tp_group = _single_rank_group(device)
     device_name = (
         torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
     )
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a compiled baseline never silently runs eager
 
     report = {
         "benchmark": "token_logprobs",
@@ -271,56 +367,68 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "copy_bandwidth_GBps": copy_bandwidth_gbps(device),
         "smoke": args.smoke,
+        "quick": args.quick,
+        "shapes": shapes,
         "results": [],
         "skipped": [],
     }
     copy_bw = report["copy_bandwidth_GBps"]
     print(f"device {device_name}; copy bandwidth {copy_bw and round(copy_bw)} GB/s", flush=True)
-
-    built = {}
-    for name in providers:
-        try:
-            built[name] = PROVIDERS[name](tp_group)
-        except Exception as error:  # noqa: BLE001  (optional baselines may be missing)
-            report["skipped"].append({"provider": name, "reason": f"unavailable: {error}"})
-            print(f"skip {name}: {error}", flush=True)
-
-    for t in tokens:
-        for v in vocabs:
-            for name, (fn, in_place) in built.items():
-                try:
-                    rows = measure(name, fn, in_place, t, v, device)
-                except torch.OutOfMemoryError:
-                    report["skipped"].append(
-                        {"provider": name, "tokens": t, "vocab_local": v, "reason": "out of memory"}
-                    )
-                    print(f"{name:34s} T={t:6d} V={v:6d}: out of memory", flush=True)
-                    rows = []
-                except Exception as error:  # noqa: BLE001
-                    report["skipped"].append(
-                        {"provider": name, "tokens": t, "vocab_local": v, "reason": repr(error)}
-                    )
-                    print(f"{name:34s} T={t:6d} V={v:6d}: error {error!r}", flush=True)
-                    rows = []
-                for r in rows:
-                    r["fraction_of_copy_bandwidth"] = r["GBps"] / copy_bw if copy_bw else None
-                    report["results"].append(r)
-                    frac = f" ({r['fraction_of_copy_bandwidth']:.0%} of copy)" if copy_bw else ""
-                    mem = (
-                        f", extra {r['extra_bytes_per_token']:.1f} B/token"
-                        if r["extra_bytes_per_token"] is not None
-                        else ""
-                    )
-                    print(
-                        f"{name:34s} T={t:6d} V={v:6d} {r['mode']:8s} {r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s{frac}{mem}",
-                        flush=True,
-                    )
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-
     slug = "smoke-cpu" if args.smoke else device_name.lower().replace(" ", "-")
     out = args.out or RESULTS / f"logprobs-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    available = []
+    for name in providers:
+        try:
+            PROVIDERS[name](tp_group)
+            available.append(name)
+        except Exception as error:  # noqa: BLE001  (optional baselines may be missing)
+            _skip(report, {"provider": name, "reason": f"unavailable: {error}"})
+
+    for t, v in shapes:
+        for name in available:
+            torch._dynamo.reset()  # compiled baselines: this shape's graphs only
+            fn, in_place = PROVIDERS[name](tp_group)
+            need = input_bytes(t, v, in_place)
+            free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+            if free is not None and need > free:
+                reason = f"its inputs ({need / 2**30:.1f} GiB of bf16 logits and gradient) exceed the free device memory ({free / 2**30:.1f} GiB)"
+                for mode in ("fwd", "fwd+bwd", "bwd"):
+                    _skip(
+                        report,
+                        {"provider": name, "tokens": t, "vocab_local": v, "mode": mode, "reason": reason},
+                    )
+                continue
+            skipped: list[dict] = []
+            try:
+                # Fresh inputs per provider: an in-place backward overwrites its logits with the gradient.
+                rows = measure(name, fn, in_place, make_inputs(t, v, device), device, skipped)
+            except torch.OutOfMemoryError:  # making the inputs, or the peak-memory pass
+                rows, skipped = (
+                    [],
+                    [
+                        {
+                            "provider": name,
+                            "tokens": t,
+                            "vocab_local": v,
+                            "mode": m,
+                            "reason": "out of memory",
+                        }
+                        for m in ("fwd", "fwd+bwd", "bwd")
+                    ],
+                )
+            for entry in skipped:
+                _skip(report, entry)
+            for r in rows:
+                r["fraction_of_copy_bandwidth"] = r["GBps"] / copy_bw if copy_bw else None
+                report["results"].append(r)
+                _print_row(r, copy_bw)
+            del fn
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        out.write_text(json.dumps(report, indent=1) + "\n")  # after every shape: a stopped run keeps its rows
+
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     dist.destroy_process_group()

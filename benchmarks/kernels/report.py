@@ -49,9 +49,16 @@ def table(report: dict) -> str:
                     f"{_fmt(r.get('fraction_of_copy_bandwidth'), '.0%')} | {_fmt(r['extra_bytes_per_token'], '.1f')} | "
                     f"{_fmt(speedup, '.2f')}{'x' if speedup else ''} |"
                 )
+    # One line per provider, shape and reason (the modes it covers listed together).
+    grouped: dict[tuple, list[str]] = defaultdict(list)
     for skip in report.get("skipped", []):
-        where = f" at T={skip['tokens']}, V_local={skip['vocab_local']}" if "tokens" in skip else ""
-        lines.append(f"\nSkipped {skip['provider']}{where}: {skip['reason']}")
+        grouped[(skip["provider"], skip.get("tokens"), skip.get("vocab_local"), skip["reason"])].append(
+            skip.get("mode", "")
+        )
+    for (provider, tokens, vocab, reason), modes in grouped.items():
+        where = f" at T={tokens}, V_local={vocab}" if tokens is not None else ""
+        which = f" ({', '.join(m for m in modes if m)})" if any(modes) else ""
+        lines.append(f"\nSkipped {provider}{where}{which}: {reason}")
     return "\n".join(lines)
 
 
