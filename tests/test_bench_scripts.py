@@ -162,3 +162,27 @@ def test_long_context_benchmark_smoke_run_and_report(tmp_path):
     text = table(report)
     assert "| solopo | response_only | 128 |" in text and "Packing a mix of 4 solopo groups" in text
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_gpu_run_all_script_on_a_cpu(tmp_path):
+    """benchmarks/gpu/run_all.sh --cpu-smoke: every stage runs, the seven files land in OUT_DIR and the
+    summary names each stage's exit code (the GPU run is the same script with real sizes)."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu/run_all.sh"), str(out), "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    names = {"run_all.log", "summary.json", "pytest-gpu.xml", "logprobs.json", "logprobs.png"}
+    assert names | {"long-context.json", "long-context.png"} == {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["name"], s["exit"]) for s in summary["stages"]] == [
+        ("pytest -m gpu", 0),
+        ("kernel benchmark", 0),
+        ("long-context benchmark", 0),
+        ("kernel report", 0),
+        ("long-context report", 0),
+    ]
+    assert "every stage passed" in (out / "run_all.log").read_text()

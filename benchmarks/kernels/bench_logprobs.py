@@ -11,7 +11,7 @@ forward+backward, and the backward alone (forward+backward minus a forward that 
 logit forward, 4 backward, 6 both) and its fraction of the measured device copy bandwidth; peak memory
 beyond the inputs and outputs (the outputs being the [T] result and, where one is allocated, the
 [T, V_local] gradient). Results go to benchmarks/results/logprobs-<device>.json (rewritten after every
-shape, so a run stopped early keeps what it measured); report.py plots them and writes the README table.
+provider and shape, so a run stopped early keeps what it measured); report.py plots them and writes the README table.
 
 Honest at the edges: inputs are made in bf16 (no fp32 [T, V] temporary); a shape whose inputs cannot
 fit the free device memory, and a provider that runs out of memory in a mode, are reported per
@@ -120,12 +120,22 @@ PROVIDERS: dict[str, Callable] = {
     "solopo_triton": lambda g: _ours(g, inplace=False),
     "solopo_triton_inplace": lambda g: _ours(g, inplace=True),
     "torch_eager": _torch_eager,
-    "torch_compile": _torch_compile,
     "megatron_vocab_parallel_ce": _megatron,
     "megatron_fused_vocab_parallel_ce": _megatron_fused,
     "liger_vocab_parallel_ce": _liger,
     "transformer_engine_parallel_ce": _transformer_engine,
+    "torch_compile": _torch_compile,  # last: its compilation is the slowest part of a shape
 }
+# Providers that return the cross entropy (the negative log-prob); the check below flips their sign.
+RETURNS_CROSS_ENTROPY = frozenset(
+    {
+        "megatron_vocab_parallel_ce",
+        "megatron_fused_vocab_parallel_ce",
+        "liger_vocab_parallel_ce",
+        "transformer_engine_parallel_ce",
+    }
+)
+CHECKED_ROWS = 1024  # rows compared with an fp32 reference per provider and shape
 SMOKE_PROVIDERS = ("solopo_triton", "solopo_triton_inplace", "torch_eager")
 
 
@@ -171,6 +181,16 @@ def input_bytes(tokens: int, vocab: int, writes_in_place: bool) -> int:
     return tokens * vocab * 2 * (1 if writes_in_place else 2)
 
 
+def _max_error(provider: str, fn: Fn, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Largest |log-prob - fp32 reference| over the first rows: a timed provider also computes the right thing."""
+    got = fn(logits, labels)[:CHECKED_ROWS].float()
+    if provider in RETURNS_CROSS_ENTROPY:
+        got = -got
+    head = logits[:CHECKED_ROWS].float()
+    want = torch.log_softmax(head, dim=-1).gather(1, labels[:CHECKED_ROWS, None]).squeeze(1)
+    return float((got - want).abs().max())
+
+
 class ModeSkipped(Exception):
     """A mode that could not be measured (out of memory, an error): reported, never dropped."""
 
@@ -214,6 +234,7 @@ def measure(
     try:
         with torch.no_grad():
             rows.append(row("fwd", timed("fwd", lambda: fn(logits, labels))))
+            rows[0]["max_abs_error_vs_fp32"] = _max_error(provider, fn, logits, labels)
         fwd_bwd_ms = timed("fwd+bwd", fwd_bwd, grad_to_none=[leaf])
         rows.append(row("fwd+bwd", fwd_bwd_ms))
         # Backward alone = (forward + backward) - (forward recording autograd state): several baselines
@@ -314,6 +335,8 @@ def _print_row(r: dict, copy_bw: float | None) -> None:
     mem = (
         f", extra {r['extra_bytes_per_token']:.1f} B/token" if r["extra_bytes_per_token"] is not None else ""
     )
+    if r.get("max_abs_error_vs_fp32") is not None:
+        mem += f", max |error| {r['max_abs_error_vs_fp32']:.1e}"
     print(
         f"{r['provider']:34s} T={r['tokens']:6d} V={r['vocab_local']:6d} {r['mode']:8s} "
         f"{r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s{frac}{mem}",
@@ -427,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             del fn
             if device == "cuda":
                 torch.cuda.empty_cache()
-        out.write_text(json.dumps(report, indent=1) + "\n")  # after every shape: a stopped run keeps its rows
+            out.write_text(json.dumps(report, indent=1) + "\n")  # a stopped run keeps what it measured
 
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")

@@ -32,8 +32,8 @@ def table(report: dict) -> str:
         f"torch {report['versions']['torch']}, triton {report['versions'].get('triton')}; "
         f"{report['date']}, commit {(report['commit'] or '?')[:12]}.",
         "",
-        "| T | V_local | mode | provider | ms | GB/s | of copy BW | extra B/token | ours faster by |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| T | V_local | mode | provider | ms | GB/s | of copy BW | extra B/token | ours faster by | max abs err vs fp32 |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     shapes = sorted({(r["tokens"], r["vocab_local"]) for r in rows})
     for tokens, vocab in shapes:
@@ -47,7 +47,7 @@ def table(report: dict) -> str:
                 lines.append(
                     f"| {tokens} | {vocab} | {mode} | {r['provider']} | {r['ms']:.3f} | {r['GBps']:.0f} | "
                     f"{_fmt(r.get('fraction_of_copy_bandwidth'), '.0%')} | {_fmt(r['extra_bytes_per_token'], '.1f')} | "
-                    f"{_fmt(speedup, '.2f')}{'x' if speedup else ''} |"
+                    f"{_fmt(speedup, '.2f')}{'x' if speedup else ''} | {_fmt(r.get('max_abs_error_vs_fp32'), '.1e')} |"
                 )
     # One line per provider, shape and reason (the modes it covers listed together).
     grouped: dict[tuple, list[str]] = defaultdict(list)

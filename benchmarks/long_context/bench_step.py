@@ -2,17 +2,24 @@
 
     python benchmarks/long_context/bench_step.py                     # CPU grid: 1K..32K, results JSON + plot
     python benchmarks/long_context/bench_step.py --smoke             # tiny shapes, seconds (checks the script)
-    python benchmarks/long_context/bench_step.py --device cuda --bf16 --lengths 8192,16384,32768,65536 \\
-        --hidden 896 --ffn 4864 --layers 24 --heads 14 --groups 2 --vocab 151936 --memory-budget-gib 60
+    python benchmarks/long_context/bench_step.py --preset qwen2.5-0.5b   # one GPU: 8K..64K, bf16, a budget probe
 
 One process, megatron-core's GPTModel through this project's stack (the recipe's model section, the
 local layer spec with the packed attention, DDP, Megatron's Adam and schedule): one packed row holds
-one preference group whose long sequences have the given length. Per case, in a fresh subprocess
-(so each peak is that case's alone): peak memory of the step above the post-build baseline (CPU: peak
-RSS, reset after the build; CUDA: max_memory_allocated minus the memory held after the build), the
-median step time over ``--steps`` steps after ``--warmup``, tokens/s, and model TFLOP/s. Then, for
-solopo and long_po with the response-only head, the largest long context whose step stays under
-``--memory-budget-gib`` (grid lengths, then doubling past the grid, then bisection).
+one preference group whose long sequences have the given length. Per case: peak memory of the step
+above the post-build baseline (CPU: peak RSS, reset after the build, each case in a fresh subprocess
+so each peak is that case's alone; CUDA: max_memory_allocated minus the memory held after the build,
+all cases in this process, which shares torch.compile's work between them), the median step time over
+``--steps`` steps after ``--warmup``, tokens/s, model TFLOP/s and, on CUDA, MFU against the device's
+dense bf16 peak. Then, for solopo and long_po with the response-only head, the largest long context
+whose step stays under ``--memory-budget-gib`` (default on CUDA: 90% of the device's memory; grid
+lengths, then doubling past the grid up to ``--probe-max``, then bisection).
+
+``--preset qwen2.5-0.5b`` is the GPU run of ``benchmarks/gpu/run_all.sh``: a random-init Qwen2.5-0.5B
+shape (24 layers, hidden 896, 14 heads / 2 KV groups, FFN 4864, vocabulary 151,936, QKV bias, tied
+embeddings), bf16, full activation recomputation (what a long-context run uses), solopo vs long_po and
+response-only vs full logits at 8K..64K tokens. The JSON is rewritten after every case, so a run
+stopped early keeps what it measured.
 
 A case that cannot run is reported with its reason, never dropped: a full-logits row whose fp32
 [T, V] logits alone would exceed ``--full-logits-cap-gib`` is skipped as such; a child that dies
@@ -40,6 +47,48 @@ MODES = ("solopo", "long_po", "short_po")
 HEADS = ("response_only", "full")
 PROBE_MODES = ("solopo", "long_po")
 BUDGET_GIB = 2.0
+SMOKE = {  # --smoke: tiny shapes, seconds (explicit flags still win)
+    "lengths": "128,256",
+    "vocab": 512,
+    "hidden": 32,
+    "ffn": 64,
+    "heads": 2,
+    "short_length": 64,
+    "response": 16,
+    "steps": 1,
+    "warmup": 0,
+    "probe_max": 512,
+    "probe_refine": 0,
+    "memory_budget_gib": 64.0,
+    "packing_groups": 4,
+    "packing_median": 128,
+    "packing_max_tokens": 1024,
+}
+PRESETS = {
+    "qwen2.5-0.5b": {
+        "device": "cuda",
+        "bf16": True,
+        "lengths": "8192,16384,32768,65536",
+        "modes": "solopo,long_po",
+        "vocab": 151936,
+        "hidden": 896,
+        "ffn": 4864,
+        "layers": 24,
+        "heads": 14,
+        "groups": 2,
+        "qkv_bias": True,
+        "tied": True,
+        "recompute": "full",
+        "short_length": 1024,
+        "response": 128,
+        "steps": 2,
+        "warmup": 1,
+        "probe_max": 131072,
+        "probe_refine": 1,
+        "full_logits_cap_gib": 1e9,  # the device's memory decides: an out-of-memory case is reported
+        "packing_groups": 0,  # the CPU run measures packing; the GPU's minutes go to the lengths
+    }
+}
 
 
 # ----------------------------------------------------------------------------- one case (child)
@@ -113,14 +162,9 @@ def _packed_rows(case: dict) -> list:
 
 def run_case(case: dict) -> dict:
     """Builds the model and optimizer, then times ``steps`` training steps over the case's packed rows."""
-    import torch
-
     from solopo_megatron.megatron import cpu_compat
-    from solopo_megatron.megatron.build import build_model_and_optimizer
     from solopo_megatron.megatron.parallel import destroy, init_parallel_state, init_process_group
-    from solopo_megatron.megatron.step import StepContext, run_schedule
     from solopo_megatron.recipe.loading import load_config
-    from solopo_megatron.recipe.sizing import padded_vocab_size, training_flops
 
     overrides = {
         "model.num_layers": case["layers"],
@@ -133,63 +177,96 @@ def run_case(case: dict) -> dict:
         "model.bf16": case["bf16"],
         "model.transformer_impl": "local",
         "model.attention_backend": case["attention"],
+        "model.add_qkv_bias": case.get("qkv_bias", False),
+        "model.share_embeddings_and_output_weights": case.get("tied", False),
         "solopo.mode": case["mode"],
         "solopo.preference_loss": "dpo",
         "optimizer.optimizer": "adam",
     }
+    if case.get("recompute") == "full":  # every layer's activations recomputed in backward
+        overrides.update(
+            {
+                "model.recompute_granularity": "full",
+                "model.recompute_method": "uniform",
+                "model.recompute_num_layers": 1,
+            }
+        )
     cfg = load_config(None, [f"{key}={value}" for key, value in overrides.items()])
     with cpu_compat.enabled():
         init_process_group()
-        parallel = init_parallel_state(cfg.model, seed=1)
-        device = parallel.device
-        mbs = [mb.to(device) for mb in _packed_rows(case)]
-        row_tokens = sum(mb.tokens.numel() for mb in mbs)
-        longest = max(mb.tokens.numel() for mb in mbs)
-        state = build_model_and_optimizer(cfg, parallel, case["vocab"], longest)
-        ctx = StepContext(cfg.solopo.loss_config(), parallel, response_only=case["logits"] == "response_only")
+        try:
+            return _timed_steps(case, cfg, init_parallel_state(cfg.model, seed=1))
+        finally:
+            destroy()
+
+
+def _timed_steps(case: dict, cfg, parallel) -> dict:
+    import torch
+
+    from solopo_megatron.megatron.build import build_model_and_optimizer
+    from solopo_megatron.megatron.step import StepContext, run_schedule
+    from solopo_megatron.recipe.sizing import padded_vocab_size, training_flops
+
+    device = parallel.device
+    mbs = [mb.to(device) for mb in _packed_rows(case)]
+    row_tokens = sum(mb.tokens.numel() for mb in mbs)
+    longest = max(mb.tokens.numel() for mb in mbs)
+    state = build_model_and_optimizer(cfg, parallel, case["vocab"], longest)
+    ctx = StepContext(cfg.solopo.loss_config(), parallel, response_only=case["logits"] == "response_only")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        baseline = _rss_kib("VmRSS") * 1024
+        _reset_peak_rss()
+    times = []
+    for step in range(case["warmup"] + case["steps"]):
+        start = time.perf_counter()
+        for chunk in state.chunks:
+            chunk.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        reports = run_schedule(ctx, state.chunks, mbs, seq_length=longest, forward_only=False)
+        state.optimizer.step()
+        loss = sum(float(r["loss"][0]) for r in reports)
         if device.type == "cuda":
             torch.cuda.synchronize()
-            baseline = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            baseline = _rss_kib("VmRSS") * 1024
-            _reset_peak_rss()
-        times = []
-        for step in range(case["warmup"] + case["steps"]):
-            start = time.perf_counter()
-            for chunk in state.chunks:
-                chunk.zero_grad_buffer()
-            state.optimizer.zero_grad()
-            reports = run_schedule(ctx, state.chunks, mbs, seq_length=longest, forward_only=False)
-            state.optimizer.step()
-            loss = sum(float(r["loss"][0]) for r in reports)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= case["warmup"]:
-                times.append(time.perf_counter() - start)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() - baseline
-        else:
-            peak = _rss_kib("VmHWM") * 1024 - baseline
-        real_lengths = [
-            n for mb in mbs for n in (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist() if n
-        ]
-        flops = training_flops(cfg.model, padded_vocab_size(case["vocab"], cfg.model), real_lengths)
-        destroy()
+        if step >= case["warmup"]:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = _rss_kib("VmHWM") * 1024 - baseline
+    real_lengths = [n for mb in mbs for n in (mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).tolist() if n]
+    flops = training_flops(cfg.model, padded_vocab_size(case["vocab"], cfg.model), real_lengths)
+    rows = len(mbs)
+    del state, mbs  # in-process cases: this case's memory goes before the next one's
     median = statistics.median(times)
+    tflops = flops / median / 1e12
+    peak_tflops = _device_peak_tflops(device) if case["bf16"] else None
     return {
         "status": "ok",
         "row_tokens": row_tokens,
         "real_tokens": sum(real_lengths),
-        "rows": len(mbs),
+        "rows": rows,
         "peak_gib": peak / 2**30,
         "baseline_gib": baseline / 2**30,
         "step_s": median,
         "step_times_s": times,
         "tokens_per_s": sum(real_lengths) / median,
-        "model_tflops_per_s": flops / median / 1e12,
+        "model_tflops_per_s": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
         "loss": loss,
     }
+
+
+def _device_peak_tflops(device) -> float | None:
+    """The dense bf16 peak the trainer's MFU uses (recipe.sizing); None on CPU or an unknown GPU."""
+    import torch
+
+    from solopo_megatron.recipe.sizing import peak_tflops_for
+
+    return peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- driver
@@ -216,6 +293,25 @@ def run_in_child(case: dict, timeout: float) -> dict:
         return {**case, **json.loads(Path(out.name).read_text())}
 
 
+def run_in_process(case: dict) -> dict:
+    """``run_case`` here (CUDA: peaks come from max_memory_allocated, reset per case); running out of
+    memory, or any error, becomes a 'failed' record with its reason, and the next case starts clean."""
+    import gc
+
+    import torch
+
+    try:
+        return {**case, **run_case(case)}
+    except torch.OutOfMemoryError:
+        failure = {**case, "status": "failed", "reason": "out of memory"}
+    except Exception as error:  # noqa: BLE001  (reported, never dropped)
+        failure = {**case, "status": "failed", "reason": f"error: {error!r}"[:400]}
+    gc.collect()  # outside the except block: the traceback's frames no longer hold the case's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return failure
+
+
 def _describe(result: dict) -> str:
     head = f"{result['mode']:8} {result['logits']:13} long={result['long_length']:6}"
     if result.get("kind") == "packing" and result["status"] == "ok":
@@ -234,11 +330,12 @@ def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log)
     over = [r["long_length"] for r in grid if r["status"] != "skipped" and r["long_length"] not in fits]
     runs = []
     base = {**base, "steps": 1, "warmup": 0}  # the probe needs the peak, not a timing
+    run = args.run
     best = max(fits, default=0)
     worst = min((n for n in over if n > best), default=None)
     length = max(best, args.lengths[0]) * 2
     while worst is None and length <= args.probe_max:
-        result = run_in_child({**base, "long_length": length}, args.case_timeout)
+        result = run({**base, "long_length": length})
         runs.append(result)
         log("  probe " + _describe(result))
         if result["status"] == "ok" and result["peak_gib"] <= budget_gib:
@@ -249,7 +346,7 @@ def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log)
         middle = (best + worst) // 2 // 64 * 64
         if middle in (best, worst):
             break
-        result = run_in_child({**base, "long_length": middle}, args.case_timeout)
+        result = run({**base, "long_length": middle})
         runs.append(result)
         log("  probe " + _describe(result))
         if result["status"] == "ok" and result["peak_gib"] <= budget_gib:
@@ -286,11 +383,19 @@ def environment(device: str) -> dict:
         name = torch.cuda.get_device_name(0)
     else:
         name = f"cpu: {platform.machine()}, {os.cpu_count()} cores"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {
         "device": name,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton_version,
             "megatron_core": megatron_version,
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -300,6 +405,7 @@ def environment(device: str) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=tuple(PRESETS), help="a named setting (explicit flags still win)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--lengths", default="1024,2048,4096,8192,16384,32768", help="long-context lengths (tokens)"
@@ -314,18 +420,32 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
+    p.add_argument("--qkv-bias", action="store_true", help="model.add_qkv_bias (Qwen2.5)")
+    p.add_argument("--tied", action="store_true", help="model.share_embeddings_and_output_weights")
+    p.add_argument("--recompute", choices=("none", "full"), default="none", help="activation recomputation")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--attention", default="auto", help="model.attention_backend")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--memory-budget-gib", type=float, default=BUDGET_GIB)
+    p.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=None,
+        help=f"the budget probe's limit (default: 90%% of the GPU's memory on CUDA, {BUDGET_GIB} on CPU)",
+    )
     p.add_argument("--probe-max", type=int, default=131072, help="longest length the budget probe tries")
     p.add_argument("--probe-refine", type=int, default=2, help="bisection steps after the doubling")
     p.add_argument("--full-logits-cap-gib", type=float, default=6.0, help="skip full-logit rows above this")
     p.add_argument("--packing-groups", type=int, default=12, help="groups in the packing mix (0: skip it)")
     p.add_argument("--packing-median", type=int, default=2048, help="median long-context length of the mix")
     p.add_argument("--packing-max-tokens", type=int, default=16384, help="dataset.max_tokens of the mix")
-    p.add_argument("--case-timeout", type=float, default=1800.0)
+    p.add_argument("--case-timeout", type=float, default=1800.0, help="a subprocess case's limit (s)")
+    p.add_argument(
+        "--in-process",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="run the cases in this process (auto: on CUDA) instead of one subprocess each",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes and lengths (seconds)")
     p.add_argument(
         "--out", default=None, help="results JSON (default benchmarks/results/long-context-<device>.json)"
@@ -333,18 +453,27 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**PRESETS[known.preset])
+    if known.smoke:
+        p.set_defaults(**SMOKE)
     args = p.parse_args(argv)
-    if args.smoke:
-        args.lengths, args.vocab, args.hidden, args.ffn, args.heads = "128,256", 512, 32, 64, 2
-        args.short_length, args.response, args.steps, args.warmup = 64, 16, 1, 0
-        args.probe_max, args.probe_refine = 512, 0
-        if args.memory_budget_gib == BUDGET_GIB:
-            args.memory_budget_gib = 64.0
-        args.packing_groups, args.packing_median, args.packing_max_tokens = 4, 128, 1024
     args.lengths = [int(n) for n in str(args.lengths).split(",")]
     args.modes = [m for m in str(args.modes).split(",") if m]
     args.logits = [h for h in str(args.logits).split(",") if h]
+    if args.memory_budget_gib is None:
+        args.memory_budget_gib = BUDGET_GIB if args.device == "cpu" else _device_memory_gib() * 0.9
+    in_process = args.in_process == "yes" or (args.in_process == "auto" and args.device == "cuda")
+    args.run = run_in_process if in_process else lambda case: run_in_child(case, args.case_timeout)
+    args.in_process = in_process
     return args
+
+
+def _device_memory_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def main(argv=None) -> int:
@@ -361,6 +490,9 @@ def main(argv=None) -> int:
         "layers": args.layers,
         "heads": args.heads,
         "groups": args.groups,
+        "qkv_bias": args.qkv_bias,
+        "tied": args.tied,
+        "recompute": args.recompute,
         "bf16": args.bf16,
         "attention": args.attention,
         "short_length": args.short_length,
@@ -368,10 +500,30 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
     }
-    results = []
-    for mode in args.modes:
-        for logits in args.logits:
-            for length in args.lengths:
+    report = {
+        "benchmark": "long_context_step",
+        **environment(args.device),
+        "settings": {
+            **shape,
+            "preset": args.preset,
+            "lengths": args.lengths,
+            "memory_budget_gib": args.memory_budget_gib,
+            "cases_in_process": args.in_process,
+        },
+        "results": [],
+        "packing": [],
+        "budget_probe": [],
+    }
+    out = Path(args.out) if args.out else RESULTS / f"long-context-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case: a run stopped early keeps what it measured
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    # Length outermost: a run stopped early has every mode and LM head of the lengths it finished.
+    for length in args.lengths:
+        for mode in args.modes:
+            for logits in args.logits:
                 case = {**shape, "mode": mode, "logits": logits, "long_length": length}
                 logits_gib = _row_tokens(mode, length, args.short_length) * args.vocab * 4 / 2**30
                 if logits == "full" and logits_gib > args.full_logits_cap_gib:
@@ -380,10 +532,10 @@ def main(argv=None) -> int:
                 elif mode == "short_po" and length != args.lengths[0]:
                     continue  # short_po forwards no long context: one case per LM head is the whole story
                 else:
-                    result = run_in_child(case, args.case_timeout)
-                results.append(result)
+                    result = args.run(case)
+                report["results"].append(result)
+                save()
                 log(_describe(result))
-    packing = []
     if args.packing_groups:
         for padded in (True, False):
             case = {
@@ -397,27 +549,18 @@ def main(argv=None) -> int:
                 "padded": padded,
                 "seed": 0,
             }
-            result = run_in_child(case, args.case_timeout)
-            packing.append(result)
+            result = args.run(case)
+            report["packing"].append(result)
+            save()
             log(f"packing, rows {'padded to max_tokens' if padded else 'unpadded'}: " + _describe(result))
-    probes = []
     for mode in PROBE_MODES:
         if mode in args.modes and "response_only" in args.logits:
             base = {**shape, "mode": mode, "logits": "response_only"}
-            grid = [r for r in results if r["mode"] == mode and r["logits"] == "response_only"]
-            log(f"budget probe: {mode}, {args.memory_budget_gib} GiB")
-            probes.append(probe_max_length(base, grid, args.memory_budget_gib, args, log))
-    report = {
-        "benchmark": "long_context_step",
-        **environment(args.device),
-        "settings": {**shape, "lengths": args.lengths, "memory_budget_gib": args.memory_budget_gib},
-        "results": results,
-        "packing": packing,
-        "budget_probe": probes,
-    }
-    out = Path(args.out) if args.out else RESULTS / f"long-context-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+            grid = [r for r in report["results"] if r["mode"] == mode and r["logits"] == "response_only"]
+            log(f"budget probe: {mode}, {args.memory_budget_gib:.1f} GiB")
+            report["budget_probe"].append(probe_max_length(base, grid, args.memory_budget_gib, args, log))
+            save()
+    save()
     log(f"wrote {out}")
     if not args.no_plot:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

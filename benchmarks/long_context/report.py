@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-START, END = "<!-- bench:long-context:start -->", "<!-- bench:long-context:end -->"
+MARKERS = {  # README sections: the CPU run and the GPU run (benchmarks/gpu/run_all.sh)
+    "cpu": ("<!-- bench:long-context:start -->", "<!-- bench:long-context:end -->"),
+    "gpu": ("<!-- bench:long-context-gpu:start -->", "<!-- bench:long-context-gpu:end -->"),
+}
 NO_LONG_CONTEXT = "short_po forwards no long context"
 
 
@@ -64,20 +67,34 @@ def summary(report: dict) -> dict:
     return out
 
 
+def _extras(settings: dict) -> str:
+    extras = [
+        label for key, label in (("qkv_bias", "QKV bias"), ("tied", "tied embeddings")) if settings.get(key)
+    ]
+    if settings.get("recompute", "none") != "none":
+        extras.append(f"{settings['recompute']} activation recomputation")
+    return "".join(", " + e for e in extras)
+
+
+def section(report: dict) -> str:
+    """Which README section the report belongs in: its device's."""
+    return "cpu" if report["device"].startswith("cpu") else "gpu"
+
+
 def table(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"Device: {report['device']}; torch {report['versions']['torch']}, megatron-core "
         f"{report['versions'].get('megatron_core')}; {report['date']}, commit {(report['commit'] or '?')[:12]}. "
         f"Model: {s['layers']} layers, hidden {s['hidden']}, FFN {s['ffn']}, {s['heads']} heads / {s['groups']} "
-        f"KV groups, vocab {s['vocab']}, {'bf16' if s['bf16'] else 'fp32'}, Adam; short sequences "
+        f"KV groups, vocab {s['vocab']}{_extras(s)}, {'bf16' if s['bf16'] else 'fp32'}, Adam; short sequences "
         f"{s['short_length']} tokens, responses {s['response']} tokens; median of {s['steps']} steps after "
         f"{s['warmup']} warm-up.",
         "",
         "short_po forwards only the short sequences: its row is the same at every long-context length.",
         "",
-        "| mode | LM head | long ctx | row tokens | peak GiB | step s | tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| mode | LM head | long ctx | row tokens | peak GiB | step s | tokens/s | model TFLOP/s | MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         if r.get("reason") == NO_LONG_CONTEXT:  # older files listed short_po at every length
@@ -85,11 +102,12 @@ def table(report: dict) -> str:
         if r["status"] == "ok":
             lines.append(
                 f"| {r['mode']} | {r['logits']} | {r['long_length']} | {r['row_tokens']} | {r['peak_gib']:.3f} | "
-                f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} |"
+                f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r.get('model_tflops_per_s', 0):.1f} | "
+                f"{'-' if r.get('mfu') is None else format(r['mfu'], '.1%')} |"
             )
         else:
             lines.append(
-                f"| {r['mode']} | {r['logits']} | {r['long_length']} | - | {r['status']}: {r['reason']} | | |"
+                f"| {r['mode']} | {r['logits']} | {r['long_length']} | - | {r['status']}: {r['reason']} | | | | |"
             )
     facts = summary(report)
     lines.append("")
@@ -176,7 +194,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from readme_section import write_readme_section
 
-        write_readme_section(START, END, text)
+        write_readme_section(*MARKERS[section(report)], text)
     return 0
 
 
