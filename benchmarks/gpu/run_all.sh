@@ -41,7 +41,7 @@ if [[ $smoke == --cpu-smoke ]]; then
     limits=(120 120 300)
     pytest_args=(-m gpu -q -p no:cacheprovider tests/megatron/test_gpu_training.py)
     kernel_args=(--smoke --tokens 16 --vocabs 64 --providers solopo_triton torch_eager)
-    long_args=(--smoke --lengths 128 --modes solopo --logits response_only --packing-groups 0 --no-plot)
+    long_args=(--smoke --lengths 128 --modes solopo --logits response_only --packing-groups 0 --in-process yes --no-plot)
 else
     limits=(180 100 220)
     pytest_args=(-m gpu -q -p no:cacheprovider tests)
