@@ -38,11 +38,12 @@ _LAYER = re.compile(r"^decoder\.layers\.\d+\.")
 
 @dataclasses.dataclass(frozen=True)
 class _Conversion:
-    """One Megatron tensor: the HF tensors it is made of and how."""
+    """One Megatron tensor: the HF tensors it is made of and how (``combine``), and back (``split``)."""
 
     hf_keys: tuple[str, ...]
     shapes: tuple[tuple[int | None, ...], ...]  # expected HF shapes; None: any size (vocab rows)
     combine: Callable[..., Tensor]
+    split: Callable[[Tensor], tuple[Tensor, ...]]
 
 
 def _fuse_qkv(groups: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -51,6 +52,28 @@ def _fuse_qkv(groups: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
 
     return fuse
+
+
+def _split_qkv(groups: int, q_rows: int, kv_rows: int) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """The inverse of ``_fuse_qkv``: per query group [q heads, k, v] rows back to q, k and v."""
+    per_group = (q_rows // groups, kv_rows // groups, kv_rows // groups)
+
+    def split(fused: Tensor) -> tuple[Tensor, ...]:
+        grouped = fused.reshape(groups, -1, *fused.shape[1:])
+        return tuple(part.reshape(-1, *fused.shape[1:]) for part in grouped.split(per_group, dim=1))
+
+    return split
+
+
+def _drop_rows(rows: int) -> Callable[[Tensor], tuple[Tensor]]:
+    """The inverse of ``pad_rows``: the vocabulary's rows without Megatron's padding."""
+
+    def drop(t: Tensor) -> tuple[Tensor]:
+        if t.shape[0] < rows:
+            raise RecipeError(f"the checkpoint has {t.shape[0]} vocabulary rows, fewer than the run's {rows}")
+        return (t[:rows],)
+
+    return drop
 
 
 def pad_rows(rows: int | None) -> Callable[[Tensor], Tensor]:
@@ -74,12 +97,25 @@ def _keep(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _unkeep(tensor: Tensor) -> tuple[Tensor]:
+    return (tensor,)
+
+
 def _cat_gate_up(gate: Tensor, up: Tensor) -> Tensor:
     return torch.cat([gate, up])
 
 
-def _plan(model: ModelSection, fused_norms: bool, padded_vocab: int | None) -> dict[str, _Conversion]:
-    """Megatron key -> conversion, for the whole model (norm names: TE's fused ones or the local spec's)."""
+def _split_gate_up(fc1: Tensor) -> tuple[Tensor, Tensor]:
+    gate, up = fc1.chunk(2)
+    return gate, up
+
+
+def _plan(
+    model: ModelSection, fused_norms: bool, padded_vocab: int | None, vocab: int | None = None
+) -> dict[str, _Conversion]:
+    """Megatron key -> conversion, for the whole model (norm names: TE's fused ones or the local spec's).
+
+    ``padded_vocab``: rows the import pads the vocabulary to; ``vocab``: rows the export keeps."""
     hidden, ffn = model.hidden_size, model.ffn_hidden_size
     heads, groups, head_dim = (
         effective_value(model, key) for key in ("num_attention_heads", "num_query_groups", "kv_channels")
@@ -87,38 +123,55 @@ def _plan(model: ModelSection, fused_norms: bool, padded_vocab: int | None) -> d
     q_rows, kv_rows = heads * head_dim, groups * head_dim
     attn_norm = "self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight"
     mlp_norm = "mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight"
-    vocab_rows = pad_rows(padded_vocab)
+    vocab_rows, vocab_back = pad_rows(padded_vocab), _drop_rows(vocab) if vocab else _unkeep
+
+    def same(hf_key: str, shape: tuple[int | None, ...]) -> _Conversion:
+        return _Conversion((hf_key,), (shape,), _keep, _unkeep)
+
     plan = {
         "embedding.word_embeddings.weight": _Conversion(
-            ("model.embed_tokens.weight",), ((None, hidden),), vocab_rows
+            ("model.embed_tokens.weight",), ((None, hidden),), vocab_rows, vocab_back
         )
     }
     for i in range(model.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
         qkv = tuple(f"{attn}{p}_proj." for p in "qkv")
-        plan[mg + attn_norm] = _Conversion((hf + "input_layernorm.weight",), ((hidden,),), _keep)
+        plan[mg + attn_norm] = same(hf + "input_layernorm.weight", (hidden,))
         plan[mg + "self_attention.linear_qkv.weight"] = _Conversion(
             tuple(p + "weight" for p in qkv),
             ((q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden)),
             _fuse_qkv(groups),
+            _split_qkv(groups, q_rows, kv_rows),
         )
         if model.add_qkv_bias:
             plan[mg + "self_attention.linear_qkv.bias"] = _Conversion(
-                tuple(p + "bias" for p in qkv), ((q_rows,), (kv_rows,), (kv_rows,)), _fuse_qkv(groups)
+                tuple(p + "bias" for p in qkv),
+                ((q_rows,), (kv_rows,), (kv_rows,)),
+                _fuse_qkv(groups),
+                _split_qkv(groups, q_rows, kv_rows),
             )
-        plan[mg + "self_attention.linear_proj.weight"] = _Conversion(
-            (attn + "o_proj.weight",), ((hidden, q_rows),), _keep
-        )
-        plan[mg + mlp_norm] = _Conversion((hf + "post_attention_layernorm.weight",), ((hidden,),), _keep)
+        plan[mg + "self_attention.linear_proj.weight"] = same(attn + "o_proj.weight", (hidden, q_rows))
+        plan[mg + mlp_norm] = same(hf + "post_attention_layernorm.weight", (hidden,))
         plan[mg + "mlp.linear_fc1.weight"] = _Conversion(
-            (mlp + "gate_proj.weight", mlp + "up_proj.weight"), ((ffn, hidden), (ffn, hidden)), _cat_gate_up
+            (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+            ((ffn, hidden), (ffn, hidden)),
+            _cat_gate_up,
+            _split_gate_up,
         )
-        plan[mg + "mlp.linear_fc2.weight"] = _Conversion((mlp + "down_proj.weight",), ((hidden, ffn),), _keep)
-    plan["decoder.final_layernorm.weight"] = _Conversion(("model.norm.weight",), ((hidden,),), _keep)
+        plan[mg + "mlp.linear_fc2.weight"] = same(mlp + "down_proj.weight", (hidden, ffn))
+    plan["decoder.final_layernorm.weight"] = same("model.norm.weight", (hidden,))
     if not model.share_embeddings_and_output_weights:
-        plan["output_layer.weight"] = _Conversion(("lm_head.weight",), ((None, hidden),), vocab_rows)
+        plan["output_layer.weight"] = _Conversion(
+            ("lm_head.weight",), ((None, hidden),), vocab_rows, vocab_back
+        )
     return plan
+
+
+def megatron_to_hf_plan(model: ModelSection, fused_norms: bool, vocab: int) -> dict[str, _Conversion]:
+    """Megatron key (global layer index) -> how its tensor splits into HF tensors (``split``) and their
+    names (``hf_keys``); the vocabulary's padded rows beyond ``vocab`` are dropped. For the export."""
+    return _plan(model, fused_norms, None, vocab)
 
 
 def _template(name: str) -> str:

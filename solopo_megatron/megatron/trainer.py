@@ -13,6 +13,7 @@ Inside ``sigint_handling()``, SIGINT ends the loop with ``Interrupted`` (one lin
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from ..data.loading import GlobalBatchSampler
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
+from ..recipe.hf_config import HF_CONFIG_COPY
 from ..recipe.loading import to_dict
 from ..recipe.schema import RecipeConfig
 from ..recipe.sizing import padded_vocab_size
@@ -270,6 +272,7 @@ def setup(
         from omegaconf import OmegaConf
 
         OmegaConf.save(OmegaConf.structured(cfg), Path(cfg.checkpoint.save) / "config.yaml")
+        _keep_hf_config(cfg)
     trainer.log(
         f"solopo-train: world {parallel.world_size} = tp {parallel.tp} x pp {parallel.pp} x cp {parallel.cp} x "
         f"dp {parallel.dp}; {state.transformer_impl} layers, {state.attention_backend} attention, "
@@ -285,6 +288,15 @@ def setup(
             f"step {cfg.scheduler.lr_warmup_iters + 1}"
         )
     return trainer
+
+
+def _keep_hf_config(cfg: RecipeConfig) -> None:
+    """The pretrained checkpoint's config.json beside the run's checkpoints, once: solopo-export writes the
+    trained model back in that architecture (rope scaling, token ids), whether or not the folder remains."""
+    source = Path(cfg.checkpoint.pretrained_hf or "") / "config.json"
+    copy = Path(cfg.checkpoint.save) / HF_CONFIG_COPY
+    if cfg.checkpoint.pretrained_hf and source.is_file() and not copy.exists():
+        shutil.copyfile(source, copy)
 
 
 def _resume_path(cfg: RecipeConfig, parallel: ParallelState) -> Path | None:

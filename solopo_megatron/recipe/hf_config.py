@@ -162,3 +162,73 @@ def check_model_matches_hf(model: ModelSection, hf_config: ConfigSource) -> list
     if model.vocab_size is not None and model.vocab_size != rows:
         problems.append(f"model.vocab_size: recipe {model.vocab_size}, checkpoint {rows}")
     return problems
+
+
+# ----------------------------------------------------------------------------- export (model -> config)
+
+HF_CONFIG_COPY = "hf_config.json"  # the pretrained checkpoint's config.json, kept beside a run's checkpoints
+_TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def export_hf_config(
+    model: ModelSection, vocab_size: int, tokenizer: Any, base: Mapping[str, Any] | None, dtype: str
+) -> dict[str, Any]:
+    """The ``config.json`` of an exported model: ``base`` (the config the run started from, if any) with
+    every architectural field set from the model section, or a Llama (Qwen2 with QKV bias) config.
+
+    Raises ValueError for a model section the Llama / Qwen2 architectures cannot express.
+    """
+    if model.normalization != "RMSNorm":
+        raise ValueError(f"model.normalization {model.normalization}: Llama and Qwen2 use RMSNorm")
+    if base is not None:
+        architecture = _architecture(base)
+    else:
+        architecture = "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
+    if model.add_qkv_bias != (architecture == "Qwen2ForCausalLM"):
+        raise ValueError(f"model.add_qkv_bias {model.add_qkv_bias} with {architecture}")
+    model_type = {v: k for k, v in _ARCHITECTURE_OF_MODEL_TYPE.items()}[architecture]
+    config = {key: value for key, value in (base or {}).items() if key not in ("rope_parameters", "dtype")}
+    config.update(
+        {
+            "architectures": [architecture],
+            "model_type": model_type,
+            "hidden_size": model.hidden_size,
+            "intermediate_size": model.ffn_hidden_size,
+            "num_hidden_layers": model.num_layers,
+            "num_attention_heads": model.num_attention_heads,
+            "num_key_value_heads": effective_value(model, "num_query_groups"),
+            "head_dim": effective_value(model, "kv_channels"),
+            "rms_norm_eps": model.layernorm_epsilon,
+            "hidden_act": "silu",
+            "vocab_size": vocab_size,
+            "tie_word_embeddings": model.share_embeddings_and_output_weights,
+            "rope_theta": float(model.rotary_base),
+            "rope_scaling": (
+                {"rope_type": "llama3", "factor": model.rope_scaling_factor, **MEGATRON_LLAMA3_ROPE}
+                if model.rope_scaling
+                else None
+            ),
+            "torch_dtype": _TORCH_DTYPE_NAMES[dtype],
+        }
+    )
+    config.setdefault("max_position_embeddings", 131072 if model.rope_scaling else 32768)
+    if architecture == "LlamaForCausalLM":
+        config.update({"attention_bias": False, "mlp_bias": False})
+    else:
+        config.setdefault("use_sliding_window", False)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if base is None or name not in base:
+            value = getattr(tokenizer, name, None)
+            if value is not None:
+                config[name] = int(value)
+    problems = check_model_matches_hf(model, config)
+    if problems:  # what this config says must read back as the model it was written from
+        raise ValueError("; ".join(problems))
+    return config
+
+
+def generation_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A minimal ``generation_config.json``: the token ids transformers' generate() reads."""
+    return {
+        key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in hf_config
+    }

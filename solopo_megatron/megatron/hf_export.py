@@ -1,0 +1,302 @@
+"""A training checkpoint -> a Hugging Face directory that transformers (and vLLM, lm-eval) load.
+
+``export_checkpoint`` reads megatron-core's dist checkpoint (torch.distributed.checkpoint files) on one
+CPU process without any process group: dist_checkpointing stores global tensors, so any TP / PP / CP /
+DP layout, with or without the distributed optimizer, reads the same. Layer-stacked tensors
+(``decoder.layers.*``, layer axis first) are read one layer's slice at a time through a load planner
+that asks only for that slice's bytes; each slice is split into its HF tensors (``hf_weights``'s
+conversion plan, inverted), cast and buffered into safetensors shards of at most ``max_shard_bytes``.
+Peak memory: one shard plus one tensor, never the model.
+
+What the run was (model section, tokenizer, vocabulary, Hugging Face origin) comes from the
+``config.yaml`` the run saved beside its checkpoints, and from ``hf_config.json`` there when the run
+started from ``checkpoint.pretrained_hf`` (copied at its first save, so the export does not depend on
+that folder still existing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..recipe.checkpoints import CONFIG, iter_dir, resolve_resume
+from ..recipe.errors import RecipeError
+from ..recipe.hf_config import HF_CONFIG_COPY, export_hf_config, generation_config
+from ..recipe.loading import load_config
+from ..recipe.schema import RecipeConfig
+from ..recipe.sources import model_vocab_size
+from .hf_weights import megatron_to_hf_plan
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_SHARD_BYTES = 1 << 30
+INDEX = "model.safetensors.index.json"
+# Checkpoint keys that hold no model weight: optimizer state, RNG, TE's extra state, our "common" dict.
+_NOT_WEIGHTS = ("optimizer.", "rng_state", "common")
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What ``export_checkpoint`` wrote."""
+
+    out: Path
+    iteration: int
+    tensors: int
+    shards: int
+    bytes: int
+
+
+# ----------------------------------------------------------------------------- reading the checkpoint
+
+
+def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tuple[Path, Path, int]:
+    """(run folder, iteration folder, iteration) of ``--checkpoint`` (a run folder or one iteration's)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise RecipeError(f"--checkpoint: {path} is not a directory")
+    if (path / ".metadata").is_file():  # one iteration's folder
+        root, folder = path.parent, path
+        if iteration is not None and iter_dir(root, iteration) != folder:
+            raise RecipeError(f"--iteration {iteration}: {path} is the checkpoint of another iteration")
+    elif iteration is not None:
+        root, folder = path, iter_dir(path, iteration)
+        if not (folder / ".metadata").is_file():
+            raise RecipeError(f"--iteration {iteration}: {folder} is not a complete checkpoint")
+    else:
+        root = path
+        folder, problem = resolve_resume(path, "--checkpoint", required=True)
+        if problem is not None:
+            raise RecipeError(problem)
+    try:
+        step = int(folder.name.removeprefix("iter_"))
+    except ValueError:
+        raise RecipeError(f"--checkpoint: {folder} is not an iter_XXXXXXX checkpoint folder") from None
+    return root, folder, step
+
+
+class _SliceReader:
+    """Global tensors of a dist checkpoint, or one index of their first axis, read without a process group."""
+
+    def __init__(self, folder: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.reader = FileSystemReader(str(folder))
+        self.metadata = self.reader.read_metadata()
+        self.tensors = {
+            key: md
+            for key, md in self.metadata.state_dict_metadata.items()
+            if hasattr(md, "chunks") and not key.startswith(_NOT_WEIGHTS)
+        }
+
+    def shape(self, key: str) -> torch.Size:
+        return self.tensors[key].size
+
+    def read(self, key: str, index: int | None = None) -> Tensor:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.tensors[key]
+        size = list(md.size) if index is None else [1, *md.size[1:]]
+        offsets = [0] * len(size) if index is None else [index] + [0] * (len(size) - 1)
+        out = torch.empty(size, dtype=md.properties.dtype)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(size))
+
+        class OneSlice(DefaultLoadPlanner):  # the default planner would ask for the whole global tensor
+            def create_local_plan(self) -> LoadPlan:
+                return LoadPlan(create_read_items_for_chunk_list(key, md, [chunk]))
+
+            def lookup_tensor(self, index) -> Tensor:  # the read items' offsets are relative to ``out``
+                return out
+
+        dcp.load({key: out}, storage_reader=self.reader, planner=OneSlice(), no_dist=True)
+        return out if index is None else out[0]
+
+
+def _stacked_key(megatron_key: str) -> tuple[str, int | None]:
+    """``decoder.layers.3.mlp...`` -> (``decoder.layers.mlp...``, 3): how dist_checkpointing stores layers."""
+    parts = megatron_key.split(".")
+    if parts[:2] == ["decoder", "layers"] and parts[2].isdigit():
+        return ".".join(parts[:2] + parts[3:]), int(parts[2])
+    return megatron_key, None
+
+
+# ----------------------------------------------------------------------------- the run's description
+
+
+def _run_recipe(root: Path) -> RecipeConfig:
+    path = root / CONFIG
+    if not path.is_file():
+        raise RecipeError(
+            f"--checkpoint: {root} has no {CONFIG} (the recipe its run saved beside the checkpoints); "
+            "export a folder that solopo-train wrote"
+        )
+    return load_config(str(path), [])
+
+
+def _base_hf_config(root: Path, cfg: RecipeConfig) -> dict | None:
+    """The Hugging Face config the run started from: the copy beside the checkpoints, else the folder."""
+    for path in (root / HF_CONFIG_COPY, Path(cfg.checkpoint.pretrained_hf or "") / "config.json"):
+        if cfg.checkpoint.pretrained_hf and path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """HF tensor names in order, cut into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in items:
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RecipeError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    iteration: int | None = None,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    log: Callable[[str], None] = print,
+) -> ExportSummary:
+    """Writes the Hugging Face directory of a solopo-train checkpoint.
+
+    Args:
+        checkpoint: a run's ``checkpoint.save`` folder (its latest iteration) or one ``iter_*`` folder.
+        out: the directory to write: config.json, generation_config.json, model-*.safetensors with
+            model.safetensors.index.json, and the run's tokenizer files.
+        iteration: which iteration of the run folder (default: the latest).
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (the checkpoint's fp32 weights are exact in fp32).
+        overwrite: replace a non-empty ``out`` (written beside it first, swapped in at the end).
+        max_shard_bytes: the largest safetensors shard (peak memory is about one shard).
+
+    Raises RecipeError for a folder that is not a checkpoint, a model the Hugging Face Llama / Qwen2
+    architectures cannot express, a checkpoint tensor that has no Hugging Face place (named), and an
+    ``out`` that exists and is not empty without ``overwrite``.
+    """
+    from ..data.tokenize import load_tokenizer
+
+    if dtype not in DTYPES:
+        raise RecipeError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    root, folder, step = _checkpoint_dir(checkpoint, iteration)
+    cfg = _run_recipe(root)
+    tokenizer = load_tokenizer(cfg.dataset.tokenizer, "dataset.tokenizer (of the run's config.yaml)")
+    vocab = model_vocab_size(cfg, len(tokenizer))
+    try:
+        hf_config = export_hf_config(cfg.model, vocab, tokenizer, _base_hf_config(root, cfg), dtype)
+    except ValueError as error:
+        raise RecipeError(f"cannot export {folder}: {error}") from None
+
+    tensors = _SliceReader(folder)
+    fused = any(key.endswith("linear_qkv.layer_norm_weight") for key in tensors.tensors)
+    plan = megatron_to_hf_plan(cfg.model, fused, vocab)
+    stacked = {_stacked_key(key)[0] for key in plan}
+    unmapped = sorted(key for key in tensors.tensors if key not in stacked)
+    if unmapped:
+        raise RecipeError(
+            f"cannot export {folder}: its tensor {unmapped[0]!r} has no Hugging Face counterpart"
+            + (f" ({len(unmapped) - 1} more)" if len(unmapped) > 1 else "")
+        )
+    missing = sorted(key for key in stacked if key not in tensors.tensors)
+    if missing:
+        raise RecipeError(f"cannot export {folder}: it has no tensor {missing[0]!r} for this model section")
+
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    sizes = [
+        (hf_key, itemsize * _numel(shape, vocab))
+        for conversion in plan.values()
+        for hf_key, shape in zip(conversion.hf_keys, conversion.shapes)
+    ]
+    shards = _plan_shards(sizes, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shard_of = {hf_key: i for i, shard in enumerate(shards) for hf_key in shard}
+
+    out = Path(out)
+    staging = _prepare_out(out, overwrite)
+    log(
+        f"exporting {folder} (iteration {step}) to {out}: {len(sizes)} tensors, {len(shards)} shard(s), {dtype}"
+    )
+    total = _write_shards(tensors, plan, staging, names, shard_of, DTYPES[dtype], log)
+    weight_map = {hf_key: names[shard_of[hf_key]] for hf_key, _ in sizes}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (staging / "generation_config.json").write_text(json.dumps(generation_config(hf_config), indent=2) + "\n")
+    tokenizer.save_pretrained(str(staging))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log(f"wrote {out}: {total / 2**20:.1f} MiB of weights")
+    return ExportSummary(out, step, len(sizes), len(shards), total)
+
+
+def _numel(shape: tuple[int | None, ...], vocab: int) -> int:
+    n = 1
+    for width in shape:
+        n *= vocab if width is None else width
+    return n
+
+
+def _converted(tensors: _SliceReader, plan: dict) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, tensor) in the plan's order, one Megatron tensor (or layer slice) read at a time."""
+    for megatron_key, conversion in plan.items():
+        key, layer = _stacked_key(megatron_key)
+        parts = conversion.split(tensors.read(key, layer))
+        for hf_key, part, shape in zip(conversion.hf_keys, parts, conversion.shapes):
+            if any(w is not None and w != h for w, h in zip(shape, part.shape)):
+                raise RecipeError(
+                    f"checkpoint tensor {megatron_key} gives {hf_key} of shape {tuple(part.shape)}, "
+                    f"but the model section needs {shape}"
+                )
+            yield hf_key, part
+
+
+def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log) -> int:
+    from safetensors.torch import save_file
+
+    buffer: dict[str, Tensor] = {}
+    current, total = 0, 0
+
+    def flush() -> None:
+        save_file(buffer, str(staging / names[current]), metadata={"format": "pt"})
+        log(f"  {names[current]}: {len(buffer)} tensors")
+        buffer.clear()
+
+    for hf_key, tensor in _converted(tensors, plan):
+        if shard_of[hf_key] != current:
+            flush()
+            current = shard_of[hf_key]
+        buffer[hf_key] = tensor.to(
+            dtype=dtype, copy=True
+        ).contiguous()  # views share storage: safetensors refuses them
+        total += buffer[hf_key].numel() * buffer[hf_key].element_size()
+    flush()
+    return total
