@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,9 @@ class _SliceReader:
             def lookup_tensor(self, index) -> Tensor:  # the read items' offsets are relative to ``out``
                 return out
 
-        dcp.load({key: out}, storage_reader=self.reader, planner=OneSlice(), no_dist=True)
+        with warnings.catch_warnings():  # one process without a process group is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({key: out}, storage_reader=self.reader, planner=OneSlice(), no_dist=True)
         return out if index is None else out[0]
 
 
