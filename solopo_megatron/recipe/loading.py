@@ -24,6 +24,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     from omegaconf import OmegaConf
 
+    _register_resolvers()
     recipe = load_recipe_layers(Path(path)) if path is not None else OmegaConf.create()
     for override in overrides:
         recipe = apply_override(recipe, override)
@@ -32,7 +33,34 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         config.solopo.loss_config()  # validates the loss keys
     except ValueError as error:
         raise ValueError(str(error).replace("SoLoPOConfig.", "solopo.")) from None
+    _gguf_as_folders(config)
     return config
+
+
+def _register_resolvers() -> None:
+    """``${package_file:PACKAGE/FILE}``: a file shipped inside an installed package (recipe.gguf)."""
+    from omegaconf import OmegaConf
+
+    from .gguf import package_file
+
+    if not OmegaConf.has_resolver("package_file"):
+        import omegaconf
+
+        # omegaconf 2.4 names it register_resolver; in 2.3 that name is the deprecated legacy API
+        major_minor = tuple(int(part) for part in omegaconf.__version__.split(".")[:2])
+        register = OmegaConf.register_resolver if major_minor >= (2, 4) else OmegaConf.register_new_resolver
+        register("package_file", package_file)
+
+
+def _gguf_as_folders(config: RecipeConfig) -> None:
+    """A ``.gguf`` file as checkpoint.pretrained_hf or dataset.tokenizer -> its converted Hugging Face
+    folder in the cache (converted on first use; see recipe.gguf)."""
+    from .gguf import converted_folder, is_gguf
+    from .sources import cache_dir
+
+    for section, key in ((config.checkpoint, "pretrained_hf"), (config.dataset, "tokenizer")):
+        if is_gguf(getattr(section, key)):
+            setattr(section, key, str(converted_folder(getattr(section, key), cache_dir(config))))
 
 
 def _merge_onto_schema(layer, where: str):

@@ -232,3 +232,17 @@ def test_trained_with_tensor_and_pipeline_parallelism_exports_to_transformers(tm
     """Qwen2 with tied embeddings, trained 2 steps at TP=2 x PP=2 (4 processes)."""
     layout = ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]
     _trained_checkpoint_matches_transformers(tmp_path, "qwen2-tied", layout, 4)
+
+
+def test_layer_slices_are_read_alone(qwen2_tied):
+    """The export's reader returns one layer of a layer-stacked tensor, equal to that row of the whole."""
+    from solopo_megatron.megatron.hf_export import _SliceReader
+
+    _, run = qwen2_tied
+    reader = _SliceReader(next(run.glob("iter_*")))
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    whole = reader.read(key)
+    assert whole.shape[0] == 2 and reader.shape(key) == whole.shape
+    for layer in range(2):
+        assert torch.equal(reader.read(key, layer), whole[layer])
+    assert not any(k.startswith(("optimizer", "rng_state")) for k in reader.tensors)
