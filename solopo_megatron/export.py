@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=args.max_shard_size,
             log=lambda text: print(text, flush=True),
         )
-    except (RecipeError, DataError, FileNotFoundError) as error:
+    except (RecipeError, DataError, ValueError, OSError) as error:  # e.g. a config.yaml the schema refuses
         print(f"solopo-export: error: {error}", file=sys.stderr)
         return 2
     return 0

