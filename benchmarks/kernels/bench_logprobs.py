@@ -379,7 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     device_name = (
         torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
     )
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a compiled baseline never silently runs eager
+    # A compiled baseline never silently runs eager (the flag's older name is tried for older torch).
+    for flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(torch._dynamo.config, flag):
+            setattr(torch._dynamo.config, flag, True)
+            report_flag = flag
+            break
+    else:
+        report_flag = None
 
     report = {
         "benchmark": "token_logprobs",
@@ -391,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_GBps": copy_bandwidth_gbps(device),
         "smoke": args.smoke,
         "quick": args.quick,
+        "dynamo_recompile_limit_raises": report_flag,
         "shapes": shapes,
         "results": [],
         "skipped": [],
