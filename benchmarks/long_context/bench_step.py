@@ -261,12 +261,10 @@ def _timed_steps(case: dict, cfg, parallel) -> dict:
 
 
 def _device_peak_tflops(device) -> float | None:
-    """The dense bf16 peak the trainer's MFU uses (recipe.sizing); None on CPU or an unknown GPU."""
-    import torch
+    """The dense bf16 peak the trainer's MFU uses; None on CPU or an unknown GPU."""
+    from solopo_megatron.megatron.metrics import peak_tflops
 
-    from solopo_megatron.recipe.sizing import peak_tflops_for
-
-    return peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return peak_tflops(None, device)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -17,6 +17,7 @@ that checkpoint's ``config.json`` and ``generation_config.json`` (``hf_config.js
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..recipe.checkpoints import CONFIG, LATEST, iter_dir, iteration_folders, resolve_resume
+from ..recipe.checkpoints import CONFIG, LATEST, damage, iter_dir, iteration_folders, resolve_resume
 from ..recipe.errors import RecipeError
 from ..recipe.hf_config import (
     HF_CONFIG_COPY,
@@ -39,6 +40,7 @@ from ..recipe.hf_config import (
 from ..recipe.loading import load_config
 from ..recipe.schema import RecipeConfig
 from ..recipe.sizing import padded_vocab_size
+from ..recipe.sources import model_vocab_size
 from .hf_weights import megatron_to_hf_plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -67,17 +69,13 @@ def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tup
     path = Path(checkpoint).resolve()
     if not path.is_dir():
         raise RecipeError(f"--checkpoint: {path} is not a directory")
-    if (path / ".metadata").is_file():  # one iteration's folder
-        root, folder = path.parent, path
-        if iteration is not None and iter_dir(root, iteration) != folder:
-            raise RecipeError(f"--iteration {iteration}: {path} is the checkpoint of another iteration")
-    elif iteration is not None:
-        root, folder = path, iter_dir(path, iteration)
-        if not (folder / ".metadata").is_file():
-            raise RecipeError(f"--iteration {iteration}: {folder} is not a complete checkpoint")
+    found = iteration_folders(path)  # none in one iteration's own folder
+    if iteration is not None and found:
+        folder = iter_dir(path, iteration)
+        reason = damage(folder)
+        if reason is not None:
+            raise RecipeError(f"--iteration {iteration}: {folder} {reason}")
     else:
-        root = path
-        found = iteration_folders(path)
         if found and not (path / LATEST).exists():
             raise RecipeError(
                 f"--checkpoint: {path} has no {LATEST}; pass --iteration N "
@@ -86,6 +84,9 @@ def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tup
         folder, problem = resolve_resume(path, "--checkpoint", required=True)
         if problem is not None:
             raise RecipeError(problem)
+        if iteration is not None and folder != iter_dir(folder.parent, iteration):
+            raise RecipeError(f"--iteration {iteration}: {folder} is the checkpoint of another iteration")
+    root = folder.parent
     try:
         step = int(folder.name.removeprefix("iter_"))
     except ValueError:
@@ -160,10 +161,11 @@ def _run_recipe(root: Path) -> RecipeConfig:
 def _kept_json(root: Path, copy: str, cfg: RecipeConfig, original: str) -> dict | None:
     """A Hugging Face json of the run's pretrained checkpoint: the copy beside the checkpoints, else the
     pretrained folder's own (runs saved before the copies were kept), else None."""
-    for path in (root / copy, Path(cfg.checkpoint.pretrained_hf or "") / original):
-        if path.is_file() and (path.parent == root or cfg.checkpoint.pretrained_hf):
-            return json.loads(path.read_text())
-    return None
+    candidates = [root / copy]
+    if cfg.checkpoint.pretrained_hf:
+        candidates.append(Path(cfg.checkpoint.pretrained_hf) / original)
+    found = next((path for path in candidates if path.is_file()), None)
+    return json.loads(found.read_text()) if found else None
 
 
 def _run_tokenizer(root: Path, cfg: RecipeConfig):
@@ -172,15 +174,6 @@ def _run_tokenizer(root: Path, cfg: RecipeConfig):
     if (root / TOKENIZER_COPY).is_dir():
         return load_tokenizer(str(root / TOKENIZER_COPY), f"the tokenizer kept in {root / TOKENIZER_COPY}")
     return load_tokenizer(cfg.dataset.tokenizer, "dataset.tokenizer (of the run's config.yaml)")
-
-
-def _vocab_rows(cfg: RecipeConfig, tokenizer, base: dict | None) -> int:
-    """Embedding rows before Megatron's padding, by training's rule (recipe.sources.model_vocab_size)
-    applied to what the run kept: model.vocab_size, else the larger of the tokenizer's and the
-    pretrained checkpoint's rows."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    return max(len(tokenizer), int(base["vocab_size"]) if base and "vocab_size" in base else 0)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -244,7 +237,7 @@ def export_checkpoint(
     cfg = _run_recipe(root)
     tokenizer = _run_tokenizer(root, cfg)
     base = _kept_json(root, HF_CONFIG_COPY, cfg, "config.json")
-    vocab = _vocab_rows(cfg, tokenizer, base)
+    vocab = model_vocab_size(cfg, len(tokenizer), base.get("vocab_size") if base else None)
     try:
         hf_config = export_hf_config(cfg.model, vocab, tokenizer, base, dtype)
     except ValueError as error:
@@ -306,10 +299,7 @@ def export_checkpoint(
 
 
 def _numel(shape: tuple[int | None, ...], vocab: int) -> int:
-    n = 1
-    for width in shape:
-        n *= vocab if width is None else width
-    return n
+    return math.prod(vocab if width is None else width for width in shape)
 
 
 def _converted(tensors: _SliceReader, plan: dict) -> Iterator[tuple[str, Tensor]]:
@@ -341,9 +331,8 @@ def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log) -> 
         if shard_of[hf_key] != current:
             flush()
             current = shard_of[hf_key]
-        buffer[hf_key] = tensor.to(
-            dtype=dtype, copy=True
-        ).contiguous()  # views share storage: safetensors refuses them
+        # A copy: split parts are views of one tensor, and safetensors refuses tensors that share storage.
+        buffer[hf_key] = tensor.to(dtype=dtype, copy=True).contiguous()
         total += buffer[hf_key].numel() * buffer[hf_key].element_size()
     flush()
     return total

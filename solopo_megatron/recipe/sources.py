@@ -70,18 +70,23 @@ def sequence_encoder(ds: DatasetSection) -> SequenceEncoder:
     )
 
 
-def model_vocab_size(cfg: RecipeConfig, tokenizer_size: int | None) -> int | None:
+def model_vocab_size(
+    cfg: RecipeConfig, tokenizer_size: int | None, pretrained_rows: int | None = None
+) -> int | None:
     """Embedding rows before Megatron's padding: model.vocab_size, else the larger of the tokenizer's size
-    and the pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens); None if neither is known."""
+    and the pretrained checkpoint's rows (Qwen2.5: 152064 rows for 151665 tokens); None if neither is known.
+
+    ``pretrained_rows``: the checkpoint's rows when the caller has them (solopo-export reads the config a
+    run kept); else they are read from ``checkpoint.pretrained_hf``'s config.json, if it is there."""
     if cfg.model.vocab_size is not None:
         if tokenizer_size is not None and cfg.model.vocab_size < tokenizer_size:
             raise RecipeError(
                 f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {tokenizer_size} tokens"
             )
         return cfg.model.vocab_size
-    sizes = [tokenizer_size]
+    sizes = [tokenizer_size, pretrained_rows]
     hf = cfg.checkpoint.pretrained_hf
-    if hf and (Path(hf) / "config.json").is_file():
+    if pretrained_rows is None and hf and (Path(hf) / "config.json").is_file():
         from .hf_config import vocab_size_from_hf_config
 
         sizes.append(vocab_size_from_hf_config(hf))
