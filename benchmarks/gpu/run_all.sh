@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU proof and its measurements, one command on one H100/H200, under 9 minutes, no network:
+# The GPU proof and its measurements, one command on one H100/H200, no network; its stage time limits
+# add up to under 9 minutes (not yet run on a GPU):
 #
 #   bash benchmarks/gpu/fetch_wheels.sh          # first, where the package registries are (-> .whl/)
 #   bash benchmarks/gpu/run_all.sh OUT_DIR       # then on the GPU machine, .whl/ beside the checkout

@@ -1,7 +1,7 @@
 """Token log-probs from vocab-parallel logits: ours against the field, on the same shapes in one run.
 
     python benchmarks/kernels/bench_logprobs.py                 # CUDA: the full grid, results JSON
-    python benchmarks/kernels/bench_logprobs.py --quick         # CUDA: two shapes, under 3 minutes
+    python benchmarks/kernels/bench_logprobs.py --quick         # CUDA: two shapes, sized for < 3 min (not yet timed on a GPU)
     python benchmarks/kernels/bench_logprobs.py --smoke         # CPU, tiny shapes (checks the script runs)
 
 Per-rank shapes (T tokens x V_local vocab columns) with a single-rank process group; bf16 logits;
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreted Triton")
     parser.add_argument(
-        "--quick", action="store_true", help=f"CUDA, the shapes {QUICK_SHAPES} (under 3 minutes)"
+        "--quick", action="store_true", help=f"CUDA, the shapes {QUICK_SHAPES} (sized for under 3 minutes)"
     )
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), help="default: all that import")
     parser.add_argument("--tokens", nargs="+", type=int, help=f"default {FULL_TOKENS}")
