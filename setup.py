@@ -31,6 +31,7 @@ setup(
             "solopo-train = solopo_megatron.train:main",
             "solopo-ref-logps = solopo_megatron.train:ref_logps_main",
             "solopo-data = solopo_megatron.cli:main",
+            "solopo-experiment = solopo_megatron.experiment.run:main",
             "solopo-export = solopo_megatron.export:main",
         ]
     },

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .data.errors import DataError, Problem
+from .data.synthetic import DEFAULT_REJECTED_KINDS, REJECTED_KINDS
 from .objectives import MODES, SoLoPOConfig, required_roles
 
 # --------------------------------------------------------------------------- argparse types
@@ -129,9 +130,17 @@ def cmd_synthetic(args) -> int:
     from .data.synthetic import generate_synthetic_records, write_jsonl
 
     check_output_path(args.out, label=f"--out {args.out}")
-    records = generate_synthetic_records(
-        args.num_records, seed=args.seed, long_target_words=args.long_target_words
-    )
+    try:
+        records = generate_synthetic_records(
+            args.num_records,
+            seed=args.seed,
+            long_target_words=args.long_target_words,
+            facts_per_context=args.facts_per_context,
+            rejected_kinds=tuple(args.rejected_kinds),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     count = write_jsonl(records, args.out)
     print(f"wrote {count} records to {args.out}")
     return 0
@@ -350,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-records", type=_positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long-target-words", type=_non_negative_int, default=300)
+    p.add_argument(
+        "--facts-per-context",
+        type=_positive_int,
+        default=1,
+        help="facts per context: the asked one plus confounders (other subjects, same attribute)",
+    )
+    p.add_argument(
+        "--rejected-kinds",
+        nargs="+",
+        choices=REJECTED_KINDS,
+        default=list(DEFAULT_REJECTED_KINDS),
+        help="rejected answer per record, drawn among these (in_context needs --facts-per-context >= 2)",
+    )
     p.set_defaults(func=cmd_synthetic)
 
     p = sub.add_parser("build-long", help="bury each short context among distractor documents")

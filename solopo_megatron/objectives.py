@@ -146,6 +146,19 @@ def _rewards(
     return {role: orpo_log_odds(mean_logps[role]) for role in logps}
 
 
+def sequence_rewards(
+    cfg: SoLoPOConfig,
+    logps: Mapping[str, Tensor],
+    num_tokens: Mapping[str, Tensor],
+    ref_logps: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """role -> the loss's implicit reward of each sequence (DPO: beta (S - S_ref), SimPO: beta S / n,
+    ORPO: log-odds of S / n), from sums ``logps`` of ``num_tokens`` response tokens; for metrics."""
+    mean = {role: logps[role] / num_tokens[role].to(logps[role].dtype).clamp(min=1) for role in logps}
+    ref = dict(ref_logps) if ref_logps is not None else None
+    return _rewards(cfg, dict(logps), mean, ref)
+
+
 def orpo_log_odds(mean_logp: Tensor) -> Tensor:
     """log(p / (1 - p)) for log p = ``mean_logp`` < 0, computed as u - log(-expm1(u))."""
     u = mean_logp.clamp(max=ORPO_MAX_MEAN_LOGP)

@@ -51,12 +51,17 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
             help="validate without GPUs and print the layout, lengths, microbatches, tokens and memory",
         )
         parser.add_argument(
+            "--eval-only",
+            action="store_true",
+            help="evaluate the latest checkpoint of checkpoint.load (or checkpoint.save) and exit",
+        )
+        parser.add_argument(
             "--world-size",
             type=int,
             default=None,
             help="dry run: GPUs to plan for (default: cluster.num_nodes x cluster.gpus_per_node)",
         )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come after overrides
 
 
 def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True) -> int:
@@ -116,8 +121,16 @@ def _train(cfg) -> None:
     training.train(training.setup(cfg))
 
 
+def _evaluate(cfg) -> None:
+    from .megatron import trainer as training
+
+    training.evaluate_only(training.setup(cfg, evaluation=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``solopo-train``: validates, then trains; returns the exit code."""
+    if "--eval-only" in (sys.argv[1:] if argv is None else argv):
+        return _run(argv, "solopo-train", _evaluate)
     return _run(argv, "solopo-train", _train)
 
 

@@ -4,6 +4,13 @@ Each record hides one fact ("The code of the blue falcon is 4821.") in a short e
 the long context buries that document among generated filler documents (built with
 :func:`build_long_context`, counting words as tokens). The fact's attribute words ("code",
 "serial", ...) never occur in filler text, so the question is answerable only from the evidence.
+
+With ``facts_per_context`` K > 1 the short context also states K - 1 *confounders*: the same
+attribute of other subjects, each in its own document, in random order. The ``in_context``
+rejected answer gives the asked subject a confounder's value, so chosen and rejected both quote a
+number of the context and only a model that reads which subject a value belongs to prefers the
+chosen one; ``metadata.candidates`` lists the K answers (the chosen one first) for likelihood-based
+answer accuracy.
 Everything comes from an embedded vocabulary, so a small tokenizer trained on
 :func:`synthetic_tokenizer_corpus` covers all text, and every output is a pure function of the seed.
 """
@@ -22,6 +29,7 @@ from solopo_megatron.data.long_context import build_long_context
 
 __all__ = [
     "ATTRIBUTES",
+    "DEFAULT_REJECTED_KINDS",
     "REJECTED_KINDS",
     "SYSTEM_PROMPT",
     "UNANSWERABLE",
@@ -88,7 +96,10 @@ DIGITS = tuple("0123456789")
 
 UNANSWERABLE = "The text does not say."
 SYSTEM_PROMPT = "Answer the question using only the text."
-REJECTED_KINDS = ("wrong", "unanswerable")
+# wrong: a value absent from the context; unanswerable: UNANSWERABLE; in_context: a confounder's
+# value (needs facts_per_context >= 2).
+REJECTED_KINDS = ("wrong", "unanswerable", "in_context")
+DEFAULT_REJECTED_KINDS = ("wrong", "unanswerable")
 
 
 _IRREGULAR_PLURALS = {
@@ -198,28 +209,36 @@ def generate_synthetic_records(
     *,
     seed: int,
     long_target_words: int = 300,
-    rejected_kinds: Sequence[str] = REJECTED_KINDS,
+    rejected_kinds: Sequence[str] = DEFAULT_REJECTED_KINDS,
     id_prefix: str = "syn",
+    facts_per_context: int = 1,
 ) -> list[dict[str, Any]]:
     """``num_records`` SoLoPO records, each asking for one fact hidden in its evidence document.
 
     Record i depends only on (seed, i): asking for more records extends the list, it does not
-    change the first ones. The rejected answer is a wrong value or :data:`UNANSWERABLE`, chosen
-    per record among ``rejected_kinds``.
+    change the first ones. The rejected answer is a wrong value, :data:`UNANSWERABLE` or (with
+    ``facts_per_context`` >= 2) a confounder's value from the same context, chosen per record among
+    ``rejected_kinds``. With ``facts_per_context`` >= 2, ``metadata.candidates`` holds every
+    answer the context supports (chosen first).
     """
     _check_int("num_records", num_records, minimum=0)
     _check_int("seed", seed)
     _check_int("long_target_words", long_target_words, minimum=0)
+    _check_int("facts_per_context", facts_per_context, minimum=1)
+    if facts_per_context > len(NOUNS):
+        raise ValueError(f"facts_per_context must be <= {len(NOUNS)}, got {facts_per_context}")
     kinds_ok = not isinstance(rejected_kinds, str) and all(k in REJECTED_KINDS for k in rejected_kinds)
     if not kinds_ok or not rejected_kinds:
         raise ValueError(
             f"rejected_kinds must be a non-empty subset of {REJECTED_KINDS}, got {rejected_kinds!r}"
         )
+    if "in_context" in rejected_kinds and facts_per_context < 2:
+        raise ValueError("rejected kind 'in_context' needs facts_per_context >= 2 (a confounder's value)")
     if not isinstance(id_prefix, str) or not id_prefix:
         raise ValueError(f"id_prefix must be a non-empty string, got {id_prefix!r}")
     distractors = generate_distractor_documents(_DISTRACTOR_POOL, seed=seed)
     return [
-        _record(i, seed, distractors, long_target_words, tuple(rejected_kinds), id_prefix)
+        _record(i, seed, distractors, long_target_words, tuple(rejected_kinds), id_prefix, facts_per_context)
         for i in range(num_records)
     ]
 
@@ -231,12 +250,19 @@ def _record(
     long_target_words: int,
     rejected_kinds: tuple[str, ...],
     id_prefix: str,
+    facts_per_context: int = 1,
 ) -> dict[str, Any]:
     rng = random.Random(_stable_seed("record", seed, index))
     attribute, subject = rng.choice(ATTRIBUTES), _thing(rng)
     gold = str(rng.randint(1000, 9999))
     fact = f"The {attribute} of the {subject} is {gold}."
     short_context = _evidence_document(fact, subject, rng)
+    confounders: list[tuple[str, str]] = []  # (subject, value) of the other facts
+    if facts_per_context > 1:
+        confounders = _confounders(subject, gold, facts_per_context - 1, rng)
+        documents = [f"The {attribute} of the {other} is {value}." for other, value in confounders]
+        documents.insert(rng.randint(0, len(documents)), short_context)
+        short_context = "\n\n".join(documents)
     long_context, info = build_long_context(
         short_context, distractors, target_tokens=long_target_words, count_tokens=count_words,
         depth=rng.random(), rng=rng,
@@ -244,8 +270,20 @@ def _record(
     kind = rng.choice(rejected_kinds)
     if kind == "wrong":
         rejected = f"The {attribute} of the {subject} is {_wrong_value(gold, rng)}."
+    elif kind == "in_context":
+        rejected = f"The {attribute} of the {subject} is {rng.choice(confounders)[1]}."
     else:
         rejected = UNANSWERABLE
+    metadata: dict[str, Any] = {
+        "gold_answer": gold,
+        "rejected_kind": kind,
+        "evidence_depth": info["depth"],
+        "long_tokens": info["long_tokens"],
+        "num_distractors": info["num_distractors"],
+    }
+    if confounders:
+        answers = [gold] + [value for _, value in confounders]
+        metadata["candidates"] = [f"The {attribute} of the {subject} is {value}." for value in answers]
     return {
         "id": f"{id_prefix}-{index:06d}",
         "question": f"What is the {attribute} of the {subject}?",
@@ -254,14 +292,23 @@ def _record(
         "chosen": fact,
         "rejected": rejected,
         "system": SYSTEM_PROMPT,
-        "metadata": {
-            "gold_answer": gold,
-            "rejected_kind": kind,
-            "evidence_depth": info["depth"],
-            "long_tokens": info["long_tokens"],
-            "num_distractors": info["num_distractors"],
-        },
+        "metadata": metadata,
     }
+
+
+def _confounders(subject: str, gold: str, count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``count`` (subject, value) pairs: subjects with nouns other than the asked subject's (and each
+    other's), values distinct from the gold one and each other."""
+    nouns = [noun for noun in NOUNS if noun != subject.split()[-1]]
+    values: set[str] = {gold}
+    pairs = []
+    for noun in rng.sample(nouns, count):
+        value = gold
+        while value in values:
+            value = str(rng.randint(1000, 9999))
+        values.add(value)
+        pairs.append((f"{rng.choice(ADJECTIVES)} {noun}", value))
+    return pairs
 
 
 def _evidence_document(fact: str, subject: str, rng: random.Random) -> str:

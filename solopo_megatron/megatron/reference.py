@@ -7,13 +7,11 @@ loads, and keeps a copy next to a run's checkpoints (so a resumed run trains aga
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ..data.dataset import TokenizedDataset
@@ -27,8 +25,9 @@ from ..recipe.sources import (
     reference_store_target,
     resolve_reference_store,
 )
-from .inputs import Data, step_batches
-from .step import StepContext, run_schedule
+from .inputs import Data
+from .scoring import score_dataset
+from .step import StepContext
 
 
 def reference_fingerprint(data: Data) -> str:
@@ -49,39 +48,24 @@ def reference_store_path(cfg: RecipeConfig, data: Data) -> Path:
 
 
 def compute_reference_store(
-    ctx: StepContext, chunks: list, data: Data, *, batch_size: int, path: str | Path, fingerprint: str
+    ctx: StepContext,
+    chunks: list,
+    data: Data,
+    *,
+    batch_size: int,
+    path: str | Path,
+    fingerprint: str,
+    datasets: list[tuple[TokenizedDataset, tuple[str, ...]]] | None = None,
 ) -> ReferenceStore:
-    """Per-sequence log-prob sums of the current weights over ``reference_datasets(data)``, written to
-    ``path`` (by the logging replica's last stage) and loaded back on every rank."""
-    parallel = ctx.parallel
-    ctx = dataclasses.replace(ctx, forward_only_logps=True)
-    entries: list[tuple[str, dict[str, float]]] = []
-    for chunk in chunks:
-        chunk.eval()
-    with torch.no_grad():
-        for dataset, roles in reference_datasets(data):
-            for start in range(0, len(dataset), batch_size):
-                indices = list(range(start, min(start + batch_size, len(dataset))))
-                mbs = step_batches(data, dataset, indices, roles, parallel, None)
-                reports = run_schedule(ctx, chunks, mbs, seq_length=data.max_tokens, forward_only=True)
-                for mb, report in zip(mbs, reports):
-                    sums = report["sequence_logps"].cpu()
-                    for g, example_id in enumerate(mb.example_ids):
-                        if mb.valid[g]:
-                            entries.append((example_id, dict(zip(roles, sums[g].tolist()))))
-    for chunk in chunks:
-        chunk.train()
-    if parallel.is_last_stage and parallel.tp_rank == 0 and parallel.cp_rank == 0:
-        gathered: list = [entries]
-        if parallel.dp_group is not None:
-            gathered = [None] * parallel.dp
-            dist.all_gather_object(gathered, entries, group=parallel.dp_group)
-        if parallel.dp_rank == 0:
-            store = ReferenceStore(ROLES, data_fingerprint=fingerprint, info={"source": "initial weights"})
-            for part in gathered:
-                for example_id, sums in part:
-                    store.add(example_id, sums)
-            store.save(path)
+    """Per-sequence log-prob sums of the current weights over ``datasets`` (default
+    ``reference_datasets(data)``), written to ``path`` by the logging rank and loaded back on every rank."""
+    store = ReferenceStore(ROLES, data_fingerprint=fingerprint, info={"source": "initial weights"})
+    for dataset, roles in datasets if datasets is not None else reference_datasets(data):
+        scores = score_dataset(ctx, chunks, data, dataset, roles, batch_size=batch_size)
+        for example_id, (sums, _) in (scores or {}).items():  # scores: the logging rank only
+            store.add(example_id, sums)
+    if ctx.parallel.is_logging_rank:
+        store.save(path)
     dist.barrier()
     return load_reference_store(path, data_fingerprint=fingerprint)
 
@@ -108,15 +92,18 @@ def ensure_reference_store(
     )
 
 
-def keep_reference_with_checkpoints(store: ReferenceStore | None, root: str | Path) -> None:
-    """Copies the store a run trains against into its checkpoint root once (call on one rank)."""
+def keep_reference_with_checkpoints(
+    store: ReferenceStore | None, root: str | Path, name: str = REFERENCE_COPY
+) -> None:
+    """Copies the store a run trains (or evaluates) against into its checkpoint root once as ``name``
+    (call on one rank)."""
     root = Path(root)
-    if store is None or (root / REFERENCE_COPY).exists():
+    if store is None or (root / name).exists():
         return
-    tmp = root / f"{REFERENCE_COPY}.tmp"
+    tmp = root / f"{name}.tmp"
     try:
         shutil.copyfile(store.path, tmp)
-        os.replace(tmp, root / REFERENCE_COPY)
+        os.replace(tmp, root / name)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed copy (disk full) leaves no partial file behind
         raise

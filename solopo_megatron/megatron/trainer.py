@@ -30,6 +30,7 @@ from ..data.loading import GlobalBatchSampler
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
 from ..data.tokenize import load_tokenizer
+from ..recipe.errors import RecipeError
 from ..recipe.hf_config import HF_CONFIG_COPY, HF_GENERATION_CONFIG_COPY, TOKENIZER_COPY
 from ..recipe.loading import to_dict
 from ..recipe.schema import RecipeConfig
@@ -44,6 +45,14 @@ from .checkpoint import (
     take_run_lock,
 )
 from .inputs import Data, prepare_data, step_batches
+from .long_eval import (
+    EVAL_REFERENCE_COPY,
+    LengthSet,
+    ensure_eval_reference,
+    evaluate_long_contexts,
+    format_long_metrics,
+    prepare_long_eval,
+)
 from .metric_writers import MetricWriters
 from .metrics import (
     EVAL_KEYS,
@@ -77,6 +86,8 @@ class Trainer:
     log: Callable[[str], None] = print
     steps_done: int = 0  # optimizer steps completed so far (start_step included)
     last_checkpoint: Path | None = None  # the newest complete checkpoint (resumed from or saved)
+    long_eval: list[LengthSet] = field(default_factory=list)  # eval.long_lengths' held-out sets
+    eval_store: ReferenceStore | None = None  # their reference sums (DPO)
 
     @property
     def chunks(self) -> list:
@@ -150,7 +161,20 @@ class Trainer:
                 reports.extend(self.run(mbs, forward_only=True))
         for chunk in self.chunks:
             chunk.train()
-        return reduce_reports(reports, self.parallel)
+        result = reduce_reports(reports, self.parallel)
+        if self.long_eval:
+            result.update(
+                evaluate_long_contexts(
+                    self.ctx, self.chunks, data, self.long_eval, self.eval_store, batch_size=batch
+                )
+            )
+        return result
+
+    def log_eval(self, step: int, result: dict[str, float]) -> None:
+        """The evaluation's console lines: the validation set's metrics, then each long-context length's."""
+        self.log(f"eval step {step}: {format_metrics(result, EVAL_KEYS)}")
+        if self.long_eval and result:
+            self.log(f"eval step {step} long contexts: {format_long_metrics(result, self.long_eval)}")
 
     def save(self, step: int) -> Path:
         """A checkpoint after ``step`` under ``checkpoint.save``, with the reference store kept beside it."""
@@ -165,6 +189,7 @@ class Trainer:
         )
         if self.parallel.rank == 0:
             keep_reference_with_checkpoints(self.store, c.save)
+            keep_reference_with_checkpoints(self.eval_store, c.save, EVAL_REFERENCE_COPY)
         return path
 
     def interrupted(self) -> Interrupted:
@@ -226,18 +251,22 @@ def setup(
     init_state: dict | None = None,
     log: Callable[[str], None] | None = None,
     reference_pass: bool = False,
+    evaluation: bool = False,
 ) -> Trainer:
     """Process groups, data, model, optimizer and scheduler, reference store and resume from the latest
     checkpoint; initial weights from ``init_state`` (a full state dict) if given.
 
     ``reference_pass`` (solopo-ref-logps): the initial weights only, for writing the reference store:
-    no checkpoint is resumed, no run lock taken, nothing written into ``checkpoint.save``."""
+    no checkpoint is resumed, no run lock taken, nothing written into ``checkpoint.save``.
+    ``evaluation`` (solopo-train --eval-only): the latest checkpoint is loaded, but no run lock is taken
+    and nothing is written into ``checkpoint.save``."""
     init_process_group()
     # Also for direct API callers. The reference store is checked where it is loaded (its fingerprint
     # comes from the tokenised data then), so the data files are not hashed a second time here.
     validate_recipe(cfg, dist.get_world_size(), check_paths=False, check_reference=False)
     printer = log or (lambda text: print(text, flush=True))
-    if cfg.checkpoint.save and not reference_pass:
+    writes_run_folder = bool(cfg.checkpoint.save) and not (reference_pass or evaluation)
+    if writes_run_folder:
         dist.barrier()  # every rank has checked the folder before rank 0 writes the lock into it
         take_run_lock(cfg.checkpoint.save, dist.get_rank(), printer)
     parallel = init_parallel_state(cfg.model, cfg.rng.seed)
@@ -258,6 +287,11 @@ def setup(
     )
     if not reference_pass:
         trainer.store = ensure_reference_store(cfg, ctx, state.chunks, data, trainer.log)
+        # Before a checkpoint is loaded: DPO's evaluation rewards need the initial weights' sums.
+        trainer.long_eval = prepare_long_eval(cfg, parallel.rank, data)
+        trainer.eval_store = ensure_eval_reference(
+            cfg, ctx, state.chunks, data, trainer.long_eval, trainer.log
+        )
     if resume_from is not None:
         trainer.start_step = load_checkpoint(
             resume_from,
@@ -268,7 +302,7 @@ def setup(
         )
         trainer.steps_done, trainer.last_checkpoint = trainer.start_step, resume_from
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")
-    if cfg.checkpoint.save and parallel.rank == 0 and not reference_pass:
+    if writes_run_folder and parallel.rank == 0:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
 
@@ -350,7 +384,7 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
         result = trainer.evaluate()
         trainer.history.append({"step": 0, "eval": result})
         writers.write(trainer.history[-1])
-        trainer.log(f"eval step 0: {format_metrics(result, EVAL_KEYS)}")
+        trainer.log_eval(0, result)
     start = time.perf_counter()
     throughput = Throughput(
         trainer.parallel.world_size, peak_tflops(cfg.logger.peak_tflops_per_gpu, trainer.parallel.device)
@@ -358,8 +392,12 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
     save_every = cfg.checkpoint.save_interval
     skipped_in_a_row = 0
     progress = _progress_bar(trainer, iters)
+    train_seconds = 0.0  # time in training steps (evaluation and checkpoints excluded), this process
     for step in range(trainer.start_step, iters):
+        step_start = time.perf_counter()
         metrics = trainer.train_step(step, sampler)
+        train_seconds += time.perf_counter() - step_start
+        metrics["train_seconds"] = train_seconds
         trainer.steps_done = step + 1
         throughput.add(metrics)
         if metrics["skipped"]:
@@ -392,7 +430,7 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
             )
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters):
             entry["eval"] = trainer.evaluate()
-            trainer.log(f"eval step {step + 1}: {format_metrics(entry['eval'], EVAL_KEYS)}")
+            trainer.log_eval(step + 1, entry["eval"])
         trainer.history.append(entry)
         writers.write(entry)
         if progress is not None:
@@ -402,6 +440,22 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
     if progress is not None:
         progress.close()
     return trainer.history
+
+
+def evaluate_only(trainer: Trainer) -> dict[str, float]:
+    """``solopo-train --eval-only``: the evaluation of the loaded weights (the latest checkpoint of
+    ``checkpoint.load`` / ``checkpoint.save``, else the initial ones), logged and written as one entry."""
+    cfg = trainer.cfg
+    if trainer.data.valid is None:
+        raise RecipeError("--eval-only: the recipe has no validation data (dataset.valid_path)")
+    writers = MetricWriters(cfg.logger, to_dict(cfg), enabled=trainer.parallel.is_logging_rank)
+    try:
+        result = trainer.evaluate()
+        writers.write({"step": trainer.start_step, "eval": result})
+        trainer.log_eval(trainer.start_step, result)
+    finally:
+        writers.close()
+    return result
 
 
 def _progress_bar(trainer: Trainer, iters: int):

@@ -192,6 +192,11 @@ class SyntheticSection:
     num_valid: int = positive(64)
     seed: int = 0
     long_target_words: int = at_least(120, 0)
+    # Facts stated per context (the asked one + confounders: the same attribute of other subjects).
+    facts_per_context: int = positive(1)
+    # Per record, one of: wrong (a value not in the context), unanswerable, in_context (a
+    # confounder's value; needs facts_per_context >= 2).
+    rejected_kinds: list[str] = field(default_factory=lambda: ["wrong", "unanswerable"])
 
 
 @dataclass
@@ -255,6 +260,20 @@ class CheckpointSection:
 
 
 @dataclass
+class EvalSection:
+    """``eval:``: held-out long contexts at several lengths, scored on every ``train.eval_interval``.
+
+    Each validation record's short context is buried anew among distractor documents (the
+    short-to-long construction, evidence at a random depth, deterministic per ``seed`` and record)
+    at every length of ``long_lengths``: a token count (``4096``) or a multiple of the record's own
+    long context (``2x``). Distractors are the validation long contexts' non-evidence documents."""
+
+    long_lengths: list[str] = field(default_factory=list)  # [] : no long-context evaluation
+    num_records: int | None = positive(None)  # validation records used (None: all)
+    seed: int = at_least(0, 0)
+
+
+@dataclass
 class LoggerSection:
     """``logger:``: metrics file, TensorBoard, wandb and the MFU peak."""
 
@@ -301,6 +320,7 @@ class RecipeConfig:
     dataset: DatasetSection = field(default_factory=DatasetSection)
     solopo: SolopoSection = field(default_factory=SolopoSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     rng: RngSection = field(default_factory=RngSection)

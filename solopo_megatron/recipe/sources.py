@@ -45,7 +45,12 @@ def write_synthetic_files(cfg: RecipeConfig) -> None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         records = generate_synthetic_records(
-            count, seed=seed, long_target_words=s.long_target_words, id_prefix=prefix
+            count,
+            seed=seed,
+            long_target_words=s.long_target_words,
+            id_prefix=prefix,
+            facts_per_context=s.facts_per_context,
+            rejected_kinds=tuple(s.rejected_kinds),
         )
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         write_jsonl(records, tmp)

@@ -171,6 +171,8 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
             f"dataset.max_tokens: {ds.max_tokens} is below the largest possible group "
             f"({group_bound} tokens from max_short_length / max_long_length, padded); raise it"
         )
+    problems.extend(synthetic_problems(cfg))
+    problems.extend(long_eval_problems(cfg))
     decay = cfg.scheduler.lr_decay_iters or t.train_iters
     iters_ok = not {"train.train_iters", "scheduler.lr_decay_iters", "scheduler.lr_warmup_iters"} & bad
     if iters_ok and cfg.scheduler.lr_warmup_iters >= max(1, decay):
@@ -178,6 +180,47 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
             f"scheduler.lr_warmup_iters: {cfg.scheduler.lr_warmup_iters} must be below the decay "
             f"iterations ({decay})"
         )
+    return problems
+
+
+def synthetic_problems(cfg: RecipeConfig) -> list[str]:
+    """``dataset.synthetic``'s rejected kinds (when the recipe uses the synthetic data)."""
+    from ..data.synthetic import REJECTED_KINDS
+
+    s = cfg.dataset.synthetic
+    if cfg.dataset.train_path is not None:
+        return []
+    problems = []
+    unknown = [kind for kind in s.rejected_kinds if kind not in REJECTED_KINDS]
+    if unknown or not s.rejected_kinds:
+        problems.append(
+            f"dataset.synthetic.rejected_kinds: must be a non-empty list of {', '.join(REJECTED_KINDS)}; "
+            f"got {list(s.rejected_kinds)}"
+        )
+    if "in_context" in s.rejected_kinds and s.facts_per_context < 2:
+        problems.append(
+            "dataset.synthetic.rejected_kinds: in_context (a confounder's value) needs "
+            f"dataset.synthetic.facts_per_context >= 2, got {s.facts_per_context}"
+        )
+    return problems
+
+
+def long_eval_problems(cfg: RecipeConfig) -> list[str]:
+    """``eval.long_lengths``: each a token count or a multiple, each once; and validation data to build from."""
+    from ..data.eval_sets import parse_long_length
+
+    problems, labels = [], []
+    for i, value in enumerate(cfg.eval.long_lengths):
+        try:
+            labels.append(parse_long_length(value).label)
+        except ValueError as error:
+            problems.append(f"eval.long_lengths[{i}]: {error}")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        problems.append(f"eval.long_lengths: {', '.join(repeated)} listed more than once")
+    ds = cfg.dataset
+    if cfg.eval.long_lengths and ds.train_path is not None and ds.valid_path is None:
+        problems.append("eval.long_lengths: needs validation records to build from; set dataset.valid_path")
     return problems
 
 

@@ -1,0 +1,1 @@
+"""``solopo-experiment``: train recipe variants side by side, then compare them (JSON, table, plots)."""
