@@ -191,6 +191,33 @@ CASES = {
         2,
         "cluster.gpu_memory_gib: must be a finite number, got inf",
     ),
+    # The synthetic data's rejected kinds and the long-context evaluation's lengths.
+    "synthetic kind unknown": (
+        ["dataset.synthetic.rejected_kinds=[wrong,odd]"],
+        2,
+        "dataset.synthetic.rejected_kinds: must be a non-empty list of wrong, unanswerable, in_context",
+    ),
+    "in_context with one fact": (
+        ["dataset.synthetic.rejected_kinds=[in_context]"],
+        2,
+        "in_context (a confounder's value) needs dataset.synthetic.facts_per_context >= 2, got 1",
+    ),
+    "long length unreadable": (
+        ["eval.long_lengths=[2x,long]"],
+        2,
+        "eval.long_lengths[1]: must be a positive token count (4096) or a multiple of the long context (2x)",
+    ),
+    "long length zero": (["eval.long_lengths=[0x]"], 2, "eval.long_lengths[0]: must be a positive"),
+    "long length twice": (
+        ["eval.long_lengths=[2x,2.0x,512]"],
+        2,
+        "eval.long_lengths: 2x listed more than once",
+    ),
+    "long eval without valid data": (
+        ["dataset.train_path=t.jsonl", "eval.long_lengths=[2x]"],
+        2,
+        "eval.long_lengths: needs validation records to build from; set dataset.valid_path",
+    ),
     # The prompt template: the data layer's rule, reported by key before anything is tokenised.
     "template without context": (
         ["dataset.prompt_template='Q: {question}'"],

@@ -90,7 +90,9 @@ def _cpu_count() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _git_commit(folder: Path) -> str | None:
+def git_commit(folder: Path | None = None) -> str | None:
+    """HEAD of the repository holding ``folder`` (default: this package's code), +dirty if modified."""
+    folder = folder or Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=10
@@ -205,7 +207,7 @@ def write_report(spec: ExperimentSpec, summaries: Sequence[dict], *, argv: Seque
         "recipe": str(spec.recipe),
         "command": " ".join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(Path(__file__).resolve().parent),  # the code that trained
+        "commit": git_commit(),  # the code that wrote the report; each variant records its own
         "machine": machine_info(),
         "total_wall_seconds": sum(s.get("wall_seconds", 0.0) for s in summaries),
     }

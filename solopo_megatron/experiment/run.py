@@ -26,7 +26,7 @@ from pathlib import Path
 from ..recipe.errors import RecipeError
 from ..recipe.loading import load_config
 from ..recipe.validation import config_problems
-from .report import summarize_run, write_report
+from .report import git_commit, markdown_table, summarize_run, write_report
 from .spec import ExperimentSpec, Variant, load_experiment
 
 SUMMARY = "summary.json"
@@ -81,7 +81,7 @@ def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: 
         tail: list[str] = []
         for line in process.stdout:
             log.write(line)
-            if "records/s" in line:  # tokenisation progress bars: the log keeps them
+            if "records/s" in line or not line.strip():  # tokenisation progress bars: the log keeps them
                 continue
             tail = (tail + [line.rstrip()])[-20:]
             if echo:
@@ -95,6 +95,7 @@ def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: 
         command=command,
         exit_code=returncode,
         wall_seconds=wall,
+        commit=git_commit(),  # the code this variant trained with
     )
     if returncode != 0:
         summary["log_tail"] = tail
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     written = write_report(spec, summaries, argv=sys.argv if argv is None else ["solopo-experiment", *argv])
+    print(markdown_table(summaries))
     for path in written:
         print(f"wrote {path}")
     failed = [s["name"] for s in summaries if s["exit_code"] != 0]

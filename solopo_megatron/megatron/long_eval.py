@@ -38,7 +38,7 @@ from ..data.eval_sets import (
     parse_long_length,
 )
 from ..data.records import ROLES, iter_records
-from ..data.reference_store import ReferenceStore, load_reference_store
+from ..data.reference_store import ReferenceStore, load_reference_store, read_store_header
 from ..data.synthetic import write_jsonl
 from ..objectives import SoLoPOConfig, sequence_rewards
 from ..recipe.errors import RecipeError
@@ -183,10 +183,13 @@ def ensure_eval_reference(
 
     fingerprint = eval_fingerprint(sets)
     path = cache_dir(cfg) / "reference" / f"eval-{fingerprint}-{initial_model_fingerprint(cfg)}.jsonl"
-    copies = [Path(root) / EVAL_REFERENCE_COPY for root in (cfg.checkpoint.load, cfg.checkpoint.save) if root]
-    for candidate in [path, *copies]:
-        if candidate.exists():
-            return load_reference_store(candidate, data_fingerprint=fingerprint)
+    if path.exists():
+        return load_reference_store(path, data_fingerprint=fingerprint)
+    # A resumed run's copy, unless it belongs to other evaluation sets (eval.* changed since).
+    for root in filter(None, (cfg.checkpoint.load, cfg.checkpoint.save)):
+        copy = Path(root) / EVAL_REFERENCE_COPY
+        if copy.exists() and read_store_header(copy).get("data_fingerprint") == fingerprint:
+            return load_reference_store(copy, data_fingerprint=fingerprint)
     log(f"computing the long-context evaluation's reference log-probs from the initial weights -> {path}")
     datasets = [(s.records, ROLES) for s in sets]
     datasets += [(s.candidates, CANDIDATE_ROLES) for s in sets if s.candidates is not None]

@@ -94,3 +94,18 @@ def test_build_long_names_bad_input_line(tmp_path, capsys):
     )
     assert code == 2
     assert "short.jsonl:2: field 'question': missing, empty or not a string" in capsys.readouterr().err
+
+
+def test_synthetic_with_confounder_facts(tmp_path, capsys):
+    out = tmp_path / "hard.jsonl"
+    argv = ["synthetic", "--out", str(out), "--num-records", "5", "--facts-per-context", "3"]
+    assert main([*argv, "--rejected-kinds", "in_context"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(len(r["metadata"]["candidates"]) == 3 for r in records)
+    assert {r["metadata"]["rejected_kind"] for r in records} == {"in_context"}
+    assert main(["validate", str(out)]) == 0
+    capsys.readouterr()
+    one_fact = ["synthetic", "--out", str(tmp_path / "x.jsonl"), "--rejected-kinds", "in_context"]
+    assert main(one_fact) == 2
+    assert "in_context' needs facts_per_context >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

@@ -124,6 +124,39 @@ def test_property_answerable_only_from_evidence(seed, n):
         assert f"{attribute} of the {subject}" not in outside
 
 
+def test_confounder_facts_make_the_answer_depend_on_the_context():
+    """facts_per_context=3, in_context: both answers quote a value of the context; only the subject
+    tells them apart, and every candidate is one of the context's values."""
+    records = generate_synthetic_records(40, seed=9, facts_per_context=3, rejected_kinds=["in_context"])
+    for r in records:
+        sentences = re.split(r"(?<=\.) ", r["short_context"].replace("\n\n", " "))
+        facts = [fact.groups() for fact in map(_FACT.match, sentences) if fact]
+        assert len(facts) == 3 and len({subject for _, subject, _ in facts}) == 3
+        assert len({subject.split()[1] for _, subject, _ in facts}) == 3  # distinct nouns, too
+        assert len({value for _, _, value in facts}) == 3 and len({a for a, _, _ in facts}) == 1
+        attribute, subject, gold = _FACT.match(r["chosen"]).groups()
+        assert (attribute, subject, gold) in facts and gold == r["metadata"]["gold_answer"]
+        rejected = _FACT.match(r["rejected"]).groups()
+        assert rejected[:2] == (attribute, subject) and rejected[2] != gold
+        assert rejected[2] in {value for _, _, value in facts}  # another value of the same context
+        candidates = r["metadata"]["candidates"]
+        assert candidates[0] == r["chosen"] and r["rejected"] in candidates
+        assert sorted(_FACT.match(c).group(3) for c in candidates) == sorted(v for _, _, v in facts)
+        assert r["short_context"] in r["long_context"]
+    positions = {r["short_context"].split("\n\n").index(next(
+        doc for doc in r["short_context"].split("\n\n") if r["metadata"]["gold_answer"] in doc
+    )) for r in records}  # fmt: skip
+    assert positions == {0, 1, 2}  # the asked fact is not always first
+
+
+def test_one_fact_per_context_keeps_the_records_as_they_were():
+    """The default (one fact) draws nothing new: no candidates, the same records as rejected kinds
+    without in_context (the bundled recipe's data is unchanged)."""
+    records = generate_synthetic_records(10, seed=0)
+    assert all("candidates" not in r["metadata"] for r in records)
+    assert records == generate_synthetic_records(10, seed=0, facts_per_context=1)
+
+
 def test_distractor_documents():
     docs = generate_distractor_documents(30, seed=5, sentences_per_document=(2, 4))
     assert len(docs) == 30
@@ -143,6 +176,8 @@ def test_distractor_documents():
         (lambda: generate_synthetic_records(2, seed=0, rejected_kinds=()), "rejected_kinds"),
         (lambda: generate_synthetic_records(2, seed=0, rejected_kinds=("odd",)), "rejected_kinds"),
         (lambda: generate_synthetic_records(2, seed=0, id_prefix=""), "id_prefix"),
+        (lambda: generate_synthetic_records(2, seed=0, facts_per_context=0), "facts_per_context"),
+        (lambda: generate_synthetic_records(2, seed=0, rejected_kinds=["in_context"]), "facts_per_context"),
         (lambda: generate_distractor_documents(2, seed=0, sentences_per_document=(0, 2)), "sentences"),
         (lambda: generate_distractor_documents(2, seed=0, sentences_per_document=(5, 2)), "sentences"),
     ],

@@ -102,8 +102,11 @@ def _long_metrics(metrics_file: Path) -> dict[str, float]:
     [
         ["model.context_parallel_size=2"],
         ["model.context_parallel_size=1", "model.tensor_model_parallel_size=2"],
+        pytest.param(
+            ["model.context_parallel_size=1", "model.pipeline_model_parallel_size=2"], marks=pytest.mark.slow
+        ),
     ],
-    ids=["cp2", "tp2"],
+    ids=["cp2", "tp2", "pp2"],
 )
 def test_long_eval_under_a_layout_equals_a_one_process_evaluation(tmp_path, layout):
     """Trained 3 steps (DPO: the evaluation's reference sums too) at CP=2 or TP=2 with evaluations at

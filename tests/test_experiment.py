@@ -1,0 +1,114 @@
+"""solopo-experiment: the experiment file, a 2-variant few-step run end to end (JSON, table, plots),
+resuming, a failing variant, and the checks before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from solopo_megatron.experiment.report import length_labels, markdown_table
+from solopo_megatron.experiment.run import main, variant_command
+from solopo_megatron.experiment.spec import load_experiment
+from solopo_megatron.recipe.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "train.train_iters=4", "train.eval_interval=2", "train.log_interval=2", "scheduler.lr_warmup_iters=0",
+    "train.global_batch_size=8", "dataset.synthetic.num_train=32", "dataset.synthetic.num_valid=8",
+    "dataset.synthetic.long_target_words=60", "eval.long_lengths=[1x,2x]",
+]  # fmt: skip
+
+
+def _experiment(tmp: Path, body: str) -> Path:
+    path = tmp / "exp.yaml"
+    common = {
+        "recipe": str(ROOT / "recipes/paper-small-cpu.yaml"),
+        "output_dir": "out",
+        "overrides": [*FAST, f"dataset.cache_dir={tmp / 'cache'}"],
+    }
+    path.write_text(yaml.safe_dump(common) + body)
+    return path
+
+
+def test_variants_end_to_end(tmp_path, capsys):
+    """Two variants train and are compared; a third that fails at run time is reported, the others
+    still run; a second invocation keeps the finished variants; --report-only rewrites the report."""
+    body = "grid:\n  solopo.mode: [solopo, short_po]\n  solopo.preference_loss: [simpo]\n"
+    body += "variants:\n  - {name: broken, overrides: [dataset.tokenizer=/nonexistent/tokenizer]}\n"
+    path = _experiment(tmp_path, body)
+    assert main(["--config", str(path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "variant(s) failed: broken" in captured.err and "| solopo-simpo |" in captured.out
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in results["variants"]] == ["solopo-simpo", "short_po-simpo", "broken"]
+    assert results["machine"]["cpu_count"] >= 1 and results["commit"] and results["date"]
+    solopo, short, broken = results["variants"]
+    assert broken["exit_code"] != 0 and any("tokenizer" in line for line in broken["log_tail"])
+    for variant in (solopo, short):
+        assert variant["exit_code"] == 0 and variant["steps"] == 4 and variant["evaluations"] == [0, 2, 4]
+        assert variant["commit"] == results["commit"]
+        assert set(variant["long"]) == {"1x", "2x"}
+        for values in variant["long"].values():
+            assert 0 <= values["final_accuracy"] <= 1 and 0 <= values["best_answer_accuracy"] <= 1
+            assert values["final_context_tokens"] > 0
+        assert variant["tokens"] > 0 and variant["train_seconds"] > 0 and variant["peak_mem_gib"] > 0
+        assert variant["wall_seconds"] >= variant["train_seconds"]
+    assert solopo["tokens"] > short["tokens"]  # SoLoPO also forwards the long chosen sequences
+    table = (out / "results.md").read_text()
+    assert "| solopo-simpo |" in table and "long acc @2x" in table and "answer acc @1x" in table
+    assert "| broken | failed" in table
+    assert (out / "accuracy_vs_length.png").stat().st_size > 0 and (out / "cost.png").stat().st_size > 0
+    assert (out / "runs" / "solopo-simpo" / "metrics.jsonl").exists()
+
+    # A second run keeps the finished variants (and tries the failed one again).
+    assert main(["--config", str(path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("done before, kept") == 2 and "broken: training" in captured.out
+    assert main(["--config", str(path), "--report-only"]) == 2  # broken has no summary
+    assert "variant broken has not finished" in capsys.readouterr().err
+    path.write_text(path.read_text().split("variants:")[0])
+    assert main(["--config", str(path), "--report-only"]) == 0
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("grid: {solopo.mode: []}\n", "grid.solopo.mode: must be a non-empty list"),
+        ("variants: [{name: 'a b'}]\n", "variants[0].name: letters, digits"),
+        ("variants: [{name: a}, {name: a}]\n", "variant name(s) a appear more than once"),
+        ("colour: red\n", "unknown key(s) colour"),
+        ("", "no variants"),
+        ("variants: [{name: a, overrides: [solopo.mode=medium]}]\n", "variant a: solopo.mode must be one of"),
+        (
+            "variants: [{name: a, overrides: [train.eval_interval=null]}]\n",
+            "variant a: train.eval_interval: must be set",
+        ),
+    ],
+)
+def test_bad_experiments_fail_before_anything_runs(tmp_path, capsys, body, message):
+    assert main(["--config", str(_experiment(tmp_path, body))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_grid_names_overrides_and_command(tmp_path):
+    spec = load_experiment(_experiment(tmp_path, "grid: {solopo.mode: [long_po], solopo.beta: [0.5, 1]}\n"))
+    assert [v.name for v in spec.variants] == ["long_po-0.5", "long_po-1"]
+    assert spec.variants[1].overrides == ["solopo.mode=long_po", "solopo.beta=1"]
+    command = variant_command(spec, spec.variants[0], tmp_path / "run")
+    assert command[1:4] == ["-m", "solopo_megatron.train", "--config"]
+    assert command.index("solopo.beta=0.5") > command.index("train.train_iters=4")  # its own come last
+    spec.nproc_per_node = 2
+    assert "torch.distributed.run" in variant_command(spec, spec.variants[0], tmp_path / "run")
+    with pytest.raises(RecipeError, match="cannot read"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_table_orders_lengths_and_marks_failures():
+    assert length_labels([{"long": {"4x": {}, "512": {}, "1x": {}, "2x": {}}}]) == ["512", "1x", "2x", "4x"]
+    table = markdown_table([{"name": "a", "exit_code": 3}, {"name": "b", "exit_code": 0, "long": {}}])
+    assert "| a | failed (exit 3) |" in table and "| b |" in table
