@@ -150,9 +150,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+_LOSS_COLOURS = {"dpo": "tab:blue", "simpo": "tab:orange", "orpo": "tab:green"}
+_MODE_STYLES = {"solopo": "-", "short_po": ":", "long_po": "--"}
+
+
+def _style(name: str) -> dict[str, Any]:
+    """Colour by preference loss, line style by mode, read from the variant's overrides or name."""
+    parts = name.split("-")
+    return {
+        "color": next((_LOSS_COLOURS[p] for p in parts if p in _LOSS_COLOURS), None),
+        "linestyle": next((_MODE_STYLES[p] for p in parts if p in _MODE_STYLES), "-."),
+    }
+
+
 def plot_results(summaries: Sequence[dict], folder: Path) -> list[Path]:
-    """accuracy_vs_length.png (long-context and answer accuracy per variant) and cost.png (train time,
-    tokens and peak memory per variant). Needs matplotlib."""
+    """accuracy_vs_length.png (reward accuracy from the short context to the longest evaluated length,
+    and answer accuracy, per variant) and cost.png (train time, tokens and peak memory per variant).
+    Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,17 +176,19 @@ def plot_results(summaries: Sequence[dict], folder: Path) -> list[Path]:
     labels = length_labels(ok)
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, metric, title in (
-        (axes[0], "final_accuracy", "reward accuracy (chosen above rejected)"),
-        (axes[1], "final_answer_accuracy", "answer accuracy (gold answer most likely)"),
+    for ax, metric, title, with_short in (
+        (axes[0], "final_accuracy", "reward accuracy (chosen above rejected)", True),
+        (axes[1], "final_answer_accuracy", "answer accuracy (gold answer most likely)", False),
     ):
+        ticks = (["short"] if with_short else []) + labels
         for s in ok:
             values = [s["long"].get(label, {}).get(metric, math.nan) for label in labels]
-            mode = s["name"].split("-")[0]
-            style = {"solopo": "-", "short_po": ":", "long_po": "--"}.get(mode, "-.")
-            ax.plot(labels, values, style, marker="o", label=s["name"])
+            if with_short:
+                values = [s.get("final_short_accuracy", math.nan), *values]
+            ax.plot(ticks, values, marker="o", label=s["name"], **_style(s["name"]))
+        ax.axhline(0.5, color="gray", linewidth=0.8)
         ax.set_title(title)
-        ax.set_xlabel("evaluated context length")
+        ax.set_xlabel("evaluated context (short, then multiples of the long context)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final accuracy (held-out)")
     axes[1].legend(fontsize=7, ncol=1, loc="best")
@@ -183,12 +199,13 @@ def plot_results(summaries: Sequence[dict], folder: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = [s["name"] for s in ok]
+    colours = [_style(name)["color"] or "tab:blue" for name in names]
     for ax, key, title, scale in (
-        (axes[0], "train_seconds", "training time (s)", 1.0),
+        (axes[0], "train_seconds", "training time (s, steps only)", 1.0),
         (axes[1], "tokens", "tokens processed (M)", 1e-6),
-        (axes[2], "peak_mem_gib", "peak memory (GiB, max RSS on CPU)", 1.0),
+        (axes[2], "peak_mem_gib", "peak memory (GiB; max RSS on CPU)", 1.0),
     ):
-        ax.bar(names, [(s.get(key) or 0.0) * scale for s in ok], color="tab:blue")
+        ax.bar(names, [(s.get(key) or 0.0) * scale for s in ok], color=colours)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.tight_layout()
@@ -202,10 +219,15 @@ def write_report(spec: ExperimentSpec, summaries: Sequence[dict], *, argv: Seque
     """``results.json``, ``results.md`` and (with matplotlib) the plots in the output folder."""
     folder = spec.output_dir
     folder.mkdir(parents=True, exist_ok=True)
+    previous = folder / "results.json"
+    command = " ".join(argv)
+    if "--report-only" in argv and previous.exists():  # keep the command that trained the variants
+        command = json.loads(previous.read_text(encoding="utf-8")).get("command", command)
     header = {
         "experiment": str(spec.path),
         "recipe": str(spec.recipe),
-        "command": " ".join(argv),
+        "command": command,
+        "report_command": " ".join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),  # the code that wrote the report; each variant records its own
         "machine": machine_info(),
@@ -215,11 +237,12 @@ def write_report(spec: ExperimentSpec, summaries: Sequence[dict], *, argv: Seque
     written = [folder / "results.json"]
     written[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     machine = header["machine"]
+    trained_at = sorted({s["commit"] for s in summaries if s.get("commit")}) or ["unknown"]
     lines = [
         f"Experiment `{spec.path.name}` on {machine['cpu'] or machine['platform']} "
-        f"({machine['cpu_count']} cores{', ' + machine['gpu'] if machine['gpu'] else ''}), "
-        f"{header['date']}, commit {header['commit']}, torch {machine['torch']}; "
-        f"total {header['total_wall_seconds'] / 60:.1f} min.",
+        f"({machine['cpu_count']} cores{', ' + machine['gpu'] if machine['gpu'] else ''}), torch "
+        f"{machine['torch']}; variants trained at commit {', '.join(trained_at)}, "
+        f"{header['total_wall_seconds'] / 60:.1f} min in all; report written {header['date']}.",
         "",
         markdown_table(summaries),
     ]
