@@ -87,6 +87,11 @@ def test_variants_end_to_end(tmp_path, capsys):
             "variants: [{name: a, overrides: [train.eval_interval=null]}]\n",
             "variant a: train.eval_interval: must be set",
         ),
+        (
+            "variants: [{name: a, overrides: [checkpoint.load=/somewhere]}]\n",
+            "variant a: checkpoint.load: variants",
+        ),
+        ("grid: {dataset.tokenizer: [a/b]}\n", "variant name 'a/b' (from the grid's values)"),
     ],
 )
 def test_bad_experiments_fail_before_anything_runs(tmp_path, capsys, body, message):

@@ -32,8 +32,11 @@ from .spec import ExperimentSpec, Variant, load_experiment
 SUMMARY = "summary.json"
 
 
-def variant_command(spec: ExperimentSpec, variant: Variant, run_dir: Path) -> list[str]:
-    """The command line that trains one variant (logging into ``run_dir``)."""
+def variant_command(
+    spec: ExperimentSpec, variant: Variant, run_dir: Path, *, saves_checkpoints: bool = False
+) -> list[str]:
+    """The command line that trains one variant (logging into ``run_dir``; its checkpoints, when the
+    recipe saves any, into ``run_dir/checkpoints``, so no variant resumes another's)."""
     launcher = [sys.executable, "-m", "solopo_megatron.train"]
     if spec.nproc_per_node > 1:
         launcher = [
@@ -44,6 +47,8 @@ def variant_command(spec: ExperimentSpec, variant: Variant, run_dir: Path) -> li
         f"logger.metrics_file={run_dir / 'metrics.jsonl'}",
         f"logger.tensorboard_dir={run_dir / 'tensorboard'}",
     ]
+    if saves_checkpoints:
+        logging.append(f"checkpoint.save={run_dir / 'checkpoints'}")
     return [*launcher, "--config", str(spec.recipe), *spec.variant_overrides(variant), *logging]
 
 
@@ -57,6 +62,11 @@ def check_variants(spec: ExperimentSpec) -> None:
             problems.append(f"variant {variant.name}: {error}")
             continue
         problems.extend(f"variant {variant.name}: {p}" for p in config_problems(cfg, spec.nproc_per_node))
+        if cfg.checkpoint.load:
+            problems.append(
+                f"variant {variant.name}: checkpoint.load: variants train from the initial weights (set "
+                "checkpoint.pretrained_hf to start from a model); remove checkpoint.load"
+            )
         if not cfg.train.eval_interval:
             problems.append(
                 f"variant {variant.name}: train.eval_interval: must be set (the comparison reads evaluations)"
@@ -69,7 +79,8 @@ def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: 
     """Trains one variant from scratch; returns its summary (also written to ``run_dir/summary.json``)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    command = variant_command(spec, variant, run_dir)
+    saves = bool(load_config(spec.recipe, spec.variant_overrides(variant)).checkpoint.save)
+    command = variant_command(spec, variant, run_dir, saves_checkpoints=saves)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     with open(run_dir / "train.log", "w", encoding="utf-8") as log:

@@ -84,6 +84,12 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         raise RecipeError(f"{path}: recipe: {spec.recipe} is not a file")
     if not spec.variants:
         raise RecipeError(f"{path}: no variants: give grid and/or variants")
+    for variant in spec.variants:
+        if not _NAME.match(variant.name):
+            raise RecipeError(
+                f"{path}: variant name {variant.name!r} (from the grid's values): letters, digits, '.', '_' and "
+                "'-' only; name it in variants instead"
+            )
     names = [v.name for v in spec.variants]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

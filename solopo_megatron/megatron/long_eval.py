@@ -83,13 +83,21 @@ def prepare_long_eval(cfg: RecipeConfig, rank: int, data: Data) -> list[LengthSe
             lengths.append(parse_long_length(value))
         except ValueError as error:
             raise RecipeError(f"eval.long_lengths[{i}]: {error}") from None
-    spec = {"valid": data.valid.fingerprint, "eval": asdict(cfg.eval)}
+    spec = {"valid": data.valid.fingerprint, "eval": asdict(cfg.eval), "on_error": cfg.dataset.on_error}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir(cfg) / "long_eval" / key
     encoder = sequence_encoder(cfg.dataset)
+    failure: list[str | None] = [None]
     if rank == 0 and not (folder / "done").exists():
-        _write_length_files(cfg, valid_path, lengths, folder, encoder.tokenizer)
-    dist.barrier()
+        try:
+            _write_length_files(cfg, valid_path, lengths, folder, encoder.tokenizer)
+        except Exception as error:  # every rank learns of it (no rank waits at a barrier for rank 0)
+            failure = [str(error)]
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RecipeError(f"eval.long_lengths: rank 0 could not build the evaluation sets: {failure[0]}")
     sets = []
     for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
         if (rank == 0) == rank_turn:
@@ -125,10 +133,12 @@ def _write_length_files(
         write_jsonl(built, tmp / f"{length.label}.jsonl")
         write_jsonl(candidate_records(built), tmp / f"{length.label}-candidates.jsonl")
     (tmp / "done").write_text("")
-    if folder.exists():  # another run finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "done").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another run finished the same build first
 
 
 def _length_set(cfg: RecipeConfig, folder: Path, length: LongLength, encoder, progress: bool) -> LengthSet:
@@ -150,6 +160,8 @@ def _length_set(cfg: RecipeConfig, folder: Path, length: LongLength, encoder, pr
 
 
 def _check_fits(length_set: LengthSet, data: Data) -> None:
+    if not len(length_set.records):
+        raise RecipeError("eval.long_lengths: the validation data has no records to evaluate")
     for dataset in filter(None, (length_set.records, length_set.candidates)):
         longest = max(dataset.padded_length(i, data.pad_multiple) for i in range(len(dataset)))
         if longest > data.max_tokens:
@@ -174,9 +186,15 @@ def ensure_eval_reference(
     data: Data,
     sets: list[LengthSet],
     log: Callable[[str], None],
+    *,
+    weights_are_initial: bool = True,
 ) -> ReferenceStore | None:
     """The eval sets' reference sums (DPO only; None otherwise): loaded from the cache or a checkpoint
-    root's copy, else computed from the current weights (call before a checkpoint is loaded)."""
+    root's copy, else computed from the current weights (call before a checkpoint is loaded).
+
+    ``weights_are_initial=False`` (a resumed run that started from ``checkpoint.pretrained_hf``: the
+    model holds the seeded random init until the checkpoint loads) makes a missing store an error
+    rather than a store of the wrong weights; so does ``solopo.compute_reference_if_missing: false``."""
     if not sets or not cfg.solopo.loss_config().needs_reference:
         return None
     from .reference import compute_reference_store
@@ -190,12 +208,23 @@ def ensure_eval_reference(
         copy = Path(root) / EVAL_REFERENCE_COPY
         if copy.exists() and read_store_header(copy).get("data_fingerprint") == fingerprint:
             return load_reference_store(copy, data_fingerprint=fingerprint)
+    if not weights_are_initial or not cfg.solopo.compute_reference_if_missing:
+        why = (
+            "this run resumes a checkpoint that started from checkpoint.pretrained_hf, whose weights are not "
+            "loaded here"
+            if not weights_are_initial
+            else "solopo.compute_reference_if_missing is false"
+        )
+        raise RecipeError(
+            f"eval.long_lengths: DPO's evaluation needs the initial weights' log-probs of these sets ({path}, "
+            f"or {EVAL_REFERENCE_COPY} beside the checkpoints), and {why}; start the evaluation from the "
+            "initial weights once (a fresh run, or --eval-only without checkpoint.load), or change eval.* back"
+        )
     log(f"computing the long-context evaluation's reference log-probs from the initial weights -> {path}")
-    datasets = [(s.records, ROLES) for s in sets]
-    datasets += [(s.candidates, CANDIDATE_ROLES) for s in sets if s.candidates is not None]
+    # Candidates need none: answer accuracy compares the policy's own log-probs.
     return compute_reference_store(
         ctx, chunks, data, batch_size=cfg.train.global_batch_size, path=path, fingerprint=fingerprint,
-        datasets=datasets,
+        datasets=[(s.records, ROLES) for s in sets],
     )  # fmt: skip
 
 

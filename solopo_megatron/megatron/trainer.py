@@ -271,7 +271,7 @@ def setup(
         take_run_lock(cfg.checkpoint.save, dist.get_rank(), printer)
     parallel = init_parallel_state(cfg.model, cfg.rng.seed)
     data = prepare_data(cfg, parallel)
-    resume_from = None if reference_pass else _resume_path(cfg, parallel)
+    resume_from = None if reference_pass else _resume_path(cfg, parallel, clean=not evaluation)
     pretrained = cfg.checkpoint.pretrained_hf if resume_from is None else None  # a checkpoint replaces it
     state = build_model_and_optimizer(
         cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state, pretrained_hf=pretrained
@@ -290,8 +290,9 @@ def setup(
         # Before a checkpoint is loaded: DPO's evaluation rewards need the initial weights' sums.
         trainer.long_eval = prepare_long_eval(cfg, parallel.rank, data)
         trainer.eval_store = ensure_eval_reference(
-            cfg, ctx, state.chunks, data, trainer.long_eval, trainer.log
-        )
+            cfg, ctx, state.chunks, data, trainer.long_eval, trainer.log,
+            weights_are_initial=pretrained == cfg.checkpoint.pretrained_hf,
+        )  # fmt: skip
     if resume_from is not None:
         trainer.start_step = load_checkpoint(
             resume_from,
@@ -340,8 +341,8 @@ def _keep_for_export(cfg: RecipeConfig) -> None:
             shutil.copyfile(source, root / copy)
 
 
-def _resume_path(cfg: RecipeConfig, parallel: ParallelState) -> Path | None:
-    if cfg.checkpoint.save and parallel.rank == 0:
+def _resume_path(cfg: RecipeConfig, parallel: ParallelState, *, clean: bool = True) -> Path | None:
+    if clean and cfg.checkpoint.save and parallel.rank == 0:
         clean_partial_saves(cfg.checkpoint.save)
     dist.barrier()
     key = "checkpoint.load" if cfg.checkpoint.load else "checkpoint.save"
