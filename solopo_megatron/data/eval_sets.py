@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 _MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*$")
-_DOCUMENT_SPLIT = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")  # blank lines, as in the long-context builder
 
 
 @dataclass(frozen=True)
@@ -67,17 +66,13 @@ def parse_long_length(value: Any) -> LongLength:
     )
 
 
-def _documents(context: str) -> list[str]:
-    return [doc.strip() for doc in _DOCUMENT_SPLIT.split(context) if doc.strip()]
-
-
 def distractor_pool(records: Iterable[Mapping[str, Any]]) -> list[str]:
     """The records' long-context documents that are not evidence (not in their short context),
     each once, in order of first appearance."""
     pool: dict[str, None] = {}
     for record in records:
         evidence = set(evidence_pieces(record["short_context"]))
-        for doc in _documents(record["long_context"]):
+        for doc in evidence_pieces(record["long_context"]):  # its documents: the same blank-line split
             if doc not in evidence:
                 pool.setdefault(doc, None)
     return list(pool)

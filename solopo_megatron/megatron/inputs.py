@@ -3,8 +3,9 @@ cache) and, per step, the microbatches planned for its DP rank and sharded for i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.distributed as dist
 
@@ -18,6 +19,8 @@ from ..objectives import required_roles
 from ..recipe.schema import RecipeConfig
 from ..recipe.sources import cache_dir, data_paths, model_vocab_size, sequence_encoder, write_synthetic_files
 from .parallel import ParallelState
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,6 +53,17 @@ class Data:
         return lines
 
 
+def rank_zero_first(rank: int, build: Callable[[], T]) -> T:
+    """``build()`` on rank 0, then (after a barrier) on every other rank: rank 0 fills a cache (the
+    tokenised data) that the others then read instead of building it again. Collective."""
+    result = None
+    for rank_turn in (True, False):
+        if (rank == 0) == rank_turn:
+            result = build()
+        dist.barrier()
+    return result
+
+
 def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
     """Writes the synthetic files if the recipe uses them, then tokenises (rank 0 first) and opens the data."""
     ds = cfg.dataset
@@ -71,13 +85,11 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
             progress=parallel.rank == 0,
         )[0]
 
-    train = valid = None
-    for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
-        if (parallel.rank == 0) == rank_turn:
-            train = build(train_path, roles)
-            # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
-            valid = build(valid_path, ROLES) if valid_path else None
-        dist.barrier()
+    def build_both() -> tuple[TokenizedDataset, TokenizedDataset | None]:
+        # Validation forwards every role, so long-context accuracy is measured even in chosen-only mode.
+        return build(train_path, roles), build(valid_path, ROLES) if valid_path else None
+
+    train, valid = rank_zero_first(parallel.rank, build_both)
     pad_id = pad_token_id(tokenizer)
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)

@@ -44,7 +44,7 @@ from ..objectives import SoLoPOConfig, sequence_rewards
 from ..recipe.errors import RecipeError
 from ..recipe.schema import RecipeConfig
 from ..recipe.sources import cache_dir, data_paths, initial_model_fingerprint, sequence_encoder
-from .inputs import Data
+from .inputs import Data, rank_zero_first
 from .scoring import Scores, score_dataset
 from .step import StepContext
 
@@ -98,11 +98,9 @@ def prepare_long_eval(cfg: RecipeConfig, rank: int, data: Data) -> list[LengthSe
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         raise RecipeError(f"eval.long_lengths: rank 0 could not build the evaluation sets: {failure[0]}")
-    sets = []
-    for rank_turn in (True, False):  # rank 0 tokenises first; the others then find the cache
-        if (rank == 0) == rank_turn:
-            sets = [_length_set(cfg, folder, length, encoder, rank == 0) for length in lengths]
-        dist.barrier()
+    sets = rank_zero_first(
+        rank, lambda: [_length_set(cfg, folder, length, encoder, rank == 0) for length in lengths]
+    )
     for s in sets:
         _check_fits(s, data)
     return sets
