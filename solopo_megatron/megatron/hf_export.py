@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..data.files import nearest_existing
 from ..recipe.checkpoints import CONFIG, LATEST, damage, iter_dir, iteration_folders, resolve_resume
 from ..recipe.errors import RecipeError
 from ..recipe.hf_config import (
@@ -158,22 +159,32 @@ def _run_recipe(root: Path) -> RecipeConfig:
     return load_config(str(path), [])
 
 
-def _kept_json(root: Path, copy: str, cfg: RecipeConfig, original: str) -> dict | None:
-    """A Hugging Face json of the run's pretrained checkpoint: the copy beside the checkpoints, else the
-    pretrained folder's own (runs saved before the copies were kept), else None."""
+def _kept_json(root: Path, copy: str, cfg: RecipeConfig, original: str) -> tuple[dict | None, Path | None]:
+    """(a Hugging Face json of the run's pretrained checkpoint, the file it came from): the copy beside
+    the checkpoints, else the pretrained folder's own (runs saved before the copies were kept), else None."""
     candidates = [root / copy]
     if cfg.checkpoint.pretrained_hf:
         candidates.append(Path(cfg.checkpoint.pretrained_hf) / original)
     found = next((path for path in candidates if path.is_file()), None)
-    return json.loads(found.read_text()) if found else None
+    if found is None:
+        return None, None
+    try:
+        return json.loads(found.read_text()), found
+    except ValueError as error:
+        raise RecipeError(f"--checkpoint: {found} is not valid JSON ({error}); restore it") from None
 
 
 def _run_tokenizer(root: Path, cfg: RecipeConfig):
+    """(the run's tokenizer, the folder it is read from)."""
+    from ..data.tiny_tokenizer import TINY_TOKENIZER_DIR
     from ..data.tokenize import load_tokenizer
 
     if (root / TOKENIZER_COPY).is_dir():
-        return load_tokenizer(str(root / TOKENIZER_COPY), f"the tokenizer kept in {root / TOKENIZER_COPY}")
-    return load_tokenizer(cfg.dataset.tokenizer, "dataset.tokenizer (of the run's config.yaml)")
+        folder = root / TOKENIZER_COPY
+        return load_tokenizer(str(folder), f"the tokenizer kept in {folder}"), folder
+    name = cfg.dataset.tokenizer
+    tokenizer = load_tokenizer(name, "dataset.tokenizer (of the run's config.yaml)")
+    return tokenizer, TINY_TOKENIZER_DIR if name == "tiny" else Path(name)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -192,16 +203,44 @@ def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return shards
 
 
-def _prepare_out(out: Path, overwrite: bool, root: Path) -> Path:
-    if out == root or out in root.parents:
-        raise RecipeError(f"--out: {out} holds the checkpoint being exported; choose another directory")
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _out_problem(out: Path, sources: list[tuple[Path, str]]) -> str | None:
+    """Why ``--out`` would write into, over or inside a folder the export reads, or None.
+
+    ``sources``: (folder, what it is) of everything read. Writing inside one would mix Hugging Face files
+    into it; writing over one (``--out`` a folder above it, with ``--overwrite``) would delete it."""
+    staging = out.with_name(out.name + ".partial")
+    for source, what in sources:
+        if _within(out, source) or _within(staging, source):
+            where = "is" if out == source else "is inside"
+            return f"--out: {out} {where} {source} ({what}), which the export reads; choose a directory outside it"
+        if _within(source, out):
+            return f"--out: {out} holds {source} ({what}), which the export reads; choose another directory"
+    return None
+
+
+def _prepare_out(out: Path, overwrite: bool, sources: list[tuple[Path, str]]) -> Path:
+    """The staging folder beside ``out`` (``out`` itself is replaced only at the end), after every check."""
+    if (problem := _out_problem(out, sources)) is not None:
+        raise RecipeError(problem)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RecipeError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
+    existing, problem = nearest_existing(out.parent)
+    if problem is not None:
+        raise RecipeError(f"--out: cannot create {out}: {existing} {problem}; choose another directory")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise RecipeError(
+            f"--out: cannot create {out} ({error.strerror}); choose another directory"
+        ) from None
     return staging
 
 
@@ -233,16 +272,26 @@ def export_checkpoint(
     """
     if dtype not in DTYPES:
         raise RecipeError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if iteration is not None and iteration < 1:
+        raise RecipeError(f"--iteration: must be >= 1 (a checkpoint is saved after a step), got {iteration}")
     root, folder, step = _checkpoint_dir(checkpoint, iteration)
     cfg = _run_recipe(root)
-    tokenizer = _run_tokenizer(root, cfg)
-    base = _kept_json(root, HF_CONFIG_COPY, cfg, "config.json")
+    tokenizer, tokenizer_dir = _run_tokenizer(root, cfg)
+    base, base_file = _kept_json(root, HF_CONFIG_COPY, cfg, "config.json")
     vocab = model_vocab_size(cfg, len(tokenizer), base.get("vocab_size") if base else None)
     try:
         hf_config = export_hf_config(cfg.model, vocab, tokenizer, base, dtype)
     except ValueError as error:
         raise RecipeError(f"cannot export {folder}: {error}") from None
-    base_generation = _kept_json(root, HF_GENERATION_CONFIG_COPY, cfg, "generation_config.json")
+    base_generation, generation_file = _kept_json(
+        root, HF_GENERATION_CONFIG_COPY, cfg, "generation_config.json"
+    )
+    # Everything read: --out may be none of these folders, nor inside one, nor above one.
+    sources = [(root, "the run folder"), (tokenizer_dir.resolve(), "the run's tokenizer")]
+    sources += [(f.parent.resolve(), "the pretrained checkpoint") for f in (base_file, generation_file) if f]
+    out = Path(out).resolve()
+    if (problem := _out_problem(out, sources)) is not None:  # before reading any tensor
+        raise RecipeError(problem)
 
     tensors = _SliceReader(folder)
     fused = any(key.endswith("linear_qkv.layer_norm_weight") for key in tensors.tensors)
@@ -274,8 +323,7 @@ def export_checkpoint(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     shard_of = {hf_key: i for i, shard in enumerate(shards) for hf_key in shard}
 
-    out = Path(out).resolve()
-    staging = _prepare_out(out, overwrite, root)
+    staging = _prepare_out(out, overwrite, sources)
     log(
         f"exporting {folder} (iteration {step}) to {out}: {len(sizes)} tensors, {len(shards)} shard(s), {dtype}"
     )
@@ -288,12 +336,15 @@ def export_checkpoint(
         generation = generation_config(hf_config, base_generation)
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save_pretrained(str(staging))
+        _swap_in(staging, out)
+    except OSError as error:  # e.g. the disk filled up: one line naming --out, and nothing half-written
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RecipeError(
+            f"--out: writing {out} failed ({error.strerror or error}); nothing was written"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
     log(f"wrote {out}: {total / 2**20:.1f} MiB of weights")
     return ExportSummary(out, step, len(sizes), len(shards), total)
 
@@ -302,8 +353,28 @@ def _numel(shape: tuple[int | None, ...], vocab: int) -> int:
     return math.prod(vocab if width is None else width for width in shape)
 
 
-def _converted(tensors: _SliceReader, plan: dict) -> Iterator[tuple[str, Tensor]]:
-    """(HF name, tensor) in the plan's order, one Megatron tensor (or layer slice) read at a time."""
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``; an old ``out`` is moved aside first and deleted only afterwards."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# Trained weights stay far below this; above it the run has almost certainly diverged.
+SUSPICIOUS_MAGNITUDE = 1e6
+
+
+def _converted(tensors: _SliceReader, plan: dict) -> Iterator[tuple[str, str, Tensor]]:
+    """(Megatron name, HF name, tensor) in the plan's order, one Megatron tensor (or layer slice) read at a time."""
     for megatron_key, conversion in plan.items():
         key, layer = _stacked_key(megatron_key)
         parts = conversion.split(tensors.read(key, layer))
@@ -313,7 +384,25 @@ def _converted(tensors: _SliceReader, plan: dict) -> Iterator[tuple[str, Tensor]
                     f"checkpoint tensor {megatron_key} gives {hf_key} of shape {tuple(part.shape)}, "
                     f"but the model section needs {shape}"
                 )
-            yield hf_key, part
+            yield megatron_key, hf_key, part
+
+
+def _finite(megatron_key: str, hf_key: str, stored: Tensor, cast: Tensor, log) -> None:
+    """Refuses a tensor with inf/NaN (as stored, or after the cast to the export dtype); warns of a huge one."""
+    if not torch.isfinite(stored).all():
+        bad = int((~torch.isfinite(stored)).sum())
+        raise RecipeError(
+            f"the checkpoint's tensor {megatron_key} ({hf_key}) holds {bad} non-finite value(s): the run "
+            "diverged before this save; export an earlier iteration (--iteration N)"
+        )
+    if not torch.isfinite(cast).all():
+        raise RecipeError(
+            f"the checkpoint's tensor {megatron_key} ({hf_key}) overflows {cast.dtype} (largest magnitude "
+            f"{stored.abs().max().item():.3g}); export with --dtype fp32 or bf16, or an earlier iteration"
+        )
+    largest = stored.abs().max().item() if stored.numel() else 0.0
+    if largest > SUSPICIOUS_MAGNITUDE:
+        log(f"warning: {hf_key} has values up to {largest:.3g}; did the run diverge?")
 
 
 def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log) -> int:
@@ -327,12 +416,13 @@ def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log) -> 
         log(f"  {names[current]}: {len(buffer)} tensors")
         buffer.clear()
 
-    for hf_key, tensor in _converted(tensors, plan):
+    for megatron_key, hf_key, tensor in _converted(tensors, plan):
         if shard_of[hf_key] != current:
             flush()
             current = shard_of[hf_key]
         # A copy: split parts are views of one tensor, and safetensors refuses tensors that share storage.
         buffer[hf_key] = tensor.to(dtype=dtype, copy=True).contiguous()
+        _finite(megatron_key, hf_key, tensor, buffer[hf_key], log)
         total += buffer[hf_key].numel() * buffer[hf_key].element_size()
     flush()
     return total

@@ -246,3 +246,102 @@ def test_layer_slices_are_read_alone(qwen2_tied):
     for layer in range(2):
         assert torch.equal(reader.read(key, layer), whole[layer])
     assert not any(k.startswith(("optimizer", "rng_state")) for k in reader.tensors)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_export_never_writes_into_over_or_inside_what_it_reads(qwen2_tied, tmp_path, capsys):
+    """The run folder, its iteration folders, its tokenizer, a new folder inside it, a folder above it:
+    each refused with --overwrite, and every file of the run is byte-identical afterwards."""
+    from solopo_megatron.export import main
+
+    _, fixture_run = qwen2_tied
+    run = _copy_run(fixture_run, tmp_path / "copy")
+    before = _snapshot(run)
+    iteration = next(run.glob("iter_*"))
+    targets = {
+        run: "is .*the run folder",
+        iteration: "is inside .*the run folder",
+        run / "tokenizer": "is inside .*the run folder",
+        iteration / "hf": "is inside .*the run folder",
+        run / "new-export": "is inside .*the run folder",
+        run.parent: "holds .*the run folder",
+    }
+    for checkpoint in (run, iteration):
+        for out, message in targets.items():
+            assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]) == 2, out
+            err = capsys.readouterr().err
+            assert re.search(f"--out: .*{message}.*which the export reads", err), err
+            assert _snapshot(run) == before, out
+    assert not (iteration / "hf").exists() and not (run / "new-export").exists()
+
+
+def _rewrite_tensor(run: Path, key: str, edit) -> None:
+    """The run's latest checkpoint rewritten (weights only) with ``edit`` applied to tensor ``key``."""
+    import torch.distributed.checkpoint as dcp
+
+    from solopo_megatron.megatron.hf_export import _SliceReader
+
+    folder = next(run.glob("iter_*"))
+    reader = _SliceReader(folder)
+    state = {name: reader.read(name) for name in reader.tensors}
+    state[key] = edit(state[key])
+    for path in folder.glob("*.distcp"):
+        path.unlink()
+    (folder / ".metadata").unlink()
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(qwen2_tied, tmp_path, capsys):
+    """A checkpoint with a NaN is refused; one whose values overflow fp16 is refused for fp16 only."""
+    from solopo_megatron.export import main
+
+    _, fixture_run = qwen2_tied
+    run = _copy_run(fixture_run, tmp_path / "nan")
+    key = "decoder.final_layernorm.weight"
+    _rewrite_tensor(run, key, lambda t: torch.where(torch.arange(t.numel()) == 3, torch.nan, t))
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} (model.norm.weight) holds 1 non-finite value" in err and "--iteration" in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+    huge = _copy_run(fixture_run, tmp_path / "huge")
+    _rewrite_tensor(huge, key, lambda t: t * 1e30)
+    assert main(["--checkpoint", str(huge), "--out", str(tmp_path / "o"), "--dtype", "fp16"]) == 2
+    assert "overflows torch.float16" in capsys.readouterr().err
+    assert main(["--checkpoint", str(huge), "--out", str(tmp_path / "o"), "--dtype", "fp32"]) == 0
+    assert "model.norm.weight has values up to 1" in capsys.readouterr().out
+
+
+def test_export_failures_name_the_option_and_leave_nothing(qwen2_tied, tmp_path, capsys, monkeypatch):
+    """--iteration below 1, an --out under a read-only folder and a full disk: one line naming the
+    option, and no .partial folder left."""
+    from solopo_megatron.export import main
+
+    _, run = qwen2_tied
+    assert main(["--checkpoint", str(run), "--iteration", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "--iteration: must be >= 1" in capsys.readouterr().err
+
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(["--checkpoint", str(run), "--out", str(locked / "hf")]) == 2
+        assert re.search(
+            r"--out: cannot create .*locked/hf: .*locked is not writable", capsys.readouterr().err
+        )
+
+    import errno
+
+    from safetensors import torch as safetensors_torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", disk_full)
+    out = tmp_path / "full"
+    assert main(["--checkpoint", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: writing {out} failed (No space left on device); nothing was written" in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("full")]
