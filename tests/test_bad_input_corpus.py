@@ -9,15 +9,17 @@ recipe, then broken one way each. The entry points run in this process, so the c
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+from checkpoint_files import write_checkpoint_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny-cpu.yaml"
@@ -25,9 +27,14 @@ RECIPE = ROOT / "recipes" / "tiny-cpu.yaml"
 
 @dataclass(frozen=True)
 class Case:
-    command: str  # "data" (solopo-data), "train" (solopo-train), "ref-logps" (solopo-ref-logps)
+    # "data" (solopo-data), "train" (solopo-train), "ref-logps" (solopo-ref-logps), "export"
+    # (solopo-export), "experiment" (solopo-experiment)
+    command: str
     argv: list[str]
-    expected: tuple[str, ...]  # pieces of the message: the file/line/field, or the key or option
+    expected: tuple[str, ...] = ()  # pieces of the message: the file/line/field, or the key or option
+    pattern: str | None = None  # a regex the output must match (re.search), as well
+    code: int = 2  # the exit code (0: a warning case, or input that is accepted)
+    env: dict[str, str] = field(default_factory=dict)  # environment variables set for the case
 
 
 def _records(tmp: Path, count: int = 6) -> list[dict]:
@@ -74,11 +81,10 @@ def _checkpoint_root(tmp: Path, *, latest: str | None, iteration: int = 2, compl
     """A checkpoint folder with one (fake) dist_checkpointing iteration, its run's config.yaml and a latest file."""
     root = tmp / "run"
     folder = root / f"iter_{iteration:07d}"
-    folder.mkdir(parents=True)
     if complete:
-        (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
-        (folder / "common.pt").write_bytes(b"common")
-        (folder / ".metadata").write_bytes(b"shards")
+        write_checkpoint_files(folder)
+    else:
+        folder.mkdir(parents=True)
     from solopo_megatron.recipe.loading import load_config
 
     model = load_config(RECIPE).model
@@ -121,6 +127,7 @@ def _cases() -> dict[str, Callable[[Path], Case]]:
             "data",
             ["validate", str(_data_file(tmp, edit)), "--no-tokenizer-check"],
             ("data.jsonl:3", *expected),
+            code=1,  # solopo-data validate: 1 for invalid records, 2 for a bad command line
         )
 
     # Records that used to pass or end in a traceback.
@@ -350,6 +357,233 @@ def _cases() -> dict[str, Callable[[Path], Case]]:
         return root
 
     checkpoint("a run already writing there", locked, "in use")
+    cases.update(_round3_cases())
+    return cases
+
+
+# ----------------------------------------------------------------------------- round 3 (issue 21)
+
+
+def _run_with_two_iterations(tmp: Path, break_newest: Callable[[Path], None] | None = None) -> Path:
+    """A run folder (config.yaml, tokenizer/, latest = 2) with checkpoints 1 and 2; ``break_newest``
+    damages iteration 2 (1 stays complete, so the fix names it)."""
+    root = _checkpoint_root(tmp, latest="2\n", iteration=2)
+    write_checkpoint_files(root / "iter_0000001")
+    from solopo_megatron.data.tokenize import load_tokenizer
+
+    load_tokenizer("tiny").save_pretrained(str(root / "tokenizer"))
+    if break_newest is not None:
+        break_newest(root / "iter_0000002")
+    return root
+
+
+def _lose_shard(folder: Path) -> None:
+    (folder / "__0_0.distcp").unlink()
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    def cut(folder: Path) -> None:
+        path = folder / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return cut
+
+
+def _pretrained(tmp: Path, **edits) -> Path:
+    """A Hugging Face folder (config.json only: the checks read no weights) of the tiny recipe's model,
+    with ``edits`` applied to its config (``None`` removes a key)."""
+    from solopo_megatron.data.tokenize import load_tokenizer
+    from solopo_megatron.recipe.hf_config import export_hf_config
+    from solopo_megatron.recipe.loading import load_config
+
+    model = load_config(RECIPE, ["model.context_parallel_size=1"]).model
+    config = export_hf_config(model, 1024, load_tokenizer("tiny"), None, "fp32")
+    for key, value in edits.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    folder = tmp / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _a_file(tmp: Path) -> Path:
+    return _write_lines(tmp / "a-file", ["not a folder"])
+
+
+def _round3_cases() -> dict[str, Callable[[Path], Case]]:
+    cases: dict[str, Callable[[Path], Case]] = {}
+
+    def export(name: str, make_argv: Callable[[Path], list[str]], pattern: str) -> None:
+        cases[f"export: {name}"] = lambda tmp: Case("export", make_argv(tmp), pattern=pattern)
+
+    # Data loss: the export never writes into, over or inside a folder it reads.
+    reads = r"--out: .*{where} .*{what}\), which the export reads"
+    export(
+        "--out the only iteration, --overwrite",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run" / "iter_0000002"), "--overwrite"],
+        reads.format(where="is inside", what="the run folder"),
+    )  # fmt: skip
+    export(
+        "--checkpoint ITER --out ITER",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp) / "iter_0000002"), "--out", str(tmp / "run" / "iter_0000002")],
+        reads.format(where="is inside", what="the run folder"),
+    )  # fmt: skip
+    export(
+        "--out the run's tokenizer, --overwrite",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run" / "tokenizer"), "--overwrite"],
+        reads.format(where="is inside", what="the run folder"),
+    )  # fmt: skip
+    export(
+        "--out inside an iteration folder",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run" / "iter_0000002" / "hf")],
+        reads.format(where="is inside", what="the run folder"),
+    )  # fmt: skip
+    export(
+        "--out the run folder itself",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run"), "--overwrite"],
+        reads.format(where="is", what="the run folder"),
+    )  # fmt: skip
+    export(
+        "--out a folder above the run, --overwrite",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp), "--overwrite"],
+        r"--out: .* holds .*run \(the run folder\), which the export reads",
+    )  # fmt: skip
+
+    # Silent wrong training: a pretrained vocabulary smaller than the tokenizer's.
+    small_vocab = (
+        r"checkpoint\.pretrained_hf: .*hf has a vocabulary of 500 .*dataset\.tokenizer's 1024 tokens"
+    )
+    for dry in (False, True):
+        cases[f"recipe: pretrained vocabulary 500 < tokenizer's 1024{' (dry run)' if dry else ''}"] = (
+            lambda tmp, dry=dry: Case(
+                "train",
+                _train(tmp, f"checkpoint.pretrained_hf={_pretrained(tmp, vocab_size=500)}", dry_run=dry),
+                pattern=small_vocab,
+            )
+        )
+
+    # Incomplete checkpoints, judged from their own .metadata before any process group.
+    for what, breaks, message in (
+        ("missing a shard", _lose_shard, r"is missing __0_0\.distcp, a shard its \.metadata lists"),
+        ("with a truncated shard", _truncate("__0_0.distcp"), r"has a truncated __0_0\.distcp \(\d+ bytes, its \.metadata needs \d+"),
+        ("with a truncated common.pt", _truncate("common.pt"), r"has a truncated common\.pt"),
+        ("with a truncated .metadata", _truncate(".metadata"), r"has an unreadable \.metadata"),
+    ):  # fmt: skip
+        cases[f"checkpoint: resume from an iteration {what}"] = lambda tmp, breaks=breaks, message=message: Case(
+            "train",
+            _train(tmp, f"checkpoint.save={_run_with_two_iterations(tmp, breaks)}"),
+            pattern=rf"checkpoint\.save: .*names iter_0000002, which {message}.*`echo 1 > .*latest_checkpointed_iteration\.txt`",
+        )  # fmt: skip
+        export(
+            f"an iteration {what}",
+            lambda tmp, breaks=breaks: ["--checkpoint", str(_run_with_two_iterations(tmp, breaks)), "--out", str(tmp / "hf-out")],
+            rf"--checkpoint: .*names iter_0000002, which {message}.*export it with --iteration 1",
+        )  # fmt: skip
+
+    # Paths and variables, checked before launch: one line naming the key or variable.
+    def start_up(name: str, pattern: str, *overrides: Callable[[Path], str], env: dict | None = None) -> None:
+        cases[f"start-up: {name}"] = lambda tmp: Case(
+            "train",
+            _train(tmp, *(make(tmp) for make in overrides)),
+            pattern=pattern,
+            env={k: v(tmp) if callable(v) else v for k, v in (env or {}).items()},
+        )
+
+    start_up(
+        "dataset.cache_dir under a file",
+        r"dataset\.cache_dir: cannot create .*a-file/cache: .*a-file is a file",
+        lambda tmp: f"dataset.cache_dir={_a_file(tmp) / 'cache'}",
+    )
+    start_up(
+        "dataset.cache_dir on a folder that cannot be written",
+        r"dataset\.cache_dir: cannot write in /sys \(/sys/solopo-cache's nearest existing folder\)",
+        lambda tmp: "dataset.cache_dir=/sys/solopo-cache",
+    )
+    start_up(
+        "SOLOPO_CACHE_DIR a file",
+        r"SOLOPO_CACHE_DIR \(dataset\.cache_dir is unset\): .*a-file is a file, not a folder",
+        lambda tmp: "dataset.cache_dir=null",
+        env={"SOLOPO_CACHE_DIR": lambda tmp: str(_a_file(tmp))},
+    )
+    start_up(
+        "logger.metrics_file a folder",
+        r"logger\.metrics_file: .* is a folder; name a file in it",
+        lambda tmp: f"logger.metrics_file={tmp}",
+    )
+    start_up(
+        "logger.metrics_file where nothing can be written",
+        r"logger\.metrics_file: cannot write in /sys",
+        lambda tmp: "logger.metrics_file=/sys/metrics.jsonl",
+    )
+    start_up(
+        "logger.tensorboard_dir a file",
+        r"logger\.tensorboard_dir: .*a-file is a file, not a folder",
+        lambda tmp: f"logger.tensorboard_dir={_a_file(tmp)}",
+    )
+    for name, value in (
+        ("SOLOPO_DIST_TIMEOUT_MIN", "abc"),
+        ("SOLOPO_DIST_TIMEOUT_MIN", "0"),
+        ("SOLOPO_KERNELS", "foo"),
+    ):
+        start_up(f"{name}={value}", rf"{name}: must be .*got '{value}'", env={name: value})  # fmt: skip
+
+    # Clearer messages.
+    export(
+        "--iteration -1",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--iteration", "-1", "--out", str(tmp / "o")],
+        r"--iteration: must be >= 1",
+    )  # fmt: skip
+    export(
+        "--out where nothing can be written",
+        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", "/sys/solopo-hf"],
+        r"--out: cannot write in /sys \(/sys/solopo-hf's nearest existing folder\)",
+    )  # fmt: skip
+    cases["recipe: eval.long_lengths=2x (not a list)"] = lambda tmp: Case(
+        "train", _train(tmp, "eval.long_lengths=2x"), pattern=r"eval\.long_lengths must be a list, e\.g\. eval\.long_lengths=\[2x\]"
+    )  # fmt: skip
+    cases["recipe: a wrong type names the key without OmegaConf's trailer"] = lambda tmp: Case(
+        "train", _train(tmp, "train.train_iters=many"), pattern=r"train\.train_iters: Value 'many'"
+    )
+    cases["recipe: dataset.tokenizer a data folder"] = lambda tmp: Case(
+        "train",
+        _train(tmp, f"dataset.tokenizer={_data_file(tmp).parent}"),
+        pattern=r"^error: invalid recipe:\n  - dataset\.tokenizer: .* is not a tokenizer folder",
+    )
+
+    def experiment_file(tmp: Path) -> str:
+        text = (
+            f"recipe: {RECIPE}\noutput_dir: {_a_file(tmp) / 'out'}\nvariants: [{{name: a, overrides: []}}]\n"
+        )
+        return str(_write_lines(tmp / "experiment.yaml", [text]))
+
+    cases["experiment: output_dir under a file"] = lambda tmp: Case(
+        "experiment", ["--config", experiment_file(tmp)], pattern=r"output_dir: cannot create .*a-file/out"
+    )
+    for name, edits, message in (
+        ("no config.json", None, r"is not a Hugging Face checkpoint directory \(no config\.json\)"),
+        ("GPT-2", {"architectures": ["GPT2LMHeadModel"]}, r"unsupported architecture GPT2LMHeadModel"),
+        ("Mistral with a sliding window", {"architectures": ["LlamaForCausalLM"], "use_sliding_window": True}, r"sliding-window attention is not supported"),
+        ("Llama with attention_bias", {"attention_bias": True}, r"attention_bias / mlp_bias"),
+    ):  # fmt: skip
+
+        def pretrained_folder(tmp: Path, edits=edits) -> Path:
+            if edits is None:
+                (tmp / "hf").mkdir()
+                return tmp / "hf"
+            return _pretrained(tmp, **edits)
+
+        cases[f"recipe: pretrained_hf with {name} (dry run)"] = lambda tmp, make=pretrained_folder, message=message: Case(
+            "train", _train(tmp, f"checkpoint.pretrained_hf={make(tmp)}", dry_run=True), pattern=message
+        )  # fmt: skip
+
+    def not_json(tmp: Path) -> Path:
+        folder = _pretrained(tmp)
+        (folder / "config.json").write_text("{not json")
+        return folder
+
+    cases["recipe: pretrained_hf config.json not JSON"] = lambda tmp: Case(
+        "train", _train(tmp, f"checkpoint.pretrained_hf={not_json(tmp)}"), pattern=r"checkpoint\.pretrained_hf: .*hf/config\.json cannot be read"
+    )  # fmt: skip
     return cases
 
 
@@ -370,25 +604,38 @@ def end_sleepers():
         sleeper.wait()
 
 
+def _entry_point(command: str) -> Callable[[list[str]], int]:
+    if command == "data":
+        from solopo_megatron.cli import main
+    elif command == "train":
+        from solopo_megatron.train import main
+    elif command == "ref-logps":
+        from solopo_megatron.train import ref_logps_main as main
+    elif command == "export":
+        from solopo_megatron.export import main
+    else:
+        from solopo_megatron.experiment.run import main
+    return main
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_ends_in_one_clear_message(name, tmp_path, capsys):
+def test_bad_input_ends_in_one_clear_message(name, tmp_path, capsys, monkeypatch):
     case = CASES[name](tmp_path)
     capsys.readouterr()  # what building the case printed
+    for variable, value in case.env.items():
+        monkeypatch.setenv(variable, value)
     before = _snapshot(tmp_path)
-    if case.command == "data":
-        from solopo_megatron.cli import main
-    elif case.command == "train":
-        from solopo_megatron.train import main
-    else:
-        from solopo_megatron.train import ref_logps_main as main
     try:
-        code = main(case.argv)
+        code = _entry_point(case.command)(case.argv)
     except SystemExit as exit_:  # argparse reports a bad option by exiting with 2
         code = exit_.code
     out = capsys.readouterr()
     text = out.out + out.err
-    assert code not in (0, None), text
+    assert (code or 0) == case.code, text
     assert "Traceback" not in text, text
+    assert "full_key" not in text and "reference_type" not in text, text  # OmegaConf's trailer
     for piece in case.expected:
         assert piece in text, (piece, text)
+    if case.pattern is not None:
+        assert re.search(case.pattern, text, re.MULTILINE), (case.pattern, text)
     assert _snapshot(tmp_path) == before, "an input was changed or an output left behind"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..recipe.errors import RecipeError
 from ..recipe.loading import load_config
+from ..recipe.preflight import folder_problem
 from ..recipe.validation import config_problems
 from .report import git_commit, markdown_table, summarize_run, write_report
 from .spec import ExperimentSpec, Variant, load_experiment
@@ -53,8 +54,11 @@ def variant_command(
 
 
 def check_variants(spec: ExperimentSpec) -> None:
-    """Every variant's recipe loads and passes the configuration checks (before anything runs)."""
+    """``output_dir`` can be written, and every variant's recipe loads and passes the configuration
+    checks (before anything runs)."""
     problems = []
+    if (problem := folder_problem(spec.output_dir, "output_dir")) is not None:
+        problems.append(problem)
     for variant in spec.variants:
         try:
             cfg = load_config(spec.recipe, spec.variant_overrides(variant))

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.files import nearest_existing
 from ..recipe.checkpoints import CONFIG, LATEST, damage, iter_dir, iteration_folders, resolve_resume
 from ..recipe.errors import RecipeError
 from ..recipe.hf_config import (
@@ -39,6 +38,7 @@ from ..recipe.hf_config import (
     generation_config,
 )
 from ..recipe.loading import load_config
+from ..recipe.preflight import folder_problem
 from ..recipe.schema import RecipeConfig
 from ..recipe.sizing import padded_vocab_size
 from ..recipe.sources import model_vocab_size
@@ -222,17 +222,20 @@ def _out_problem(out: Path, sources: list[tuple[Path, str]]) -> str | None:
     return None
 
 
-def _prepare_out(out: Path, overwrite: bool, sources: list[tuple[Path, str]]) -> Path:
-    """The staging folder beside ``out`` (``out`` itself is replaced only at the end), after every check."""
+def _check_out(out: Path, overwrite: bool, sources: list[tuple[Path, str]]) -> None:
+    """Every ``--out`` problem, raised before any tensor is read."""
     if (problem := _out_problem(out, sources)) is not None:
         raise RecipeError(problem)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RecipeError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-    existing, problem = nearest_existing(out.parent)
-    if problem is not None:
-        raise RecipeError(f"--out: cannot create {out}: {existing} {problem}; choose another directory")
+    if (problem := folder_problem(out, "--out")) is not None:  # a probe write: root passes os.access
+        raise RecipeError(problem)
+
+
+def _prepare_out(out: Path) -> Path:
+    """The staging folder beside ``out`` (``out`` itself is replaced only at the end)."""
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -290,8 +293,7 @@ def export_checkpoint(
     sources = [(root, "the run folder"), (tokenizer_dir.resolve(), "the run's tokenizer")]
     sources += [(f.parent.resolve(), "the pretrained checkpoint") for f in (base_file, generation_file) if f]
     out = Path(out).resolve()
-    if (problem := _out_problem(out, sources)) is not None:  # before reading any tensor
-        raise RecipeError(problem)
+    _check_out(out, overwrite, sources)  # before reading any tensor
 
     tensors = _SliceReader(folder)
     fused = any(key.endswith("linear_qkv.layer_norm_weight") for key in tensors.tensors)
@@ -323,7 +325,7 @@ def export_checkpoint(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     shard_of = {hf_key: i for i, shard in enumerate(shards) for hf_key in shard}
 
-    staging = _prepare_out(out, overwrite, sources)
+    staging = _prepare_out(out)
     log(
         f"exporting {folder} (iteration {step}) to {out}: {len(sizes)} tensors, {len(shards)} shard(s), {dtype}"
     )

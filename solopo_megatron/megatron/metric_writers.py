@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from ..recipe.schema import LoggerSection
@@ -25,6 +26,8 @@ class MetricWriters:
         self.wandb_run = None
         if not enabled:
             return
+        if self.metrics_file:  # its folder was checked before launch (recipe.preflight): create it
+            Path(self.metrics_file).parent.mkdir(parents=True, exist_ok=True)
         if logger.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

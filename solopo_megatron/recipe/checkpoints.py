@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,37 @@ def damage(path: Path) -> str | None:
         return "has no common.pt (an unfinished or damaged save)"
     if backend == "torch_dist" and not (path / ".metadata").is_file():
         return "has no .metadata (an unfinished or damaged save)"
+    if (problem := _common_problem(path / "common.pt")) is not None:
+        return problem
+    return _shards_problem(path) if backend == "torch_dist" else None
+
+
+def _common_problem(common: Path) -> str | None:
+    """A ``common.pt`` written as a zip archive (torch.save's format) whose end is cut off."""
+    with common.open("rb") as handle:
+        is_zip_format = handle.read(4) == b"PK\x03\x04"
+    if is_zip_format and not zipfile.is_zipfile(common):
+        return f"has a truncated common.pt ({common.stat().st_size} bytes; a damaged save)"
+    return None
+
+
+def _shards_problem(path: Path) -> str | None:
+    """Every file the checkpoint's ``.metadata`` lists is there and reaches the end of its last item."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as error:  # a pickle cut short raises EOFError, UnpicklingError, ...
+        return f"has an unreadable .metadata ({type(error).__name__}; a damaged save)"
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"is missing {name}, a shard its .metadata lists (an unfinished or damaged save)"
+        if (size := shard.stat().st_size) < end:
+            return f"has a truncated {name} ({size} bytes, its .metadata needs {end}; a damaged save)"
     return None
 
 
@@ -97,9 +129,11 @@ def _how_to_resume(root: Path, key: str) -> str:
         else "point checkpoint.load at another checkpoint"
     )
     if not complete:
-        return f"no complete checkpoint is left in {root}: {afresh}"
+        return f"no complete checkpoint is left in {root}" + ("" if key == "--checkpoint" else f": {afresh}")
     newest = complete[-1]
     step = int(newest.name[len("iter_") :])
+    if key == "--checkpoint":  # solopo-export
+        return f"the newest complete checkpoint is {newest.name}: export it with --iteration {step}"
     return (
         f"to resume from the newest complete checkpoint, `echo {step} > {latest}` "
         f"(or set checkpoint.load={newest}); or {afresh}"

@@ -63,15 +63,29 @@ def _gguf_as_folders(config: RecipeConfig) -> None:
             setattr(section, key, str(converted_folder(getattr(section, key), cache_dir(config))))
 
 
-def _merge_onto_schema(layer, where: str):
-    """Merges one untyped layer onto the typed schema; unknown keys and bad types name the key."""
+def _merge_onto_schema(layer, where: str, value: str | None = None):
+    """Merges one untyped layer onto the typed schema; unknown keys and bad types name the key.
+
+    ``value``: the override's value as typed, for the example in a "must be a list" message."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         return OmegaConf.merge(OmegaConf.structured(RecipeConfig), layer)
     except OmegaConfBaseException as error:
-        raise ValueError(f"{where}: {error}".strip()) from None
+        raise ValueError(f"{where}: {_schema_message(error, value)}".strip()) from None
+
+
+def _schema_message(error: Exception, value: str | None) -> str:
+    """OmegaConf's message without its ``full_key`` / ``reference_type`` / ``object_type`` trailer, and a
+    plain "must be a list" where a scalar was given for a list key."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    key = getattr(error, "full_key", None)
+    if "is not a ListConfig" in first and key:
+        example = f"{key}=[{value}]" if value is not None else "[...] in YAML"
+        return f"{key} must be a list, e.g. {example}"
+    leaf = key.rpartition(".")[2] if key else ""
+    return first if not key or f"'{leaf}'" in first else f"{key}: {first}"
 
 
 def load_recipe_layers(path: Path, _chain: tuple[Path, ...] = ()):
@@ -159,7 +173,8 @@ def apply_override(recipe, override: str):
         raise ValueError(
             f"override {override!r}: the value is not valid YAML ({problem}); check its quotes and brackets"
         ) from None
-    _merge_onto_schema(value, f"override {override!r}")  # unknown key or wrong type, with a suggestion
+    # An unknown key or a wrong type, with a suggestion.
+    _merge_onto_schema(value, f"override {override!r}", override.partition("=")[2])
     return OmegaConf.merge(recipe, value)
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..data.dataset import DEFAULT_CACHE_DIR, data_fingerprint
+from ..data.dataset import data_fingerprint
 from ..data.records import ROLES
 from ..data.tokenize import LengthLimits, PromptFormat, SequenceEncoder, load_tokenizer
 from ..objectives import required_roles
@@ -21,8 +21,11 @@ from .schema import LAYOUT_MODEL_KEYS, DatasetSection, RecipeConfig
 
 
 def cache_dir(cfg: RecipeConfig) -> Path:
-    """``dataset.cache_dir``, else ``$SOLOPO_CACHE_DIR`` (default ~/.cache/solopo_megatron)."""
-    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else DEFAULT_CACHE_DIR
+    """``dataset.cache_dir``, else ``$SOLOPO_CACHE_DIR`` as set now (default ~/.cache/solopo_megatron)."""
+    if cfg.dataset.cache_dir:
+        return Path(cfg.dataset.cache_dir)
+    from_env = os.environ.get("SOLOPO_CACHE_DIR")
+    return Path(from_env) if from_env else Path.home() / ".cache" / "solopo_megatron"
 
 
 def synthetic_paths(cfg: RecipeConfig) -> tuple[Path, Path]:

@@ -6,6 +6,8 @@ Unknown or misspelt keys and wrong types are caught earlier, by the typed schema
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from ..data.packing import pad_multiple_for
 from ..data.tokenize import tokenizer_available
 from .checkpoints import checkpoint_problems
 from .errors import RecipeError
+from .preflight import environment_problems, output_path_problems
 from .schema import LoggerSection, ModelSection, RecipeConfig, field_bounds, field_choices
 
 
@@ -233,7 +236,7 @@ def path_problems(
     ``check_run_state=False`` leaves out what one rank checks for the whole job: the run lock (a lock on
     another node cannot be judged from here) and the reference store's fingerprint (hashing the data).
     """
-    problems = _file_problems(cfg)
+    problems = environment_problems() + _file_problems(cfg) + output_path_problems(cfg)
     problems.extend(checkpoint_problems(cfg, check_lock=check_run_state))
     if not check_reference:
         problems.extend(store_target_problems(cfg))
@@ -250,11 +253,15 @@ def dry_run_problems(cfg: RecipeConfig, world_size: int | None) -> tuple[list[st
     c = cfg.checkpoint
     if any(path is not None and Path(path).exists() for path in (c.save, c.load)):
         present += checkpoint_problems(cfg)  # a bad checkpoint folder here fails before the allocation
-    return config_problems(cfg, world_size) + present, _file_problems(cfg) + absent
+    pretrained_here = c.pretrained_hf is not None and Path(c.pretrained_hf).is_dir()
+    if pretrained_here:  # a pretrained folder on this machine is checked as the launch will check it
+        present += _pretrained_problems(cfg)
+    files = _file_problems(cfg, pretrained=not pretrained_here) + output_path_problems(cfg)
+    return environment_problems() + config_problems(cfg, world_size) + present, files + absent
 
 
-def _file_problems(cfg: RecipeConfig) -> list[str]:
-    """Data, tokenizer, checkpoints, pretrained weights and wandb on this machine."""
+def _file_problems(cfg: RecipeConfig, *, pretrained: bool = True) -> list[str]:
+    """Data, tokenizer, checkpoints, pretrained weights (``pretrained``) and wandb on this machine."""
     problems = []
     ds = cfg.dataset
     for key, path in (("dataset.train_path", ds.train_path), ("dataset.valid_path", ds.valid_path)):
@@ -265,9 +272,12 @@ def _file_problems(cfg: RecipeConfig) -> list[str]:
         problems.append(
             f"dataset.tokenizer: {ds.tokenizer!r} is neither 'tiny' nor a local tokenizer directory"
         )
+    elif (problem := _tokenizer_problem(ds.tokenizer)) is not None:
+        problems.append(problem)
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
         problems.append(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
-    problems.extend(_pretrained_problems(cfg))
+    if pretrained:
+        problems.extend(_pretrained_problems(cfg))
     if (problem := wandb_problem(cfg.logger)) is not None:
         problems.append(problem)
     return problems
@@ -285,19 +295,63 @@ def wandb_problem(logger: LoggerSection) -> str | None:
 
 
 def _pretrained_problems(cfg: RecipeConfig) -> list[str]:
-    """The Hugging Face checkpoint exists and the model section describes it (key by key)."""
+    """The Hugging Face checkpoint exists, its config.json is JSON, the model section describes it (key
+    by key) and its vocabulary covers the tokenizer's ids (else their embedding rows stay untrained)."""
     path = cfg.checkpoint.pretrained_hf
     if path is None:
         return []
-    if not (Path(path) / "config.json").is_file():
+    config = Path(path) / "config.json"
+    if not config.is_file():
         return [
             f"checkpoint.pretrained_hf: {path} is not a Hugging Face checkpoint directory (no config.json)"
         ]
+    try:
+        hf = json.loads(config.read_text())
+        rows = int(hf["vocab_size"]) if isinstance(hf, dict) else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = "has no vocab_size" if isinstance(error, KeyError) else f"cannot be read ({error})"
+        return [f"checkpoint.pretrained_hf: {config} {reason}; restore the checkpoint's config.json"]
+    if rows is None:
+        return [
+            f"checkpoint.pretrained_hf: {config} is not a JSON object; restore the checkpoint's config.json"
+        ]
     from .hf_config import check_model_matches_hf
 
-    return [
-        f"{problem} (checkpoint.pretrained_hf={path})" for problem in check_model_matches_hf(cfg.model, path)
+    problems = [
+        f"{problem} (checkpoint.pretrained_hf={path})" for problem in check_model_matches_hf(cfg.model, hf)
     ]
+    tokens = _tokenizer_size(cfg.dataset.tokenizer)
+    if tokens is not None and rows < tokens:
+        problems.append(
+            f"checkpoint.pretrained_hf: {path} has a vocabulary of {rows} (config.json vocab_size), fewer "
+            f"than dataset.tokenizer's {tokens} tokens: ids {rows}..{tokens - 1} would have untrained "
+            "embedding rows. Use the checkpoint's own tokenizer (dataset.tokenizer=<its folder>)"
+        )
+    return problems
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name: str) -> tuple[Any, str | None]:
+    """(``dataset.tokenizer`` loaded, or None; the problem, by key), once per name for all the checks."""
+    from ..data.errors import DataError
+    from ..data.tokenize import load_tokenizer
+
+    try:
+        return load_tokenizer(name, "dataset.tokenizer"), None
+    except DataError as error:
+        return None, str(error)
+
+
+def _tokenizer_problem(name: str) -> str | None:
+    return _load_tokenizer(name)[1] if tokenizer_available(name) else None
+
+
+def _tokenizer_size(name: str) -> int | None:
+    """``len(tokenizer)`` of ``dataset.tokenizer``, or None where it cannot be loaded (reported by key)."""
+    if not tokenizer_available(name):
+        return None
+    tokenizer, _ = _load_tokenizer(name)
+    return None if tokenizer is None else len(tokenizer)
 
 
 def _store_checkable(cfg: RecipeConfig) -> bool:
@@ -319,6 +373,8 @@ def reference_store_problems(cfg: RecipeConfig) -> tuple[list[str], list[str]]:
 
     s = cfg.solopo
     tokenizer_here = tokenizer_available(cfg.dataset.tokenizer)
+    if tokenizer_here and _tokenizer_problem(cfg.dataset.tokenizer) is not None:
+        return [], []  # reported as a dataset.tokenizer problem: no fingerprint can be computed
     if not tokenizer_here and not s.reference_store:
         return [], []  # reported as a dataset.tokenizer problem; the default path needs the fingerprint
     try:

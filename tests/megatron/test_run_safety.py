@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkpoint_files import write_checkpoint_files
 
 from solopo_megatron.megatron import checkpoint as ckpt
 from solopo_megatron.recipe import checkpoints
@@ -42,13 +43,7 @@ def _train(tmp: Path, save: Path, capsys, *extra: str) -> tuple[int, str]:
 
 def _fake_checkpoint(root: Path, step: int) -> Path:
     """A folder with the files the checks look for (dist_checkpointing's torch_dist layout)."""
-    path = root / f"iter_{step:07d}"
-    path.mkdir(parents=True)
-    (path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
-    (path / "common.pt").write_bytes(b"common")
-    (path / ".metadata").write_bytes(b"shards")
-    (path / "__0_0.distcp").write_bytes(b"weights")
-    return path
+    return write_checkpoint_files(root / f"iter_{step:07d}")
 
 
 def _saved_config(root: Path, **model) -> None:
