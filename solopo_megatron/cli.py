@@ -13,6 +13,7 @@ an output that is also an input is refused.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import statistics
@@ -120,6 +121,11 @@ def cmd_validate(args) -> int:
         print(problem)
     if len(report.problems) > args.max_problems:
         print(f"... and {len(report.problems) - args.max_problems} more problems")
+    # Warnings (allowed, likely mistakes) do not change the exit code.
+    for warning in report.warnings[: args.max_problems]:
+        print(f"warning: {warning}")
+    if report.num_warnings > args.max_problems:
+        print(f"... and {report.num_warnings - args.max_problems} more warnings")
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -232,6 +238,8 @@ def _numbered_lines(path):
     """(1-based line number, text) of the non-blank lines; invalid UTF-8 is a DataError naming the line."""
     with open(path, "rb") as handle:
         for n, raw in enumerate(handle, start=1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # a UTF-8 byte order mark is no part of the data
             if not raw.strip():
                 continue
             try:
@@ -344,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a JSONL file; lists every bad line")
     p.add_argument("file", type=Path)
-    p.add_argument("--max-problems", type=_non_negative_int, default=50, help="problems to list")
+    p.add_argument(
+        "--max-problems", type=_non_negative_int, default=50, help="problems (and warnings) to list"
+    )
     p.add_argument(
         "--no-tokenizer-check",
         dest="tokenizer_check",

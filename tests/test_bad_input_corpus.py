@@ -8,6 +8,7 @@ recipe, then broken one way each. The entry points run in this process, so the c
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import socket
@@ -410,6 +411,37 @@ def _a_file(tmp: Path) -> Path:
     return _write_lines(tmp / "a-file", ["not a folder"])
 
 
+def _outside_cache(tmp: Path) -> str:
+    """A cache beside the case folder: a run that tokenises writes a complete, legitimate cache."""
+    return f"dataset.cache_dir={tmp.parent / (tmp.name + '-cache')}"
+
+
+def _one_step(tmp: Path, data: Path, *overrides: str) -> list[str]:
+    return _train(
+        tmp, f"dataset.train_path={data}", "train.global_batch_size=4", "train.train_iters=1",
+        "train.eval_interval=null", "scheduler.lr_warmup_iters=0", _outside_cache(tmp), *overrides,
+    )  # fmt: skip
+
+
+def _synthetic_on_a_full_disk(tmp: Path) -> list[str]:
+    """The synthetic data's write (this process's scratch file) leads to /dev/full: ENOSPC."""
+    from solopo_megatron.data.files import scratch_path
+    from solopo_megatron.recipe.loading import load_config
+    from solopo_megatron.recipe.sources import synthetic_paths
+
+    argv = _train(tmp, "train.train_iters=1", "train.eval_interval=null", "scheduler.lr_warmup_iters=0")
+    train, _ = synthetic_paths(load_config(RECIPE, argv[argv.index("--config") + 2 :]))
+    train.parent.mkdir(parents=True)
+    scratch_path(train).symlink_to("/dev/full")
+    return argv
+
+
+def _bom_file(tmp: Path) -> Path:
+    path = _data_file(tmp)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    return path
+
+
 def _round3_cases() -> dict[str, Callable[[Path], Case]]:
     cases: dict[str, Callable[[Path], Case]] = {}
 
@@ -581,6 +613,33 @@ def _round3_cases() -> dict[str, Callable[[Path], Case]]:
         (folder / "config.json").write_text("{not json")
         return folder
 
+    # Data that cannot fill the run, a full disk, and input that is accepted or only warned about.
+    cases["data: 1 record, train.global_batch_size=4"] = lambda tmp: Case(
+        "train", _one_step(tmp, _write_lines(tmp / "one.jsonl", [json.dumps(_records(tmp)[0])])),
+        pattern=r"^error: dataset\.train_path \S*one\.jsonl: 1 usable example\(s\), fewer than train\.global_batch_size=4",
+    )  # fmt: skip
+    cases["data: a record over dataset.max_tokens"] = lambda tmp: Case(
+        "train",
+        _one_step(tmp, _data_file(tmp, lambda line: _with_field(line, "long_context", json.dumps(json.loads(line)["long_context"] + " filler" * 400))), "dataset.max_tokens=1024"),
+        pattern=r"^error: \S*data\.jsonl:3: example 'c-000002' needs \d+ tokens .*more than dataset\.max_tokens=1024",
+    )  # fmt: skip
+    if Path("/dev/full").exists():
+        cases["data: disk full while writing the synthetic data"] = lambda tmp: Case(
+            "train", _synthetic_on_a_full_disk(tmp),
+            pattern=r"^error: \S*/synthetic/\w+/train\.jsonl: cannot write the synthetic data: No space left on device$",
+        )  # fmt: skip
+    cases["data: a UTF-8 BOM is accepted (validate)"] = lambda tmp: Case(
+        "data", ["validate", str(_bom_file(tmp))], pattern=r"data\.jsonl: 6 valid records$", code=0
+    )
+    cases["data: a UTF-8 BOM is accepted (train)"] = lambda tmp: Case(
+        "train", _one_step(tmp, _bom_file(tmp)), pattern=r"; 6 train examples;", code=0
+    )
+    cases["data: long_context == short_context warns"] = lambda tmp: Case(
+        "data",
+        ["validate", str(_data_file(tmp, lambda line: _with_field(line, "long_context", json.dumps(json.loads(line)["short_context"]))))],
+        pattern=r"^warning: \S*data\.jsonl:3: field 'long_context': id 'c-000002': the same text as short_context",
+        code=0,
+    )  # fmt: skip
     cases["recipe: pretrained_hf config.json not JSON"] = lambda tmp: Case(
         "train", _train(tmp, f"checkpoint.pretrained_hf={not_json(tmp)}"), pattern=r"checkpoint\.pretrained_hf: .*hf/config\.json cannot be read"
     )  # fmt: skip
@@ -639,3 +698,24 @@ def test_bad_input_ends_in_one_clear_message(name, tmp_path, capsys, monkeypatch
     if case.pattern is not None:
         assert re.search(case.pattern, text, re.MULTILINE), (case.pattern, text)
     assert _snapshot(tmp_path) == before, "an input was changed or an output left behind"
+
+
+def test_a_dead_writers_tokenised_scratch_goes_at_the_next_start(tmp_path, capsys):
+    """A SIGKILLed tokenisation's ``tokenized/<key>.tmp-PID-HOST/`` is removed at the next start; a live
+    writer's is kept."""
+    from solopo_megatron.data.files import scratch_path
+    from solopo_megatron.train import main
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # gone, as after a SIGKILL
+    host = scratch_path("x").name.split("-", 2)[2]
+    tokenized = tmp_path / "cache" / "tokenized"
+    dead = tokenized / f"0123456789abcdef01234567.tmp-{child.pid}-{host}"
+    live = tokenized / f"76543210fedcba9876543210.tmp-1-{host}"  # pid 1 is alive: kept
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "tokens.bin").write_bytes(b"\0" * 64)
+    data = _write_lines(tmp_path / "one.jsonl", [json.dumps(_records(tmp_path)[0])])
+    assert main(_train(tmp_path, f"dataset.train_path={data}", "train.global_batch_size=4")) == 2
+    assert "fewer than train.global_batch_size=4" in capsys.readouterr().err
+    assert not dead.exists() and live.exists()

@@ -12,16 +12,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError, Problem
-from .files import input_file_problem
+from .files import cache_directory, input_file_problem, remove_stale_scratch
 from .packing import Group, padded_sequence_length
-from .records import ReadReport, Record, iter_records
+from .records import ReadReport, Record, iter_records, record_line
 from .reference_store import ReferenceStore
 from .tokenize import EncodedSequence, SequenceEncoder, tokenizer_fingerprint
 
@@ -129,6 +128,15 @@ class TokenizedDataset:
         )
         return rows[:, :, 1:3]
 
+    def padded_group_lengths(self, pad_multiple: int, block: int = 1 << 16) -> Iterator[np.ndarray]:
+        """Every example's padded group length (all its sequences, as a microbatch holds them), in
+        order, ``block`` examples at a time (memory stays bounded whatever the file size)."""
+        width = len(self.roles) * 3
+        for start in range(0, len(self), block):
+            count = min(block, len(self) - start)
+            rows = self._read("index.bin", np.int64, start * width, count * width).reshape(count, -1, 3)
+            yield padded_sequence_length(rows[:, :, 1], pad_multiple).sum(axis=1)
+
     def padded_length(self, i: int, pad_multiple: int) -> int:
         lengths = self.index_rows(i)[:, 1]
         return int(padded_sequence_length(lengths, pad_multiple).sum())
@@ -170,16 +178,14 @@ class TokenizedDataset:
         fingerprint = data_fingerprint(path, encoder, roles)
         target = Path(cache_dir or DEFAULT_CACHE_DIR) / "tokenized" / fingerprint
         report = ReadReport(str(path))
+        remove_stale_scratch(target.parent)  # a killed build's folder, whichever data it was for
         if (target / "meta.json").exists():
             dataset = cls(target)
             meta = dataset.meta
             report.num_records, report.num_skipped = meta["num_examples"], meta["num_skipped"]
             report.problems = [Problem(**p) for p in meta["problems"]]
             return dataset, report
-        tmp = target.with_name(f"{fingerprint}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with cache_directory(target, "the tokenised cache", marker="meta.json") as tmp:
             num_tokens = _write_cache_files(
                 tmp,
                 encode_records(path, encoder, roles, on_error=on_error, report=report),
@@ -187,27 +193,58 @@ class TokenizedDataset:
                 progress,
                 f"tokenising {path}",
             )
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        meta = {
-            "cache_version": CACHE_VERSION,
-            "fingerprint": fingerprint,
-            "source": str(path),
-            "roles": list(roles),
-            "num_examples": report.num_records,
-            "num_tokens": num_tokens,
-            "num_skipped": report.num_skipped,
-            "num_truncated": encoder.num_truncated,
-            "problems": [dataclasses.asdict(p) for p in report.problems],
-            "skipped_problems": [str(p) for p in report.problems[:MAX_SKIPPED_PROBLEMS]],
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same build first
-            shutil.rmtree(tmp, ignore_errors=True)
+            meta = {
+                "cache_version": CACHE_VERSION,
+                "fingerprint": fingerprint,
+                "source": str(path),
+                "roles": list(roles),
+                "num_examples": report.num_records,
+                "num_tokens": num_tokens,
+                "num_skipped": report.num_skipped,
+                "num_truncated": encoder.num_truncated,
+                "problems": [dataclasses.asdict(p) for p in report.problems],
+                "skipped_problems": [str(p) for p in report.problems[:MAX_SKIPPED_PROBLEMS]],
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: it marks the cache complete
         return cls(target), report
+
+
+def check_group_budget(
+    dataset: TokenizedDataset,
+    path: str | Path,
+    *,
+    max_tokens: int,
+    pad_multiple: int,
+    label: str = "dataset.max_tokens",
+) -> None:
+    """Raises a DataError naming ``path:line``, the id and the token count of the first example whose
+    preference group does not fit one microbatch of ``max_tokens`` (``label`` names that setting).
+
+    A group is never split across microbatches, so such an example would stop the run when a step first
+    draws it; checked before training instead. It is an error under either ``on_error`` policy: skipping
+    it would make the data depend on ``max_tokens`` and the padding, which the data fingerprint (the
+    reference store's key) leaves out. The length limits are in it: over-limit records are skipped."""
+    over, first, offset = 0, None, 0
+    for lengths in dataset.padded_group_lengths(pad_multiple):
+        hits = np.flatnonzero(lengths > max_tokens)
+        if first is None and hits.size:
+            first = (offset + int(hits[0]), int(lengths[hits[0]]))
+        over += int(hits.size)
+        offset += lengths.size
+    if first is None:
+        return
+    index, tokens = first
+    example_id = dataset.example_id(index)
+    more = f" ({over} of {len(dataset)} examples are over it)" if over > 1 else ""
+    raise DataError.at(
+        str(path),
+        record_line(path, example_id),
+        None,
+        f"example {example_id!r} needs {tokens} tokens ({len(dataset.roles)} sequences padded to multiples "
+        f"of {pad_multiple}), more than {label}={max_tokens}, and a preference group is never split across "
+        f"microbatches{more}; raise {label} or set dataset.max_long_length (longer records are then "
+        "refused, skipped under dataset.on_error=skip, or cut with dataset.truncate_long_context)",
+    )
 
 
 def _write_cache_files(directory: Path, stream, roles, progress: bool, description: str) -> int:
@@ -239,4 +276,6 @@ def _with_progress(iterable, enabled: bool, description: str):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=description, unit=" records", mininterval=2.0, leave=False)
+    # disable=None: a terminal only. In a log file the bar's carriage returns would share a line with
+    # whatever comes next (an error message among them).
+    return tqdm(iterable, desc=description, unit=" records", mininterval=2.0, leave=False, disable=None)

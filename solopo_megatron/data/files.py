@@ -4,14 +4,21 @@ An output is written to a temporary sibling (same folder, so the rename cannot c
 and renamed over the target only when the whole write succeeded: a failed command leaves neither a
 partial file nor an emptied input behind. The checks here run before any work, so a bad path is a
 one-line :class:`DataError`, never a traceback.
+
+The caches (tokenised data, synthetic data, evaluation sets, reference stores) write through
+``cache_file`` / ``cache_directory``: their scratch sibling is named ``NAME.tmp-PID-HOST``, so a later
+start can tell a leftover of a killed process (removed) from a write in progress (kept), and a write
+that fails (a full disk) is a one-line DataError naming the path, with its scratch removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from os import PathLike
@@ -24,12 +31,16 @@ __all__ = [
     "DuplicateKeyError",
     "atomic_directory",
     "atomic_write",
+    "cache_directory",
+    "cache_file",
     "check_output_path",
     "has_invalid_unicode",
     "input_file_problem",
     "loads_json",
     "printable",
+    "remove_stale_scratch",
     "same_file",
+    "scratch_path",
 ]
 
 PathArg = str | PathLike
@@ -213,4 +224,153 @@ def atomic_directory(
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- cache writes
+
+
+def _host_tag() -> str:
+    """This host's name as it may appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+def scratch_path(path: PathArg) -> Path:
+    """This process's scratch sibling of ``path``: ``NAME.tmp-PID-HOST``.
+
+    The PID and host say whose it is: a cache may sit on a file system that several hosts share, where a
+    PID means nothing on another host."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{_host_tag()}")
+
+
+# NAME.tmp-PID-HOST; the older NAME.tmp-PID (no host) is judged on this host.
+_SCRATCH = re.compile(r"(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-(?P<host>.+))?")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (another user's counts as alive)."""
+    if pid <= 0:
+        return True  # not a process id we could judge: keep what carries it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False  # no such PID can exist
+    return True
+
+
+def _is_stale(name: str, only: str | None) -> bool:
+    """Whether ``name`` is the scratch of a process that no longer runs on this host."""
+    match = _SCRATCH.fullmatch(name)
+    if match is None or name.startswith(".") or (only is not None and match["name"] != only):
+        return False
+    if match["host"] is not None and match["host"] != _host_tag():
+        return False  # another host's: its process cannot be checked from here
+    return not _pid_alive(int(match["pid"]))
+
+
+def remove_stale_scratch(folder: PathArg, name: str | None = None) -> list[Path]:
+    """Removes the scratch files and folders in ``folder`` (of target ``name`` only, if given) left by
+    processes that no longer run on this host (a SIGKILL or a lost node mid-write); returns them.
+
+    A live process's scratch (another rank or run writing now) and another host's are kept."""
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet: nothing left over
+        return []
+    removed = []
+    for entry in entries:
+        if not _is_stale(entry.name, name):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _write_error(error: BaseException, path: Path, tmp: Path, what: str) -> DataError | None:
+    """The one-line DataError for an OSError writing the cache ``path`` through ``tmp`` (a full disk, a
+    read-only folder); None for any other error, such as one that names a file the writer was reading."""
+    if not isinstance(error, OSError):
+        return None
+    named = error.filename
+    if named is not None and not str(named).startswith((str(tmp), str(path))):
+        return None
+    return DataError(f"{path}: cannot write {what}: {error.strerror or error}")
+
+
+def _make_parent(path: Path, what: str) -> None:
+    """Creates the folder of a cache ``path`` (a DataError naming ``path`` if it cannot)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot write {what}: {error.strerror or error} ({error.filename})"
+        ) from error
+
+
+@contextmanager
+def cache_file(path: PathArg, what: str, *, fsync: bool = False) -> Iterator[IO[str]]:
+    """Writes ``path`` (UTF-8 text) through its scratch sibling, renamed over it when the block ends.
+
+    Stale scratch of ``path`` is removed first. Any failure removes the scratch; an OSError (e.g. no
+    space left) becomes a DataError ``PATH: cannot write WHAT: reason``."""
+    path = Path(path)
+    tmp = scratch_path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: cannot write {what}: is a directory; name a file")
+    _make_parent(path, what)
+    try:
+        remove_stale_scratch(path.parent, path.name)
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            yield handle
+            handle.flush()
+            if fsync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)  # never a partial file behind (KeyboardInterrupt included)
+        failure = _write_error(error, path, tmp, what)
+        if failure is not None:
+            raise failure from error
+        raise
+
+
+@contextmanager
+def cache_directory(path: PathArg, what: str, *, marker: str) -> Iterator[Path]:
+    """Yields a fresh scratch folder for ``path``; when the block ends it is renamed to ``path``.
+
+    The block must write ``marker`` (the file that says the folder is complete) last. If another
+    process completed ``path`` first, this copy is dropped and theirs kept. Stale scratch folders of
+    any name in ``path``'s folder (which only the cache writes) are removed first. Any failure removes
+    the scratch; an OSError (e.g. no space left) becomes a DataError ``PATH: cannot write WHAT: reason``."""
+    path = Path(path)
+    tmp = scratch_path(path)
+    if path.exists() and not (path / marker).exists():  # not ours to replace, nor a cache to read
+        raise DataError(f"{path}: an incomplete {what} (no {marker}) is in the way; delete it")
+    _make_parent(path, what)
+    try:
+        remove_stale_scratch(path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier failed try
+        tmp.mkdir()
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / marker).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = _write_error(error, path, tmp, what)
+        if failure is not None:
+            raise failure from error
         raise

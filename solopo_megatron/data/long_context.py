@@ -9,6 +9,7 @@ is what lets record validation check ``short_context in long_context``.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -74,7 +75,7 @@ def _error(path: Path, line: int | None, field: str | None, message: str) -> Dat
 
 def _read_utf8(path: Path) -> str:
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a byte order mark is no part of the text
     except OSError as exc:
         raise _error(path, None, None, f"cannot read file: {exc.strerror or exc}") from exc
     try:

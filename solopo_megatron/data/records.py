@@ -13,6 +13,7 @@ bad lines and counts them in the returned report.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
 import json
@@ -34,6 +35,7 @@ TEXT_FIELDS = ("id", "question", "short_context", "long_context", "chosen", "rej
 OPTIONAL_FIELDS = {"system": str, "metadata": dict}
 KNOWN_FIELDS = TEXT_FIELDS + tuple(OPTIONAL_FIELDS)
 _EVIDENCE_SPLIT = re.compile(r"\n\s*\n")
+MAX_KEPT_WARNINGS = 1000  # warnings a report keeps in full (all are counted)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,21 @@ def check_record(obj: Any, path: str, line: int) -> tuple[Record | None, list[Pr
     return record, []
 
 
+def record_warnings(record: Record) -> list[Problem]:
+    """What is allowed but likely a mistake in a valid record (``solopo-data validate`` prints it)."""
+    if record.long_context.split() == record.short_context.split():  # equal, or equal up to spacing
+        return [
+            Problem(
+                record.path,
+                record.line,
+                "long_context",
+                f"id {record.id!r}: the same text as short_context (no distractor text), so SoLo-RA "
+                "has nothing to align",
+            )
+        ]
+    return []
+
+
 class IdRegistry:
     """The ids seen so far, kept in a temporary SQLite file so memory does not grow with the data."""
 
@@ -172,10 +189,17 @@ class ReadReport:
     num_records: int = 0
     num_skipped: int = 0
     problems: list[Problem] = field(default_factory=list)
+    num_warnings: int = 0  # valid records that are likely mistakes (record_warnings)
+    warnings: list[Problem] = field(default_factory=list)  # the first MAX_KEPT_WARNINGS of them
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def add_warnings(self, warnings: list[Problem]) -> None:
+        """Counts warnings, keeping the first few (memory must not grow with the file)."""
+        self.num_warnings += len(warnings)
+        self.warnings.extend(warnings[: max(0, MAX_KEPT_WARNINGS - len(self.warnings))])
 
     def summary(self) -> str:
         text = f"{self.path}: {self.num_records} valid records"
@@ -183,6 +207,8 @@ class ReadReport:
             text += f", {len(self.problems)} problems"
         if self.num_skipped:
             text += f", {self.num_skipped} lines skipped"
+        if self.num_warnings:
+            text += f", {self.num_warnings} warnings"
         return text
 
 
@@ -217,6 +243,8 @@ def iter_records(
     try:
         with handle:
             for line_number, raw in enumerate(handle, start=1):
+                if line_number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows may start a file with one
                 if not raw.strip():
                     continue
                 try:
@@ -258,6 +286,7 @@ def iter_records(
                     fail(problems)
                     continue
                 report.num_records += 1
+                report.add_warnings(record_warnings(record))
                 yield record
     finally:
         seen.close()
@@ -266,6 +295,15 @@ def iter_records(
         if on_error == "raise":
             raise DataError(str(problem), problem)
         report.problems.append(problem)
+
+
+def record_line(path: str | Path, example_id: str) -> int | None:
+    """The line of ``path`` that holds the valid record ``example_id`` (None if none does); reads the
+    file again, for messages about a record found after it was read."""
+    for record in iter_records(path, on_error="skip"):
+        if record.id == example_id:
+            return record.line
+    return None
 
 
 def validate_file(path: str | Path) -> ReadReport:

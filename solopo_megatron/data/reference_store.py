@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .files import cache_file
 from .records import ROLES
 
 FORMAT = "solopo-ref-logps"
@@ -75,10 +75,9 @@ class ReferenceStore:
         return len(self.values)
 
     def save(self, path: str | Path) -> None:
-        """Writes the store atomically (temporary file + rename); on any failure the temporary file is
-        removed and the error is a DataError naming the path."""
+        """Writes the store atomically (scratch file + rename, ``files.cache_file``); on any failure the
+        scratch file is removed and a write error is a DataError naming the path."""
         path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         header = {
             "format": FORMAT,
             "version": VERSION,
@@ -87,23 +86,11 @@ class ReferenceStore:
             "info": self.info,
             "entries": len(self.values),
         }
-        try:
-            if path.is_dir():
-                raise IsADirectoryError(21, "is a directory; name the store file")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(header) + "\n")
-                for example_id in sorted(self.values):
-                    entry = {"id": example_id, **self.values[example_id]}
-                    handle.write(json.dumps(entry) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException as error:
-            tmp.unlink(missing_ok=True)  # never leave a partial store behind (KeyboardInterrupt included)
-            if isinstance(error, OSError):
-                raise DataError(f"{path}: cannot write reference store: {error.strerror or error}") from error
-            raise
+        with cache_file(path, "reference store", fsync=True) as handle:
+            handle.write(json.dumps(header) + "\n")
+            for example_id in sorted(self.values):
+                entry = {"id": example_id, **self.values[example_id]}
+                handle.write(json.dumps(entry) + "\n")
         self.path = str(path)
 
 

@@ -22,7 +22,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Any
+from typing import IO, Any
 
 from solopo_megatron.data.files import atomic_write
 from solopo_megatron.data.long_context import build_long_context
@@ -334,11 +334,16 @@ def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | PathLike) -> i
     Atomic: the lines go to a temporary file beside ``path``, renamed over it only once all are
     written, so an error leaves ``path`` as it was (DataError for a missing folder or a folder path).
     """
-    count = 0
     with atomic_write(path) as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
+        return write_json_lines(records, f)
+
+
+def write_json_lines(records: Iterable[Mapping[str, Any]], handle: IO[str]) -> int:
+    """Writes records to an open text file, one JSON object a line (non-ASCII kept); returns the count."""
+    count = 0
+    for record in records:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        count += 1
     return count
 
 

@@ -9,7 +9,8 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from ..data.dataset import TokenizedDataset
+from ..data.dataset import TokenizedDataset, check_group_budget
+from ..data.errors import DataError
 from ..data.loading import step_microbatches
 from ..data.packing import Microbatch, pad_multiple_for, shard_microbatch
 from ..data.records import ROLES
@@ -93,6 +94,11 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
     pad_id = pad_token_id(tokenizer)
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
+    # Every rank checks (the same answer everywhere, so all stop together, before any step).
+    for dataset, path in ((train, train_path), (valid, valid_path)):
+        if dataset is not None:
+            check_group_budget(dataset, path, max_tokens=ds.max_tokens, pad_multiple=multiple)
+    check_fills_a_batch(cfg, train, train_path)
     return Data(
         train,
         valid,
@@ -101,6 +107,26 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
         model_vocab_size(cfg, len(tokenizer)),
         multiple,
         ds.max_tokens,
+    )
+
+
+def check_fills_a_batch(cfg: RecipeConfig, train: TokenizedDataset, train_path: str) -> None:
+    """A DataError naming the data file and ``train.global_batch_size`` if the training data holds
+    fewer usable examples than one step takes."""
+    size, count = cfg.train.global_batch_size, len(train)
+    if count >= size:
+        return
+    skipped = f" ({train.skipped} more skipped under dataset.on_error=skip)" if train.skipped else ""
+    if cfg.dataset.train_path is None:
+        num_train = cfg.dataset.synthetic.num_train
+        raise DataError(
+            f"dataset.synthetic.num_train={num_train}: the synthetic data {train_path} holds {count} usable "
+            f"example(s){skipped}, fewer than train.global_batch_size={size} (one step's examples); raise "
+            "dataset.synthetic.num_train or lower train.global_batch_size"
+        )
+    raise DataError(
+        f"dataset.train_path {train_path}: {count} usable example(s){skipped}, fewer than "
+        f"train.global_batch_size={size} (one step's examples); add records or lower train.global_batch_size"
     )
 
 

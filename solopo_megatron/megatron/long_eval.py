@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from ..data.eval_sets import (
     long_eval_records,
     parse_long_length,
 )
+from ..data.files import cache_directory
 from ..data.records import ROLES, iter_records
 from ..data.reference_store import ReferenceStore, load_reference_store, read_store_header
 from ..data.synthetic import write_jsonl
@@ -124,19 +123,12 @@ def _write_length_files(
             token_counts[text] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         return token_counts[text]
 
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for length in lengths:
-        built = long_eval_records(records, length, pool, count_tokens=count_tokens, seed=cfg.eval.seed)
-        write_jsonl(built, tmp / f"{length.label}.jsonl")
-        write_jsonl(candidate_records(built), tmp / f"{length.label}-candidates.jsonl")
-    (tmp / "done").write_text("")
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        if not (folder / "done").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another run finished the same build first
+    with cache_directory(folder, "the evaluation sets", marker="done") as tmp:
+        for length in lengths:
+            built = long_eval_records(records, length, pool, count_tokens=count_tokens, seed=cfg.eval.seed)
+            write_jsonl(built, tmp / f"{length.label}.jsonl")
+            write_jsonl(candidate_records(built), tmp / f"{length.label}-candidates.jsonl")
+        (tmp / "done").write_text("")  # last: it marks the folder complete
 
 
 def _length_set(cfg: RecipeConfig, folder: Path, length: LongLength, encoder, progress: bool) -> LengthSet:

@@ -37,16 +37,18 @@ def synthetic_paths(cfg: RecipeConfig) -> tuple[Path, Path]:
 
 
 def write_synthetic_files(cfg: RecipeConfig) -> None:
-    """Materialises the synthetic files if missing (deterministic; call from one rank)."""
-    from ..data.synthetic import generate_synthetic_records, write_jsonl
+    """Materialises the synthetic files if missing (deterministic; call from one rank). A write that
+    fails (a full disk) is a DataError naming the file and leaves nothing half-written."""
+    from ..data.files import cache_file, remove_stale_scratch
+    from ..data.synthetic import generate_synthetic_records, write_json_lines
 
     s = cfg.dataset.synthetic
     for path, count, seed, prefix in zip(
         synthetic_paths(cfg), (s.num_train, s.num_valid), (s.seed, s.seed + 1), ("train", "valid")
     ):
+        remove_stale_scratch(path.parent)  # a killed writer's file, in this older naming too: train.tmp-PID
         if path.exists():
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
         records = generate_synthetic_records(
             count,
             seed=seed,
@@ -55,9 +57,8 @@ def write_synthetic_files(cfg: RecipeConfig) -> None:
             facts_per_context=s.facts_per_context,
             rejected_kinds=tuple(s.rejected_kinds),
         )
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        write_jsonl(records, tmp)
-        os.replace(tmp, path)
+        with cache_file(path, "the synthetic data") as handle:
+            write_json_lines(records, handle)
 
 
 def data_paths(cfg: RecipeConfig) -> tuple[str, str | None]:

@@ -30,6 +30,7 @@ def _import_overrides(hf_dir: Path, tmp: Path, *extra: str) -> list[str]:
         "model.context_parallel_size=1",
         "dataset.synthetic.num_train=8",
         "dataset.synthetic.num_valid=4",
+        "train.global_batch_size=8",  # one step's examples must fit in the 8 records
         f"dataset.cache_dir={tmp / 'cache'}",
         f"checkpoint.pretrained_hf={hf_dir}",
         *extra,
@@ -346,3 +347,16 @@ def test_export_failures_name_the_option_and_leave_nothing(qwen2_tied, tmp_path,
     err = capsys.readouterr().err
     assert f"--out: writing {out} failed (No space left on device); nothing was written" in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("full")]
+
+
+def test_a_checkpoint_missing_a_shard_is_refused_naming_it(qwen2_tied, tmp_path, capsys):
+    """A trained layout's checkpoint without one of its .distcp files: refused before anything is read."""
+    from solopo_megatron.export import main
+
+    _, fixture_run = qwen2_tied
+    run = _copy_run(fixture_run, tmp_path / "lost")
+    (next(run.glob("iter_*")) / "__0_1.distcp").unlink()
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is missing __0_1.distcp, a shard its .metadata lists" in err, err
+    assert not (tmp_path / "o").exists()
