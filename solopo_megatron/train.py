@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags may come after overrides
 
 
-def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True) -> int:
+def _run(
+    argv: list[str] | None, prog: str, job, *, check_reference: bool = True, resuming: bool = True
+) -> int:
     """Loads and validates the recipe, then runs ``job(cfg)`` inside the CPU compatibility layer (a
     no-op on CUDA). Configuration and data errors (RecipeError, DataError, OSError before launch)
     become one line on stderr and exit code 2; any other error keeps its traceback."""
@@ -84,9 +86,13 @@ def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True
             int(os.environ.get("WORLD_SIZE", "1")),
             check_reference=check_reference,
             check_run_state=os.environ.get("RANK", "0") == "0",
+            resuming=resuming,
         )
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from .megatron.parallel import report_error
+
+        # Every rank checks the same recipe: rank 0 says it, once per job (even under torchrun).
+        report_error(str(error), here=os.environ.get("RANK", "0") == "0")
         return 2
     from .megatron import cpu_compat
     from .megatron.checkpoint import release_run_locks
@@ -103,7 +109,11 @@ def _run(argv: list[str] | None, prog: str, job, *, check_reference: bool = True
                 print(line, file=sys.stderr, flush=True)
             return 130
         except (RecipeError, DataError) as error:
-            print(f"error: {error}", file=sys.stderr)
+            from .megatron.parallel import report_error
+
+            release_run_locks()  # before report_error's wait, which torchrun may end
+            # Raised alike on every rank (collective checks): one rank says it, by default rank 0.
+            report_error(str(error), here=getattr(error, "report", os.environ.get("RANK", "0") == "0"))
             return 2
         except Exception:
             if sigint_received():  # a peer's exit seen as a collective error: part of the interrupt
@@ -130,7 +140,7 @@ def _evaluate(cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``solopo-train``: validates, then trains; returns the exit code."""
     if "--eval-only" in (sys.argv[1:] if argv is None else argv):
-        return _run(argv, "solopo-train", _evaluate)
+        return _run(argv, "solopo-train", _evaluate, resuming=False)
     return _run(argv, "solopo-train", _train)
 
 
@@ -145,7 +155,7 @@ def _write_reference_store(cfg) -> None:
 
 def ref_logps_main(argv: list[str] | None = None) -> int:
     """``solopo-ref-logps``: writes the reference store (solopo.reference_store) from the current weights."""
-    return _run(argv, "solopo-ref-logps", _write_reference_store, check_reference=False)
+    return _run(argv, "solopo-ref-logps", _write_reference_store, check_reference=False, resuming=False)
 
 
 if __name__ == "__main__":

@@ -448,38 +448,25 @@ def _round3_cases() -> dict[str, Callable[[Path], Case]]:
     def export(name: str, make_argv: Callable[[Path], list[str]], pattern: str) -> None:
         cases[f"export: {name}"] = lambda tmp: Case("export", make_argv(tmp), pattern=pattern)
 
-    # Data loss: the export never writes into, over or inside a folder it reads.
-    reads = r"--out: .*{where} .*{what}\), which the export reads"
-    export(
-        "--out the only iteration, --overwrite",
-        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run" / "iter_0000002"), "--overwrite"],
-        reads.format(where="is inside", what="the run folder"),
-    )  # fmt: skip
-    export(
-        "--checkpoint ITER --out ITER",
-        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp) / "iter_0000002"), "--out", str(tmp / "run" / "iter_0000002")],
-        reads.format(where="is inside", what="the run folder"),
-    )  # fmt: skip
-    export(
-        "--out the run's tokenizer, --overwrite",
-        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run" / "tokenizer"), "--overwrite"],
-        reads.format(where="is inside", what="the run folder"),
-    )  # fmt: skip
-    export(
-        "--out inside an iteration folder",
-        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run" / "iter_0000002" / "hf")],
-        reads.format(where="is inside", what="the run folder"),
-    )  # fmt: skip
-    export(
-        "--out the run folder itself",
-        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp / "run"), "--overwrite"],
-        reads.format(where="is", what="the run folder"),
-    )  # fmt: skip
-    export(
-        "--out a folder above the run, --overwrite",
-        lambda tmp: ["--checkpoint", str(_run_with_two_iterations(tmp)), "--out", str(tmp), "--overwrite"],
-        r"--out: .* holds .*run \(the run folder\), which the export reads",
-    )  # fmt: skip
+    # Data loss: the export never writes into, over or inside a folder it reads. (name, --checkpoint and
+    # --out relative to the case folder, more flags, what the message says of --out)
+    for name, checkpoint, out, flags, where in (
+        ("--out the only iteration, --overwrite", "run", "run/iter_0000002", ["--overwrite"], "is inside"),
+        ("--checkpoint ITER --out ITER", "run/iter_0000002", "run/iter_0000002", [], "is inside"),
+        ("--out the run's tokenizer, --overwrite", "run", "run/tokenizer", ["--overwrite"], "is inside"),
+        ("--out inside an iteration folder", "run", "run/iter_0000002/hf", [], "is inside"),
+        ("--out the run folder itself", "run", "run", ["--overwrite"], "is"),
+        ("--out a folder above the run, --overwrite", "run", ".", ["--overwrite"], "holds"),
+    ):
+        what = r"\S*/run \(the run folder\), which the export reads"
+        export(
+            name,
+            lambda tmp, checkpoint=checkpoint, out=out, flags=flags: [
+                "--checkpoint", str(_run_with_two_iterations(tmp).parent / checkpoint),
+                "--out", str((tmp / out).resolve()), *flags,
+            ],
+            rf"--out: \S+ {where} {what}",
+        )  # fmt: skip
 
     # Silent wrong training: a pretrained vocabulary smaller than the tokenizer's.
     small_vocab = (
@@ -639,6 +626,45 @@ def _round3_cases() -> dict[str, Callable[[Path], Case]]:
         ["validate", str(_data_file(tmp, lambda line: _with_field(line, "long_context", json.dumps(json.loads(line)["short_context"]))))],
         pattern=r"^warning: \S*data\.jsonl:3: field 'long_context': id 'c-000002': the same text as short_context",
         code=0,
+    )  # fmt: skip
+    # Divergence: one line naming the steps and what was not finite; no save during the streak. The run
+    # writes its cache and checkpoints beside the case folder (legitimate outputs).
+    cases["train: a diverging run (optimizer.lr=1e30)"] = lambda tmp: Case(
+        "train",
+        _train(
+            tmp, "optimizer.lr=1e30", "scheduler.lr_warmup_iters=0", "scheduler.lr_decay_style=constant",
+            "train.train_iters=4", "train.max_skipped_steps_in_a_row=2", "train.eval_interval=null",
+            "dataset.synthetic.num_train=32", "dataset.synthetic.num_valid=8", "solopo.preference_loss=simpo",
+            _outside_cache(tmp), f"checkpoint.save={tmp.parent / (tmp.name + '-run')}", "checkpoint.save_interval=1",
+        ),
+        pattern=r"^error: training diverged: steps 2-3 had non-finite values \(2 in a row, limit "
+        r"train\.max_skipped_steps_in_a_row=2\), their updates skipped and not saved; step 3: loss nan\. "
+        r"Lower optimizer\.lr \(now 1e\+30\) and start afresh in a new checkpoint\.save folder \(the last "
+        r"checkpoint, \S+-run/iter_0000001, keeps its learning-rate schedule\)$",
+    )  # fmt: skip
+
+    # Resume with other roles: the mode and the roles are named (not "other data").
+    def trained_with_solopo(tmp: Path) -> Path:
+        root = _checkpoint_root(tmp, latest="2\n")
+        saved = yaml.safe_load((root / "config.yaml").read_text())
+        saved["solopo"] = {"mode": "solopo", "preference_loss": "dpo"}
+        (root / "config.yaml").write_text(yaml.safe_dump(saved))
+        return root
+
+    cases["checkpoint: resumed with another solopo.mode"] = lambda tmp: Case(
+        "train",
+        _train(tmp, f"checkpoint.save={trained_with_solopo(tmp)}", "solopo.mode=short_po"),
+        pattern=r"solopo\.mode: \S+/run/iter_0000002 was trained with solopo\.mode=solopo \(roles short_chosen, "
+        r"short_rejected, long_chosen; from \S+/config\.yaml\), this recipe has solopo\.mode=short_po \(roles "
+        r"short_chosen, short_rejected\), and a run cannot change the roles it trains on: resume with "
+        r"solopo\.mode=solopo",
+    )  # fmt: skip
+    cases["recipe: a world of 3 for cp 2 (torchrun's rank 0)"] = lambda tmp: Case(
+        "train",
+        ["--config", str(RECIPE), f"dataset.cache_dir={tmp / 'cache'}"],
+        pattern=r"^error: invalid recipe:\n  - model\.tensor_model_parallel_size x pipeline_model_parallel_size x "
+        r"context_parallel_size = 1 x 1 x 2 does not divide the world size 3$",
+        env={"RANK": "0", "WORLD_SIZE": "3"},
     )  # fmt: skip
     cases["recipe: pretrained_hf config.json not JSON"] = lambda tmp: Case(
         "train", _train(tmp, f"checkpoint.pretrained_hf={not_json(tmp)}"), pattern=r"checkpoint\.pretrained_hf: .*hf/config\.json cannot be read"

@@ -65,8 +65,11 @@ def rank_zero_first(rank: int, build: Callable[[], T]) -> T:
     return result
 
 
-def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
-    """Writes the synthetic files if the recipe uses them, then tokenises (rank 0 first) and opens the data."""
+def prepare_data(cfg: RecipeConfig, parallel: ParallelState, *, training: bool = True) -> Data:
+    """Writes the synthetic files if the recipe uses them, then tokenises (rank 0 first) and opens the data.
+
+    ``training``: the run will take steps, so the training data must fill one global batch (the
+    reference pass and ``--eval-only`` score whatever there is)."""
     ds = cfg.dataset
     if ds.train_path is None and parallel.rank == 0:
         write_synthetic_files(cfg)
@@ -98,7 +101,8 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState) -> Data:
     for dataset, path in ((train, train_path), (valid, valid_path)):
         if dataset is not None:
             check_group_budget(dataset, path, max_tokens=ds.max_tokens, pad_multiple=multiple)
-    check_fills_a_batch(cfg, train, train_path)
+    if training:
+        check_fills_a_batch(cfg, train, train_path)
     return Data(
         train,
         valid,

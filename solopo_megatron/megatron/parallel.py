@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,50 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     if os.getppid() != parent:  # the parent died before the request was in place
         os.kill(os.getpid(), sig)
     return True
+
+
+PEERS_EXIT_GRACE_S = 30.0  # how long a rank that does not print an error waits for the one that does
+
+
+def report_error(message: str, *, here: bool) -> None:
+    """Says ``error: message`` once per job: on stderr where ``here`` (the rank chosen to report it; the
+    process of a lone run), and under torchrun also in that worker's error file, which torchrun's failure
+    summary shows instead of a link to its documentation.
+
+    The other ranks of a job wait up to ``PEERS_EXIT_GRACE_S`` with SIGINT and SIGTERM at their default
+    action: torchrun stops every worker at the first exit, so the reporting rank, exiting first, is the
+    summary's root cause and is not stopped before its line is out. A rank still running after the wait
+    (the reporting rank is slower, or its error is this rank's own) writes its error file, or prints the
+    line where no torchrun would show it."""
+    line = f"error: {message}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not here:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+        _wait_quietly(PEERS_EXIT_GRACE_S)
+    if here or not error_file:
+        print(line, file=sys.stderr, flush=True)
+    if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
+        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        try:
+            with open(error_file, "w") as handle:
+                json.dump({"message": record}, handle)
+        except OSError:
+            pass  # the summary falls back to its generic text
+
+
+def _wait_quietly(seconds: float) -> None:
+    """Sleeps with SIGINT/SIGTERM at their default action (ending the process without a traceback)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in signals}
+    except ValueError:  # not the main thread: handlers cannot change; sleep as they are
+        previous = {}
+    try:
+        time.sleep(seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def init_parallel_state(model: ModelSection, seed: int) -> ParallelState:

@@ -71,16 +71,32 @@ def compute_reference_store(
 
 
 def ensure_reference_store(
-    cfg: RecipeConfig, ctx: StepContext, chunks: list, data: Data, log: Callable[[str], None]
+    cfg: RecipeConfig,
+    ctx: StepContext,
+    chunks: list,
+    data: Data,
+    log: Callable[[str], None],
+    *,
+    weights_are_initial: bool = True,
 ) -> ReferenceStore | None:
     """The store the loss needs (None when it needs none): loaded where ``resolve_reference_store``
-    finds it, else computed from the current (initial) weights when the recipe allows."""
+    finds it, else computed from the current (initial) weights when the recipe allows.
+
+    ``weights_are_initial=False`` (a resumed run that started from ``checkpoint.pretrained_hf``: the
+    model holds the seeded random init until the checkpoint loads; e.g. a simpo run resumed with dpo)
+    makes a missing store an error rather than a store of the wrong weights."""
     if not cfg.solopo.loss_config().needs_reference:
         return None
     fingerprint = reference_fingerprint(data)
     path = reference_store_path(cfg, data)
     if path.exists():
         return load_reference_store(path, data_fingerprint=fingerprint)
+    if not weights_are_initial:
+        raise RecipeError(
+            f"solopo.reference_store: dpo needs the initial weights' log-probs ({path}), and this run resumes "
+            "a checkpoint that started from checkpoint.pretrained_hf, whose weights are not loaded here: "
+            "write the store first with solopo-ref-logps and this recipe (it scores checkpoint.pretrained_hf)"
+        )
     if not cfg.solopo.compute_reference_if_missing:
         raise RecipeError(
             f"solopo.reference_store: {path} does not exist (run solopo-ref-logps, or set "

@@ -30,6 +30,7 @@ from ..data.loading import GlobalBatchSampler
 from ..data.records import ROLES
 from ..data.reference_store import ReferenceStore
 from ..data.tokenize import load_tokenizer
+from ..recipe.checkpoints import objective_change
 from ..recipe.errors import RecipeError
 from ..recipe.hf_config import HF_CONFIG_COPY, HF_GENERATION_CONFIG_COPY, TOKENIZER_COPY
 from ..recipe.loading import to_dict
@@ -71,6 +72,48 @@ from .reference import ensure_reference_store, keep_reference_with_checkpoints
 from .step import StepContext, run_schedule
 
 
+@dataclass(frozen=True)
+class StepCheck:
+    """Whether a step's loss and reduced gradients were finite on every rank; ``culprit``: the first
+    parameter (in rank order) whose gradient was not, when the loss was finite."""
+
+    loss_finite: bool
+    grads_finite: bool
+    culprit: str | None = None
+
+    @property
+    def finite(self) -> bool:
+        return self.loss_finite and self.grads_finite
+
+    def describe(self, loss: float) -> str:
+        """What was not finite, for a log line: ``loss nan``, or the gradients (and where) with the loss."""
+        if not self.loss_finite:
+            return f"loss {loss:.4g}"
+        where = f", first in {self.culprit}" if self.culprit else ""
+        return f"non-finite gradients{where} (loss {loss:.4g})"
+
+
+class TrainingDiverged(RecipeError):
+    """``train.max_skipped_steps_in_a_row`` steps in a row had a non-finite loss or gradients. Raised on
+    every rank; ``report`` (the logging rank, which holds the loss) is where the entry point prints it."""
+
+    def __init__(self, message: str, *, report: bool) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _first_non_finite_grad(chunks: list, parallel: ParallelState) -> str | None:
+    """This rank's first parameter whose (reduced) gradient is not finite, with its pipeline stage."""
+    for chunk in chunks:
+        for name, param in chunk.module.named_parameters():
+            grad = getattr(param, "main_grad", None)  # Megatron DDP: a view into the grad buffer
+            if grad is None:
+                grad = param.grad
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                return name + (f" (pipeline stage {parallel.pp_rank})" if parallel.pp > 1 else "")
+    return None
+
+
 @dataclass
 class Trainer:
     """One rank's training run: recipe, parallel state, data, model/optimizer/scheduler, step context."""
@@ -88,6 +131,7 @@ class Trainer:
     last_checkpoint: Path | None = None  # the newest complete checkpoint (resumed from or saved)
     long_eval: list[LengthSet] = field(default_factory=list)  # eval.long_lengths' held-out sets
     eval_store: ReferenceStore | None = None  # their reference sums (DPO)
+    last_check: StepCheck | None = None  # the last training step's finiteness check
 
     @property
     def chunks(self) -> list:
@@ -113,15 +157,15 @@ class Trainer:
             self.data, self.data.train, sampler.batch(step), self.data.roles, self.parallel, self.store
         )
         reports = self.run(mbs, forward_only=False)
-        finite = self._step_is_finite(reports)
+        check = self.last_check = self._check_step(reports)
         lr = self.state.optimizer.param_groups[0]["lr"]  # this update's rate; scheduler.step sets the next
-        if finite:
+        if check.finite:
             _, grad_norm, _ = self.state.optimizer.step()
         else:  # never apply a non-finite update: the step is skipped and reported
             grad_norm = math.nan
         self.state.scheduler.step(increment=1)
         metrics = reduce_reports(reports, self.parallel)
-        metrics["skipped"] = 0.0 if finite else 1.0
+        metrics["skipped"] = 0.0 if check.finite else 1.0
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
             lr=lr,
@@ -130,17 +174,25 @@ class Trainer:
         )
         return metrics
 
-    def _step_is_finite(self, reports: list[dict]) -> bool:
-        """Loss (last stage) and all reduced gradients finite on every rank: one flag all-reduced over the world."""
-        bad = torch.zeros((), dtype=torch.float32, device=self.parallel.device)
+    def _check_step(self, reports: list[dict]) -> StepCheck:
+        """Loss (last stage) and all reduced gradients finite on every rank: two flags, one all-reduce
+        over the world. Only when the gradients alone are not finite, a second collective (a rare, bad
+        step) names the first parameter whose gradient is not."""
+        bad = torch.zeros(2, dtype=torch.float32, device=self.parallel.device)  # [loss, gradients]
         for report in reports:
             if "loss" in report:
-                bad = torch.maximum(bad, (~torch.isfinite(report["loss"])).any().float())
+                bad[0] = torch.maximum(bad[0], (~torch.isfinite(report["loss"])).any().float())
         for chunk in self.chunks:
             for buffer in chunk.buffers:
-                bad = torch.maximum(bad, (~torch.isfinite(buffer.grad_data)).any().float())
+                bad[1] = torch.maximum(bad[1], (~torch.isfinite(buffer.grad_data)).any().float())
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+        loss_bad, grads_bad = (bool(flag) for flag in bad.tolist())
+        culprit = None
+        if grads_bad and not loss_bad:  # with a non-finite loss every gradient is: no one to name
+            names: list[str | None] = [None] * self.parallel.world_size
+            dist.all_gather_object(names, _first_non_finite_grad(self.chunks, self.parallel))
+            culprit = next((name for name in names if name is not None), None)
+        return StepCheck(loss_finite=not loss_bad, grads_finite=not grads_bad, culprit=culprit)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics over (the first ``train.eval_iters`` batches of) the validation set, every role."""
@@ -270,8 +322,13 @@ def setup(
         dist.barrier()  # every rank has checked the folder before rank 0 writes the lock into it
         take_run_lock(cfg.checkpoint.save, dist.get_rank(), printer)
     parallel = init_parallel_state(cfg.model, cfg.rng.seed)
-    data = prepare_data(cfg, parallel)
     resume_from = None if reference_pass else _resume_path(cfg, parallel, clean=not evaluation)
+    objective_warning = None
+    if resume_from is not None and not evaluation:  # an evaluation may score any objective
+        refusal, objective_warning = objective_change(cfg, resume_from)  # before the data is prepared
+        if refusal is not None:
+            raise RecipeError(refusal)
+    data = prepare_data(cfg, parallel, training=not (reference_pass or evaluation))
     pretrained = cfg.checkpoint.pretrained_hf if resume_from is None else None  # a checkpoint replaces it
     state = build_model_and_optimizer(
         cfg, parallel, data.vocab_size, data.max_tokens, init_state=init_state, pretrained_hf=pretrained
@@ -286,7 +343,10 @@ def setup(
         cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None)
     )
     if not reference_pass:
-        trainer.store = ensure_reference_store(cfg, ctx, state.chunks, data, trainer.log)
+        trainer.store = ensure_reference_store(
+            cfg, ctx, state.chunks, data, trainer.log,
+            weights_are_initial=pretrained == cfg.checkpoint.pretrained_hf,
+        )  # fmt: skip
         # Before a checkpoint is loaded: DPO's evaluation rewards need the initial weights' sums.
         trainer.long_eval = prepare_long_eval(cfg, parallel.rank, data)
         trainer.eval_store = ensure_eval_reference(
@@ -303,6 +363,8 @@ def setup(
         )
         trainer.steps_done, trainer.last_checkpoint = trainer.start_step, resume_from
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")
+        if objective_warning is not None:
+            trainer.log(objective_warning)
     if writes_run_folder and parallel.rank == 0:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
@@ -401,20 +463,15 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
         metrics["train_seconds"] = train_seconds
         trainer.steps_done = step + 1
         throughput.add(metrics)
-        if metrics["skipped"]:
-            skipped_in_a_row += 1
+        skipped = bool(metrics["skipped"])
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        diverged = skipped_in_a_row >= cfg.train.max_skipped_steps_in_a_row
+        if skipped:
             trainer.log(
-                f"step {step + 1}: non-finite loss or gradients (loss {metrics.get('loss', math.nan):.4g}); "
+                f"step {step + 1}: {trainer.last_check.describe(metrics.get('loss', math.nan))}; "
                 f"update skipped ({skipped_in_a_row} in a row, limit train.max_skipped_steps_in_a_row="
                 f"{cfg.train.max_skipped_steps_in_a_row})"
             )
-            if skipped_in_a_row >= cfg.train.max_skipped_steps_in_a_row:
-                raise RuntimeError(
-                    f"stopping: {skipped_in_a_row} steps in a row had non-finite loss or gradients "
-                    f"(last: step {step + 1})"
-                )
-        else:
-            skipped_in_a_row = 0
         entry = {"step": step + 1, "train": metrics}
         if step == 0 and trainer.store is not None and trainer.store.info.get("source") == "initial weights":
             trainer.log(reward_check_message(metrics, cfg.solopo.beta, trainer.state.config.params_dtype))
@@ -429,18 +486,56 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
                 f"step {step + 1}/{iters}: {format_metrics(metrics, TRAIN_KEYS)} | {speed} | peak mem "
                 f"{metrics['peak_mem_gib']:.2f} GiB | elapsed {format_clock(elapsed)} eta {format_clock(eta)}"
             )
-        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters):
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters) and not diverged:
             entry["eval"] = trainer.evaluate()
             trainer.log_eval(step + 1, entry["eval"])
         trainer.history.append(entry)
         writers.write(entry)
+        if diverged:  # after the step's metrics are written: nothing of the run is lost
+            raise _diverged(trainer, step + 1, skipped_in_a_row, metrics)
         if progress is not None:
             progress.update(1)
         if cfg.checkpoint.save and ((save_every and (step + 1) % save_every == 0) or step + 1 == iters):
-            trainer.log(f"saved checkpoint {trainer.save(step + 1)}")
+            if skipped:
+                # A skip may be the start of a divergence (the weights wrecked by a finite but huge
+                # update): a save now could prune (checkpoint.keep_last) the checkpoint to go back to.
+                kept = (
+                    f"the last checkpoint stays {trainer.last_checkpoint}"
+                    if trainer.last_checkpoint
+                    else "no checkpoint is saved yet"
+                )
+                trainer.log(
+                    f"step {step + 1}: checkpoint not saved, the step's update was skipped (non-finite "
+                    f"values); {kept}"
+                )
+            else:
+                trainer.log(f"saved checkpoint {trainer.save(step + 1)}")
     if progress is not None:
         progress.close()
     return trainer.history
+
+
+def _diverged(trainer: Trainer, step: int, in_a_row: int, metrics: dict[str, float]) -> TrainingDiverged:
+    """The error that stops a run after ``in_a_row`` skipped steps: which steps, what was not finite in
+    the last one, and what to do (the learning rate, the checkpoint to go back to)."""
+    cfg = trainer.cfg
+    assert trainer.last_check is not None
+    steps = f"steps {step - in_a_row + 1}-{step}" if in_a_row > 1 else f"step {step}"
+    if not cfg.checkpoint.save:
+        todo = "train again (no checkpoints: checkpoint.save is unset)"
+    else:
+        # A resume keeps the checkpoint's learning-rate schedule (Megatron's OptimizerParamScheduler
+        # state), and the last save may already hold the update that started the divergence.
+        todo = "start afresh in a new checkpoint.save folder"
+        if trainer.last_checkpoint is not None:
+            todo += f" (the last checkpoint, {trainer.last_checkpoint}, keeps its learning-rate schedule)"
+    return TrainingDiverged(
+        f"training diverged: {steps} had non-finite values ({in_a_row} in a row, limit "
+        f"train.max_skipped_steps_in_a_row={cfg.train.max_skipped_steps_in_a_row}), their updates skipped "
+        f"and not saved; step {step}: {trainer.last_check.describe(metrics.get('loss', math.nan))}. Lower "
+        f"optimizer.lr (now {cfg.optimizer.lr:g}) and {todo}",
+        report=trainer.parallel.is_logging_rank,
+    )
 
 
 def evaluate_only(trainer: Trainer) -> dict[str, float]:

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from ..data.files import nearest_existing
+from ..objectives import SoLoPOConfig, required_roles
 from .hf_config import effective_value
 from .schema import LAYOUT_MODEL_KEYS, ModelSection, RecipeConfig
 
@@ -270,6 +271,55 @@ def model_problem(model: ModelSection, checkpoint: Path, key: str) -> str | None
     )
 
 
+def objective_change(cfg: RecipeConfig, checkpoint: Path) -> tuple[str | None, str | None]:
+    """(refusal, warning) for resuming ``checkpoint`` with ``cfg.solopo``, against the ``solopo:`` its run
+    saved in ``config.yaml`` beside it (nothing to compare without one).
+
+    Other training roles (``solopo.mode``, or ``solo_ra_chosen_only`` under solopo) are refused: the
+    roles decide what the data holds, the reference store kept beside the checkpoints, and what the steps
+    so far optimised. Any other loss key (``preference_loss``, ``beta``, ...) is a warning: the run
+    continues with the recipe's value, from the checkpoint's weights, optimizer state and step."""
+    config = checkpoint.parent / CONFIG
+    try:
+        saved = (yaml.safe_load(config.read_text()) or {}).get("solopo")
+        before = SoLoPOConfig(
+            **{f.name: saved[f.name] for f in dataclasses.fields(SoLoPOConfig) if f.name in saved}
+        )
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        # No readable record of the run's objective (an unreadable config.yaml is refused before launch).
+        return None, None
+    now = cfg.solopo.loss_config()
+    changed = [
+        f.name for f in dataclasses.fields(SoLoPOConfig) if getattr(before, f.name) != getattr(now, f.name)
+    ]
+    if not changed:
+        return None, None
+
+    def described(c: SoLoPOConfig, keys: list[str]) -> str:
+        return ", ".join(f"solopo.{key}={_yaml_value(getattr(c, key))}" for key in keys)
+
+    if required_roles(before) != required_roles(now):  # mode, or solo_ra_chosen_only under solopo
+        role_keys = ["mode"] + (["solo_ra_chosen_only"] if "solo_ra_chosen_only" in changed else [])
+        key = "solopo.mode" if "mode" in changed else "solopo.solo_ra_chosen_only"
+        refusal = (
+            f"{key}: {checkpoint} was trained with {described(before, role_keys)} (roles "
+            f"{', '.join(required_roles(before))}; from {config}), this recipe has "
+            f"{described(now, role_keys)} (roles {', '.join(required_roles(now))}), and a run cannot change "
+            f"the roles it trains on: resume with {described(before, role_keys)}, or train {now.mode} in a "
+            "new checkpoint.save folder (from these weights: solopo-export, then checkpoint.pretrained_hf)"
+        )
+        return refusal, None
+    return None, (
+        f"warning: {checkpoint} was trained with {described(before, changed)} (from {config}); this run "
+        f"continues it with {described(now, changed)}"
+    )
+
+
+def _yaml_value(value: object) -> str:
+    """A recipe value as an override would write it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _same(have: Any, want: Any) -> bool:
     if isinstance(have, float) or isinstance(want, float):
         try:
@@ -377,11 +427,14 @@ def lock_problem(save: str | Path) -> str | None:
 # ----------------------------------------------------------------------------- all of them
 
 
-def checkpoint_problems(cfg: RecipeConfig, *, check_lock: bool = True) -> list[str]:
+def checkpoint_problems(
+    cfg: RecipeConfig, *, check_lock: bool = True, check_objective: bool = True
+) -> list[str]:
     """Every problem of ``checkpoint.save`` / ``checkpoint.load`` visible from files, each naming the
     path and what to do: an unusable save folder, a corrupt or dangling latest file, a damaged
     checkpoint, checkpoints without a latest file (which a fresh start would overwrite), a checkpoint
-    of another model, a folder another live run is writing."""
+    of another model or (``check_objective``: training resumes it) trained on other roles, a folder
+    another live run is writing."""
     c = cfg.checkpoint
     problems: list[str] = []
     save_ok = False
@@ -401,6 +454,8 @@ def checkpoint_problems(cfg: RecipeConfig, *, check_lock: bool = True) -> list[s
         checkpoint, problem = resolve_resume(root, key, required=required)
         if problem is None and checkpoint is not None:
             problem = model_problem(cfg.model, checkpoint, key)
+        if problem is None and checkpoint is not None and check_objective:
+            problem = objective_change(cfg, checkpoint)[0]
         if problem is not None:
             problems.append(problem)
     if save_ok:

@@ -20,6 +20,9 @@ from .errors import RecipeError
 from .preflight import environment_problems, output_path_problems
 from .schema import LoggerSection, ModelSection, RecipeConfig, field_bounds, field_choices
 
+# A resume that changes the roles trained on (recipe.checkpoints.objective_change).
+ROLE_KEYS = ("solopo.mode:", "solopo.solo_ra_chosen_only:")
+
 
 def layout_problems(m: ModelSection, world_size: int | None = None) -> list[str]:
     """The parallel layout's problems (sizes, world size, heads/groups vs tp, layers vs pp), by key."""
@@ -103,6 +106,7 @@ def recipe_problems(
     check_reference: bool = True,
     check_paths: bool = True,
     check_run_state: bool = True,
+    resuming: bool = True,
 ) -> list[str]:
     """Every problem, by key: the configuration's, then (``check_paths``) those of the files it names.
 
@@ -111,7 +115,11 @@ def recipe_problems(
     """
     problems = config_problems(cfg, world_size)
     if check_paths:
-        problems.extend(path_problems(cfg, check_reference=check_reference, check_run_state=check_run_state))
+        problems.extend(
+            path_problems(
+                cfg, check_reference=check_reference, check_run_state=check_run_state, resuming=resuming
+            )
+        )
     elif check_reference and _store_checkable(cfg):
         problems.extend(reference_store_problems(cfg)[0])
     return problems
@@ -228,16 +236,19 @@ def long_eval_problems(cfg: RecipeConfig) -> list[str]:
 
 
 def path_problems(
-    cfg: RecipeConfig, *, check_reference: bool = True, check_run_state: bool = True
+    cfg: RecipeConfig, *, check_reference: bool = True, check_run_state: bool = True, resuming: bool = True
 ) -> list[str]:
     """Problems of the files and packages a recipe needs on the machine that checks it, and of its
     reference store (``check_reference=False``, solopo-ref-logps: whether the store can be written).
 
+    ``resuming=False`` (the reference pass, ``--eval-only``): a checkpoint trained on other roles is fine.
     ``check_run_state=False`` leaves out what one rank checks for the whole job: the run lock (a lock on
     another node cannot be judged from here) and the reference store's fingerprint (hashing the data).
     """
     problems = environment_problems() + _file_problems(cfg) + output_path_problems(cfg)
-    problems.extend(checkpoint_problems(cfg, check_lock=check_run_state))
+    problems.extend(checkpoint_problems(cfg, check_lock=check_run_state, check_objective=resuming))
+    if any(p.startswith(ROLE_KEYS) for p in problems):
+        return problems  # a store kept for the checkpoint's roles would only be called "other data"
     if not check_reference:
         problems.extend(store_target_problems(cfg))
     elif check_run_state and _store_checkable(cfg):
@@ -440,6 +451,7 @@ def validate_recipe(
     check_reference: bool = True,
     check_paths: bool = True,
     check_run_state: bool = True,
+    resuming: bool = True,
 ) -> None:
     """Raises RecipeError listing every problem (each with its key) before any process group exists.
 
@@ -453,6 +465,7 @@ def validate_recipe(
             check_reference=check_reference,
             check_paths=check_paths,
             check_run_state=check_run_state,
+            resuming=resuming,
         )
     )
 

@@ -110,7 +110,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
     )
     assert done.returncode != 0
     assert "update skipped (1 in a row, limit train.max_skipped_steps_in_a_row=2)" in done.stdout
-    assert "stopping: 2 steps in a row had non-finite loss or gradients (last: step 3)" in done.stderr
+    assert "error: training diverged: steps 2-3 had non-finite values (2 in a row" in done.stderr
 
 
 def test_reward_check_is_a_bound_not_bitwise_equality():
