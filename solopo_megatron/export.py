@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
     )
     parser.add_argument(
+        "--allow-huge-weights",
+        action="store_true",
+        help="export weights beyond 1e6 in magnitude (a diverged run's) with a warning instead of refusing",
+    )
+    parser.add_argument(
         "--max-shard-size",
         type=shard_size,
         default=DEFAULT_SHARD_BYTES,
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             max_shard_bytes=args.max_shard_size,
+            allow_huge_weights=args.allow_huge_weights,
             log=lambda text: print(text, flush=True),
         )
     except (RecipeError, DataError, ValueError, OSError) as error:  # e.g. a config.yaml the schema refuses

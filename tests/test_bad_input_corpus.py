@@ -583,6 +583,7 @@ def _round3_cases() -> dict[str, Callable[[Path], Case]]:
         ("GPT-2", {"architectures": ["GPT2LMHeadModel"]}, r"unsupported architecture GPT2LMHeadModel"),
         ("Mistral with a sliding window", {"architectures": ["LlamaForCausalLM"], "use_sliding_window": True}, r"sliding-window attention is not supported"),
         ("Llama with attention_bias", {"attention_bias": True}, r"attention_bias / mlp_bias"),
+        ("Qwen2 (QKV bias) for a recipe without add_qkv_bias", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, r"model\.add_qkv_bias: recipe False, checkpoint True"),
     ):  # fmt: skip
 
         def pretrained_folder(tmp: Path, edits=edits) -> Path:

@@ -16,10 +16,12 @@ that checkpoint's ``config.json`` and ``generation_config.json`` (``hf_config.js
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +30,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..recipe.checkpoints import CONFIG, LATEST, damage, iter_dir, iteration_folders, resolve_resume
+from ..data.files import remove_stale_scratch, scratch_path
+from ..recipe.checkpoints import (
+    CONFIG,
+    LATEST,
+    damage,
+    how_to_resume,
+    iter_dir,
+    iteration_folders,
+    resolve_resume,
+)
 from ..recipe.errors import RecipeError
 from ..recipe.hf_config import (
     HF_CONFIG_COPY,
@@ -75,7 +86,9 @@ def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tup
         folder = iter_dir(path, iteration)
         reason = damage(folder)
         if reason is not None:
-            raise RecipeError(f"--iteration {iteration}: {folder} {reason}")
+            raise RecipeError(
+                f"--iteration {iteration}: {folder} {reason}; {how_to_resume(path, '--checkpoint')}"
+            )
     else:
         if found and not (path / LATEST).exists():
             raise RecipeError(
@@ -101,6 +114,7 @@ class _SliceReader:
     def __init__(self, folder: Path):
         from torch.distributed.checkpoint import FileSystemReader
 
+        self.folder = folder
         self.reader = FileSystemReader(str(folder))
         self.metadata = self.reader.read_metadata()
         self.tensors = {
@@ -114,6 +128,7 @@ class _SliceReader:
 
     def read(self, key: str, index: int | None = None) -> Tensor:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
         from torch.distributed.checkpoint.planner import LoadPlan
@@ -134,7 +149,16 @@ class _SliceReader:
 
         with warnings.catch_warnings():  # one process without a process group is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({key: out}, storage_reader=self.reader, planner=OneSlice(), no_dist=True)
+            try:
+                dcp.load({key: out}, storage_reader=self.reader, planner=OneSlice(), no_dist=True)
+            except CheckpointException as error:  # a BaseException in torch: a damaged shard, an I/O error
+                reason = next(
+                    (line for line in str(error).splitlines() if line.strip()), type(error).__name__
+                )
+                raise RecipeError(
+                    f"cannot read {key} from {self.folder} ({reason[:300]}); restore the checkpoint's files "
+                    "or export another --iteration"
+                ) from None
         return out if index is None else out[0]
 
 
@@ -171,7 +195,10 @@ def _kept_json(root: Path, copy: str, cfg: RecipeConfig, original: str) -> tuple
     try:
         return json.loads(found.read_text()), found
     except ValueError as error:
-        raise RecipeError(f"--checkpoint: {found} is not valid JSON ({error}); restore it") from None
+        key = (
+            "--checkpoint" if found.parent == root else "checkpoint.pretrained_hf (of the run's config.yaml)"
+        )
+        raise RecipeError(f"{key}: {found} is not valid JSON ({error}); restore it") from None
 
 
 def _run_tokenizer(root: Path, cfg: RecipeConfig):
@@ -212,12 +239,11 @@ def _out_problem(out: Path, sources: list[tuple[Path, str]]) -> str | None:
 
     ``sources``: (folder, what it is) of everything read. Writing inside one would mix Hugging Face files
     into it; writing over one (``--out`` a folder above it, with ``--overwrite``) would delete it."""
-    staging = out.with_name(out.name + ".partial")
     for source, what in sources:
-        if _within(out, source) or _within(staging, source):
+        if _within(out, source):
             where = "is" if out == source else "is inside"
             return f"--out: {out} {where} {source} ({what}), which the export reads; choose a directory outside it"
-        if _within(source, out):
+        if _within(source, out) or _within(source, scratch_path(out)):
             return f"--out: {out} holds {source} ({what}), which the export reads; choose another directory"
     return None
 
@@ -235,11 +261,14 @@ def _check_out(out: Path, overwrite: bool, sources: list[tuple[Path, str]]) -> N
 
 
 def _prepare_out(out: Path) -> Path:
-    """The staging folder beside ``out`` (``out`` itself is replaced only at the end)."""
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    """This process's staging folder beside ``out`` (``OUT.tmp-PID-HOST``; ``out`` itself is replaced only
+    at the end). A killed export's staging folder is removed here, never a live one's."""
     try:
-        staging.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(out.parent, out.name)
+        staging = scratch_path(out)
+        shutil.rmtree(staging, ignore_errors=True)  # this process's own, from an earlier failed try
+        staging.mkdir()
     except OSError as error:
         raise RecipeError(
             f"--out: cannot create {out} ({error.strerror}); choose another directory"
@@ -255,6 +284,7 @@ def export_checkpoint(
     dtype: str = "bf16",
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    allow_huge_weights: bool = False,
     log: Callable[[str], None] = print,
 ) -> ExportSummary:
     """Writes the Hugging Face directory of a solopo-train checkpoint.
@@ -268,6 +298,8 @@ def export_checkpoint(
             model's dtype on bf16 runs, whose fp32 master copies are optimizer state), cast.
         overwrite: replace a non-empty ``out`` (written beside it first, swapped in at the end).
         max_shard_bytes: the largest safetensors shard (peak memory is about one shard).
+        allow_huge_weights: export weights beyond ``SUSPICIOUS_MAGNITUDE`` (a diverged run's) with a
+            warning instead of refusing them. Non-finite weights are always refused.
 
     Raises RecipeError for a folder that is not a checkpoint, a model the Hugging Face Llama / Qwen2
     architectures cannot express, a checkpoint tensor that has no Hugging Face place (named), and an
@@ -290,7 +322,9 @@ def export_checkpoint(
         root, HF_GENERATION_CONFIG_COPY, cfg, "generation_config.json"
     )
     # Everything read: --out may be none of these folders, nor inside one, nor above one.
-    sources = [(root, "the run folder"), (tokenizer_dir.resolve(), "the run's tokenizer")]
+    sources = [(root, "the run folder")]
+    if tokenizer_dir.is_dir():
+        sources.append((tokenizer_dir.resolve(), "the run's tokenizer"))
     sources += [(f.parent.resolve(), "the pretrained checkpoint") for f in (base_file, generation_file) if f]
     out = Path(out).resolve()
     _check_out(out, overwrite, sources)  # before reading any tensor
@@ -330,7 +364,7 @@ def export_checkpoint(
         f"exporting {folder} (iteration {step}) to {out}: {len(sizes)} tensors, {len(shards)} shard(s), {dtype}"
     )
     try:
-        total = _write_shards(tensors, plan, staging, names, shard_of, DTYPES[dtype], log)
+        total = _write_shards(tensors, plan, staging, names, shard_of, DTYPES[dtype], log, allow_huge_weights)
         weight_map = {hf_key: names[shard_of[hf_key]] for hf_key, _ in sizes}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -341,6 +375,8 @@ def export_checkpoint(
         _swap_in(staging, out)
     except OSError as error:  # e.g. the disk filled up: one line naming --out, and nothing half-written
         shutil.rmtree(staging, ignore_errors=True)
+        if error.filename is not None and not str(error.filename).startswith((str(staging), str(out))):
+            raise  # not a write into --out (e.g. a file read on the way): its own message
         raise RecipeError(
             f"--out: writing {out} failed ({error.strerror or error}); nothing was written"
         ) from None
@@ -356,12 +392,13 @@ def _numel(shape: tuple[int | None, ...], vocab: int) -> int:
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """``staging`` becomes ``out``; an old ``out`` is moved aside first and deleted only afterwards."""
+    """``staging`` becomes ``out``; an old ``out`` is moved to a new hidden sibling first and deleted only
+    afterwards (a folder of that name could be anyone's: it is never replaced)."""
     if not out.exists():
         staging.rename(out)
         return
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old.rmdir()
     out.rename(old)
     try:
         staging.rename(out)
@@ -371,7 +408,8 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# Trained weights stay far below this; above it the run has almost certainly diverged.
+# Trained weights stay far below this (norm scales reach the hundreds at most); above it the run has
+# diverged, e.g. one finite but huge update before the non-finite steps that stopped it.
 SUSPICIOUS_MAGNITUDE = 1e6
 
 
@@ -389,8 +427,11 @@ def _converted(tensors: _SliceReader, plan: dict) -> Iterator[tuple[str, str, Te
             yield megatron_key, hf_key, part
 
 
-def _finite(megatron_key: str, hf_key: str, stored: Tensor, cast: Tensor, log) -> None:
-    """Refuses a tensor with inf/NaN (as stored, or after the cast to the export dtype); warns of a huge one."""
+def _finite(
+    megatron_key: str, hf_key: str, stored: Tensor, cast: Tensor, log, allow_huge: bool = False
+) -> None:
+    """Refuses a tensor with inf/NaN (as stored, or after the cast to the export dtype), or with values
+    beyond ``SUSPICIOUS_MAGNITUDE`` unless ``allow_huge`` (then a warning)."""
     if not torch.isfinite(stored).all():
         bad = int((~torch.isfinite(stored)).sum())
         raise RecipeError(
@@ -404,17 +445,28 @@ def _finite(megatron_key: str, hf_key: str, stored: Tensor, cast: Tensor, log) -
         )
     largest = stored.abs().max().item() if stored.numel() else 0.0
     if largest > SUSPICIOUS_MAGNITUDE:
-        log(f"warning: {hf_key} has values up to {largest:.3g}; did the run diverge?")
+        if not allow_huge:
+            raise RecipeError(
+                f"the checkpoint's tensor {megatron_key} ({hf_key}) has values up to {largest:.3g}, far "
+                f"beyond any trained model's (bound {SUSPICIOUS_MAGNITUDE:g}): the run diverged before this "
+                "save; export an earlier iteration (--iteration N), or pass --allow-huge-weights to export it"
+            )
+        log(f"warning: {hf_key} has values up to {largest:.3g} (exported: --allow-huge-weights)")
 
 
-def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log) -> int:
+def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log, allow_huge: bool) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     buffer: dict[str, Tensor] = {}
     current, total = 0, 0
 
     def flush() -> None:
-        save_file(buffer, str(staging / names[current]), metadata={"format": "pt"})
+        path = staging / names[current]
+        try:
+            save_file(buffer, str(path), metadata={"format": "pt"})
+        except SafetensorError as error:  # a full disk arrives as this, not as an OSError
+            raise OSError(errno.EIO, str(error), str(path)) from None
         log(f"  {names[current]}: {len(buffer)} tensors")
         buffer.clear()
 
@@ -424,7 +476,7 @@ def _write_shards(tensors, plan, staging: Path, names, shard_of, dtype, log) -> 
             current = shard_of[hf_key]
         # A copy: split parts are views of one tensor, and safetensors refuses tensors that share storage.
         buffer[hf_key] = tensor.to(dtype=dtype, copy=True).contiguous()
-        _finite(megatron_key, hf_key, tensor, buffer[hf_key], log)
+        _finite(megatron_key, hf_key, tensor, buffer[hf_key], log, allow_huge)
         total += buffer[hf_key].numel() * buffer[hf_key].element_size()
     flush()
     return total

@@ -30,6 +30,7 @@ import yaml
 from ..data.files import nearest_existing
 from ..objectives import SoLoPOConfig, required_roles
 from .hf_config import effective_value
+from .preflight import folder_problem
 from .schema import LAYOUT_MODEL_KEYS, ModelSection, RecipeConfig
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -119,9 +120,9 @@ def _complete(root: Path) -> list[Path]:
     return [p for p in iteration_folders(root) if damage(p) is None]
 
 
-def _how_to_resume(root: Path, key: str) -> str:
-    """What to do when ``root``'s latest cannot be used: resume from its newest complete checkpoint or
-    start afresh elsewhere."""
+def how_to_resume(root: Path, key: str) -> str:
+    """What to do when ``root``'s latest cannot be used: resume from (``--checkpoint``, solopo-export:
+    export) its newest complete checkpoint, or start afresh elsewhere."""
     latest = root / LATEST
     complete = _complete(root)
     afresh = (
@@ -130,7 +131,11 @@ def _how_to_resume(root: Path, key: str) -> str:
         else "point checkpoint.load at another checkpoint"
     )
     if not complete:
-        return f"no complete checkpoint is left in {root}" + ("" if key == "--checkpoint" else f": {afresh}")
+        if key == "--checkpoint":
+            return (
+                f"no complete checkpoint is left in {root}: restore the missing or truncated file from a copy"
+            )
+        return f"no complete checkpoint is left in {root}: {afresh}"
     newest = complete[-1]
     step = int(newest.name[len("iter_") :])
     if key == "--checkpoint":  # solopo-export
@@ -175,13 +180,13 @@ def resolve_resume(root: str | Path, key: str, *, required: bool) -> tuple[Path 
             shown = text.strip()[:40]
             return None, (
                 f"{key}: {latest} is corrupt (it holds {shown!r}, not a step number); "
-                + _how_to_resume(root, key)
+                + how_to_resume(root, key)
             )
         path = iter_dir(root, step)
         reason = damage(path)
         if reason is None:
             return path, None
-        return None, f"{key}: {latest} names {path.name}, which {reason}; " + _how_to_resume(root, key)
+        return None, f"{key}: {latest} names {path.name}, which {reason}; " + how_to_resume(root, key)
     if iteration_folders(root):
         return None, orphans_problem(root, key)
     if required:
@@ -203,10 +208,10 @@ def orphans_problem(root: Path, key: str = "checkpoint.save") -> str:
     """``root`` holds ``iter_*`` folders but no latest file: refuse rather than start over there."""
     names = ", ".join(p.name for p in iteration_folders(root)[-3:])
     if key == "checkpoint.load":
-        return f"{key}: {root} holds checkpoints ({names}) but no {LATEST}; " + _how_to_resume(root, key)
+        return f"{key}: {root} holds checkpoints ({names}) but no {LATEST}; " + how_to_resume(root, key)
     return (
         f"{key}: {root} holds checkpoints ({names}) but no {LATEST}, so this run would start over there "
-        "and overwrite them; nothing was changed. " + _how_to_resume(root, key)
+        "and overwrite them; nothing was changed. " + how_to_resume(root, key)
     )
 
 
@@ -221,6 +226,8 @@ def save_folder_problem(save: str | Path) -> str | None:
     existing, problem = nearest_existing(path)
     if problem == "is a file":
         return f"checkpoint.save: cannot create {path}: {existing} is a file; point checkpoint.save elsewhere"
+    if problem is None:  # the permission bits allow it: a real write decides (read-only mounts, root)
+        return folder_problem(path, "checkpoint.save")
     if problem is not None:
         what = (
             f"{path} is not writable"

@@ -308,12 +308,17 @@ def test_non_finite_weights_are_refused_naming_the_tensor(qwen2_tied, tmp_path, 
     assert f"{key} (model.norm.weight) holds 1 non-finite value" in err and "--iteration" in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
+    # A diverged run's finite but huge weights (one update at lr 1e30): refused unless asked for.
     huge = _copy_run(fixture_run, tmp_path / "huge")
     _rewrite_tensor(huge, key, lambda t: t * 1e30)
-    assert main(["--checkpoint", str(huge), "--out", str(tmp_path / "o"), "--dtype", "fp16"]) == 2
+    assert main(["--checkpoint", str(huge), "--out", str(tmp_path / "o"), "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} (model.norm.weight) has values up to 1" in err and "--allow-huge-weights" in err, err
+    allow = ["--checkpoint", str(huge), "--out", str(tmp_path / "o"), "--allow-huge-weights"]
+    assert main([*allow, "--dtype", "fp16"]) == 2
     assert "overflows torch.float16" in capsys.readouterr().err
-    assert main(["--checkpoint", str(huge), "--out", str(tmp_path / "o"), "--dtype", "fp32"]) == 0
-    assert "model.norm.weight has values up to 1" in capsys.readouterr().out
+    assert main([*allow, "--dtype", "fp32"]) == 0
+    assert "warning: model.norm.weight has values up to 1" in capsys.readouterr().out
 
 
 def test_export_failures_name_the_option_and_leave_nothing(qwen2_tied, tmp_path, capsys, monkeypatch):
@@ -334,18 +339,19 @@ def test_export_failures_name_the_option_and_leave_nothing(qwen2_tied, tmp_path,
             capsys.readouterr().err,
         )
 
-    import errno
-
+    from safetensors import SafetensorError
     from safetensors import torch as safetensors_torch
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def disk_full(*args, **kwargs):  # what safetensors raises on a real full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors_torch, "save_file", disk_full)
     out = tmp_path / "full"
     assert main(["--checkpoint", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"--out: writing {out} failed (No space left on device); nothing was written" in err, err
+    assert re.search(
+        rf"--out: writing {out} failed \(.*No space left on device.*\); nothing was written", err
+    ), err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("full")]
 
 
@@ -360,3 +366,43 @@ def test_a_checkpoint_missing_a_shard_is_refused_naming_it(qwen2_tied, tmp_path,
     err = capsys.readouterr().err
     assert "is missing __0_1.distcp, a shard its .metadata lists" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_export_replaces_only_its_own_folders(qwen2_tied, tmp_path, capsys, monkeypatch):
+    """Folders named like a staging or backup copy (a run folder ``hf.old``, the user's ``hf.partial``) are
+    never removed; a dead export's staging folder is; a damaged shard read is one line."""
+    import shutil
+
+    from solopo_megatron.export import main
+
+    _, fixture_run = qwen2_tied
+    run = shutil.copytree(fixture_run, tmp_path / "hf.old")  # the run folder, named like a backup
+    mine = tmp_path / "hf.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("replaced")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f"hf.tmp-{dead.pid}"  # a killed export's staging folder
+    leftover.mkdir()
+    before = _snapshot(run)
+    assert main(["--checkpoint", str(run), "--out", str(out), "--overwrite"]) == 0, capsys.readouterr().err
+    assert _snapshot(run) == before and (mine / "notes.txt").read_text() == "mine"
+    assert (out / "config.json").is_file() and not (out / "old.txt").exists() and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.old", "hf.partial"]
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    def damaged(*args, **kwargs):
+        raise CheckpointException("read_data", {0: _wrap_exception(OSError(5, "Input/output error"))})
+
+    monkeypatch.setattr(dcp, "load", damaged)
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"cannot read \S+ from \S+/iter_0000001 \(.*\); restore the checkpoint's files", err), (
+        err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.old", "hf.partial"]

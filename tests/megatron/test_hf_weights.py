@@ -472,6 +472,7 @@ def test_recipe_starts_from_the_hf_weights(tmp_path):
         "solopo.preference_loss=simpo",
         "dataset.synthetic.num_train=8",
         "dataset.synthetic.num_valid=4",
+        "train.global_batch_size=8",  # setup() refuses data that cannot fill one step
         f"dataset.cache_dir={tmp_path / 'cache'}",
         f"checkpoint.pretrained_hf={directory}",
     ]
