@@ -19,7 +19,11 @@ setup(
         "tokenizers>=0.20",
         "transformers>=4.45",
         "tqdm",
+        # Tested: 0.19.2 (the default suite; its wheels declare Python >= 3.12, and .ci/install puts the
+        # cp311 wheel on 3.11 with --ignore-requires-python) and 0.16.1 (CI's compat job). On CPU,
+        # cpu_compat refuses any other release; on CUDA the releases between are expected to work.
         "megatron-core>=0.16.1,<0.20",
+        "packaging",
         "omegaconf>=2.3",
         "psutil",
         "safetensors",

@@ -20,6 +20,7 @@ from .common import check_token_logprob_inputs, compute_dtype, group_size, owned
 
 __all__ = [
     "logit_stats_reference",
+    "segment_spans",
     "segment_sum_reference",
     "softmax_grad_reference",
     "token_logprobs_reference",
@@ -135,3 +136,19 @@ def segment_sum_reference(values: Tensor, keep: Tensor, segment_ids: Tensor, num
     if num_segments == 0:
         return sums
     return sums.index_add(0, segment_ids.clamp(0, num_segments - 1).long(), kept)
+
+
+def segment_spans(segment_ids: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
+    """(first position, last position + 1) of each segment, int64 [num_segments]; empty -> (T, 0).
+
+    Integer scatter-min/max, so the result does not depend on the order of the reduction.
+    """
+    num_tokens = segment_ids.numel()
+    positions = torch.arange(num_tokens, device=segment_ids.device)
+    # Negative ids (padding) and out-of-range ids go to a discarded extra slot.
+    slot = torch.where((segment_ids >= 0) & (segment_ids < num_segments), segment_ids, num_segments).long()
+    first = torch.full((num_segments + 1,), num_tokens, dtype=torch.int64, device=segment_ids.device)
+    end = torch.zeros(num_segments + 1, dtype=torch.int64, device=segment_ids.device)
+    first = first.scatter_reduce(0, slot, positions, reduce="amin")
+    end = end.scatter_reduce(0, slot, positions + 1, reduce="amax")
+    return first[:num_segments], end[:num_segments]

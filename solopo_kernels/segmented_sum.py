@@ -3,7 +3,7 @@
 ``segment_sum`` dispatches (see ``dispatch``) to the Triton kernel (``triton_segment_sum``, imported
 lazily: no atomics, batch invariant) or to ``reference.segment_sum_reference`` (``index_add``).
 Backward is the same for both: each kept token receives its segment's gradient.
-``segment_spans`` (pure torch) finds each segment's token span for the Triton kernel.
+``segment_spans`` (pure torch, in ``reference``) finds each segment's token span for the Triton kernel.
 """
 
 from __future__ import annotations
@@ -12,25 +12,9 @@ import torch
 from torch import Tensor
 
 from .dispatch import use_triton
-from .reference import segment_sum_reference
+from .reference import segment_spans, segment_sum_reference
 
 __all__ = ["segment_spans", "segment_sum"]
-
-
-def segment_spans(segment_ids: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
-    """(first position, last position + 1) of each segment, int64 [num_segments]; empty -> (T, 0).
-
-    Integer scatter-min/max, so the result does not depend on the order of the reduction.
-    """
-    num_tokens = segment_ids.numel()
-    positions = torch.arange(num_tokens, device=segment_ids.device)
-    # Negative ids (padding) and out-of-range ids go to a discarded extra slot.
-    slot = torch.where((segment_ids >= 0) & (segment_ids < num_segments), segment_ids, num_segments).long()
-    first = torch.full((num_segments + 1,), num_tokens, dtype=torch.int64, device=segment_ids.device)
-    end = torch.zeros(num_segments + 1, dtype=torch.int64, device=segment_ids.device)
-    first = first.scatter_reduce(0, slot, positions, reduce="amin")
-    end = end.scatter_reduce(0, slot, positions + 1, reduce="amax")
-    return first[:num_segments], end[:num_segments]
 
 
 class _SegmentSum(torch.autograd.Function):

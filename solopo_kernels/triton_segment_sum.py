@@ -1,6 +1,6 @@
 """Triton segmented sum: one program per segment sums its token span in a fixed order, no atomics.
 
-Each segment's span [first, end) comes from ``segmented_sum.segment_spans`` (integer scatter-min/max,
+Each segment's span [first, end) comes from ``reference.segment_spans`` (integer scatter-min/max,
 order independent, hence deterministic); the program walks the span in blocks relative to the
 segment's first token, so a sequence alone or packed among others gets bitwise the same total.
 Tokens of other segments inside the span (never the case for THD packing, where a sequence is
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .segmented_sum import segment_spans
+from .reference import segment_spans
 
 __all__ = ["BLOCK", "segment_sum_triton"]
 

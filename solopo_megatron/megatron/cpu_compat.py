@@ -25,9 +25,12 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED_VERSIONS = ("0.16", "0.17", "0.18", "0.19")
+# The megatron-core releases CI runs on CPU (.ci/run: the default suite on 0.19.2, the compat job on
+# 0.16.1). Any other release may have moved what this layer patches: it is refused, not guessed at.
+SUPPORTED_VERSIONS = ("0.16.1", "0.19.2")
 _CPU = torch.device("cpu")
 _lock = threading.RLock()
 
@@ -62,15 +65,43 @@ class _CudaAllocationsOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuStream:
+    """What megatron-core asks of a CUDA stream, for CPU work that is already in order: nothing to wait
+    for, nothing to record (megatron-core 0.19 waits on ``torch.cuda.current_stream()`` before every
+    gradient reduction)."""
+
+    device = _CPU
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_STREAM = _CpuStream()
+
+
 def check_version() -> str:
-    """The installed megatron-core version; MegatronCompatError when this layer does not support it."""
+    """The installed megatron-core version; MegatronCompatError when CI does not test it on CPU."""
     from megatron.core import package_info
 
     version = package_info.__version__
-    if not version.startswith(tuple(v + "." for v in SUPPORTED_VERSIONS)):
+    # A local build tag (0.19.2+f6a5b40, as some indexes ship it) is the same release; rc/dev are not.
+    if Version(version).public not in SUPPORTED_VERSIONS:
         raise MegatronCompatError(
-            f"megatron-core {version} is not supported by the CPU compatibility layer "
-            f"(supported: {', '.join(SUPPORTED_VERSIONS)}.x); run on CUDA or update solopo_megatron.megatron.cpu_compat"
+            f"megatron-core {version} is not one the CPU compatibility layer is tested with "
+            f"({', '.join(SUPPORTED_VERSIONS)}); install one of those to run on CPU "
+            "(on CUDA the layer is not used), or extend solopo_megatron.megatron.cpu_compat"
         )
     return version
 
@@ -152,6 +183,9 @@ def _install() -> None:
         return name
 
     torch.cuda.current_device = lambda: _CPU
+    torch.cuda.current_stream = lambda *args, **kwargs: _STREAM
+    torch.cuda.default_stream = lambda *args, **kwargs: _STREAM
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.empty_cache = lambda *args, **kwargs: None
     torch.cuda.get_rng_state = get_state
@@ -184,6 +218,9 @@ _PATCHED = [
     (lambda: torch.cuda, name)
     for name in (
         "current_device",
+        "current_stream",
+        "default_stream",
+        "stream",
         "synchronize",
         "empty_cache",
         "get_rng_state",

@@ -17,6 +17,7 @@ from ..data.packing import pad_multiple_for
 from ..data.tokenize import tokenizer_available
 from .checkpoints import checkpoint_problems
 from .errors import RecipeError
+from .lengths import largest_group_tokens
 from .preflight import environment_problems, output_path_problems
 from .schema import LoggerSection, ModelSection, RecipeConfig, field_bounds, field_choices
 
@@ -127,8 +128,6 @@ def recipe_problems(
 
 def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[str]:
     """Problems of the recipe itself, whatever machine it is checked on."""
-    from .planner import largest_group_tokens
-
     problems: list[str] = []
     m, t, ds = cfg.model, cfg.train, cfg.dataset
     tp, cp = m.tensor_model_parallel_size, m.context_parallel_size

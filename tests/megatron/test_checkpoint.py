@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 
@@ -75,6 +77,7 @@ def _losses(metrics: Path) -> dict[int, float]:
     return out
 
 
+@pytest.mark.compat
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     cmd, metrics = _command(tmp_path, "straight")
     code, log = _run(cmd, tmp_path, _env(), tmp_path / "straight.log")

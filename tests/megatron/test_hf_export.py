@@ -105,6 +105,7 @@ def _assert_identity(source: Path, out: Path, name: str) -> None:
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
 
 
+@pytest.mark.compat
 def test_import_then_export_is_the_identity_qwen2_tied(qwen2_tied, tmp_path):
     """Bitwise in fp32 through the CLI: every tensor (the padded vocabulary rows dropped), sharded with an
     index, and a config that reads back as the same model; QKV biases and tied embeddings included."""

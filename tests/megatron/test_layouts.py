@@ -12,6 +12,9 @@ import torch
 from distributed import run_distributed
 from layout_runs import MODES, run_layout
 
+# Also run on the oldest tested megatron-core by CI's compat job (.ci/run).
+pytestmark = pytest.mark.compat
+
 ADAM = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "optimizer.adam_eps": 1e-3}
 TIED_QKV_BIAS = {"model.share_embeddings_and_output_weights": True, "model.add_qkv_bias": True}
 # Variants: what the one-process baseline shares with the layouts compared against it.

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes/tiny-cpu.yaml")
 
@@ -32,6 +34,7 @@ def run_cli(
     )
 
 
+@pytest.mark.compat
 def test_tiny_recipe_learns(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     done = run_cli(
