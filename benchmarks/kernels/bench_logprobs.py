@@ -11,7 +11,7 @@ forward+backward, and the backward alone (forward+backward minus a forward that 
 logit forward, 4 backward, 6 both) and its fraction of the measured device copy bandwidth; peak memory
 beyond the inputs and outputs (the outputs being the [T] result and, where one is allocated, the
 [T, V_local] gradient). Results go to benchmarks/results/logprobs-<device>.json (rewritten after every
-provider and shape, so a run stopped early keeps what it measured); report.py plots them and writes the README table.
+provider and shape, so a run stopped early keeps what it measured); report.py plots them and writes the table into docs/benchmarks.md.
 
 Honest at the edges: inputs are made in bf16 (no fp32 [T, V] temporary); a shape whose inputs cannot
 fit the free device memory, and a provider that runs out of memory in a mode, are reported per

@@ -1,10 +1,10 @@
-"""Plots a token log-prob benchmark JSON and writes its table into the README.
+"""Plots a token log-prob benchmark JSON and writes its table into docs/benchmarks.md.
 
     python benchmarks/kernels/report.py benchmarks/results/logprobs-<device>.json [--readme]
 
 The table lists every shape's forward+backward and forward-only rows: median ms, GB/s, fraction of
 the measured copy bandwidth, extra memory per token, and our speed-up over each baseline. With
---readme it replaces the text between the README's benchmark markers; numbers come only from the file.
+--readme it replaces the text between the benchmark markers (docs/benchmarks.md); numbers come only from the file.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results", type=Path)
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     report = json.loads(args.results.read_text())
     text = table(report)
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from readme_section import write_readme_section
 
-        write_readme_section(START, END, text)
-        print("updated README.md")
+        print(f"updated {write_readme_section(START, END, text)}")
     return 0
 
 

@@ -24,7 +24,7 @@ stopped early keeps what it measured.
 A case that cannot run is reported with its reason, never dropped: a full-logits row whose fp32
 [T, V] logits alone would exceed ``--full-logits-cap-gib`` is skipped as such; a child that dies
 (out of memory) is recorded as failed. Results: benchmarks/results/long-context-<device>.json;
-report.py draws the plot and writes the README table.
+report.py draws the plot and writes the table into docs/long-contexts.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Plots a long-context step benchmark JSON and writes its table into the README.
+"""Plots a long-context step benchmark JSON and writes its table into docs/long-contexts.md.
 
     python benchmarks/long_context/report.py benchmarks/results/long-context-cpu.json [--readme]
 
 The plot: peak memory and step time against the long-context length, one line per mode and LM-head
 path. The table: every case, the fitted growth exponent of response-only memory (4K..16K where
 measured), solopo vs long_po at their longest common length, and the budget probe. With --readme it
-replaces the text between the README's markers; numbers come only from the file.
+replaces the text between the markers in docs/long-contexts.md; numbers come only from the file.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MARKERS = {  # README sections: the CPU run and the GPU run (benchmarks/gpu/run_all.sh)
+MARKERS = {  # docs/long-contexts.md sections: the CPU run and the GPU run (benchmarks/gpu/run_all.sh)
     "cpu": ("<!-- bench:long-context:start -->", "<!-- bench:long-context:end -->"),
     "gpu": ("<!-- bench:long-context-gpu:start -->", "<!-- bench:long-context-gpu:end -->"),
 }
@@ -77,7 +77,7 @@ def _extras(settings: dict) -> str:
 
 
 def section(report: dict) -> str:
-    """Which README section the report belongs in: its device's."""
+    """Which docs section the report belongs in: its device's."""
     return "cpu" if report["device"].startswith("cpu") else "gpu"
 
 
@@ -184,7 +184,9 @@ def plot(report: dict, path: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json")
-    p.add_argument("--readme", action="store_true", help="replace the README's long-context table")
+    p.add_argument(
+        "--readme", action="store_true", help="replace the long-context table in docs/long-contexts.md"
+    )
     args = p.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
     text = table(report)
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from readme_section import write_readme_section
 
-        write_readme_section(*MARKERS[section(report)], text)
+        print(f"updated {write_readme_section(*MARKERS[section(report)], text)}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A run's ``checkpoint.save`` folder (written by ``megatron.checkpoint``)::
 
-    iter_0000100/                       one dist_checkpointing checkpoint: metadata.json, common.pt, shards
+    iter_0000100/                       one dist_checkpointing checkpoint: metadata.json, shards (and
+                                        common.pt before megatron-core 0.19)
     latest_checkpointed_iteration.txt   the step of the checkpoint to resume from
     config.yaml                         the recipe the run was started with (its model: section is checked)
     solopo-train.lock                   host and pid of the run writing the folder (while it runs)
@@ -66,7 +67,11 @@ def iteration_folders(root: Path) -> list[Path]:
 
 
 def damage(path: Path) -> str | None:
-    """Why ``path`` is not a complete dist_checkpointing checkpoint (a phrase), or None if it is."""
+    """Why ``path`` is not a complete dist_checkpointing checkpoint (a phrase), or None if it is.
+
+    The common state (iteration, RNG, our ``common`` dict) is ``common.pt`` up to megatron-core 0.18 and
+    the ``common_state`` entry of the torch_dist shards from 0.19; either is accepted, whichever the
+    checkpoint's own ``.metadata`` says it has."""
     if not path.exists():
         return "does not exist"
     if not path.is_dir():
@@ -78,13 +83,19 @@ def damage(path: Path) -> str | None:
         backend = json.loads(metadata.read_text()).get("sharded_backend")
     except (OSError, ValueError, AttributeError):
         return "has an unreadable metadata.json (a damaged save)"
-    if not (path / "common.pt").is_file():
-        return "has no common.pt (an unfinished or damaged save)"
-    if backend == "torch_dist" and not (path / ".metadata").is_file():
+    torch_dist = backend == "torch_dist"
+    if torch_dist and not (path / ".metadata").is_file():
         return "has no .metadata (an unfinished or damaged save)"
-    if (problem := _common_problem(path / "common.pt")) is not None:
-        return problem
-    return _shards_problem(path) if backend == "torch_dist" else None
+    shards = _read_shard_metadata(path) if torch_dist else None
+    if isinstance(shards, str):
+        return shards
+    common = path / "common.pt"
+    if common.is_file():
+        if (problem := _common_problem(common)) is not None:
+            return problem
+    elif shards is None or not any(key.startswith("common_state") for key in shards.state_dict_metadata):
+        return "has no common.pt (an unfinished or damaged save)"
+    return _shards_problem(path, shards) if shards is not None else None
 
 
 def _common_problem(common: Path) -> str | None:
@@ -96,14 +107,18 @@ def _common_problem(common: Path) -> str | None:
     return None
 
 
-def _shards_problem(path: Path) -> str | None:
-    """Every file the checkpoint's ``.metadata`` lists is there and reaches the end of its last item."""
+def _read_shard_metadata(path: Path):
+    """torch.distributed.checkpoint's ``Metadata`` of a torch_dist checkpoint, or the problem (a phrase)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        return FileSystemReader(str(path)).read_metadata()
     except Exception as error:  # a pickle cut short raises EOFError, UnpicklingError, ...
         return f"has an unreadable .metadata ({type(error).__name__}; a damaged save)"
+
+
+def _shards_problem(path: Path, metadata) -> str | None:
+    """Every file the checkpoint's ``.metadata`` lists is there and reaches the end of its last item."""
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
