@@ -103,6 +103,7 @@ def test_kernel_benchmark_reports_out_of_memory_per_provider_and_mode(kernel_ben
     ]
 
 
+@pytest.mark.slow  # 40 s of torch.compile; the kernel benchmark's pipeline stays covered by test_logprob_benchmark_smoke_run_and_report
 def test_kernel_benchmark_compiled_baseline_never_falls_back_to_eager(tmp_path):
     """Five shapes make ten graphs, past dynamo's recompile limit of eight: rebuilt per shape, every shape
     is measured compiled (without the reset, the fifth shape is reported as hitting the limit)."""
@@ -126,6 +127,7 @@ def test_kernel_benchmark_presets(kernel_bench):
     assert shapes("smoke") == list(kernel_bench.SMOKE_SHAPES)
 
 
+@pytest.mark.slow  # 53 s; the benchmark and its report stay in the default suite via run_all.sh --cpu-smoke
 def test_long_context_benchmark_smoke_run_and_report(tmp_path):
     """Tiny shapes: every mode x LM-head case, the packing pair and the budget probe land in the JSON;
     the report's table, facts and plot come from it."""

@@ -176,6 +176,7 @@ def _assert_same_losses(got: dict[int, float], expected: dict[int, float], rtol:
         )
 
 
+@pytest.mark.slow  # 60 s; loading another layout's checkpoint stays in the default suite: test_long_eval[cp2] (CP=2 -> one process) and the DP resharding test
 def test_resume_onto_other_layouts(tmp_path):
     """One run resumed three times, each onto another layout (TP, then PP, then CP; DP follows), reaches
     the losses of a one-process run: model and optimizer state reshard through dist_checkpointing."""
