@@ -39,6 +39,7 @@ __all__ = [
     "loads_json",
     "printable",
     "remove_stale_scratch",
+    "replace_folder",
     "same_file",
     "scratch_path",
 ]
@@ -210,21 +211,29 @@ def atomic_directory(
     tmp, _ = _new_sibling(path, "tmp", lambda p: p.mkdir(0o777))
     try:
         yield tmp
-        if path.exists():
-            old, _ = _new_sibling(path, "old", lambda p: p.mkdir(0o700))
-            old.rmdir()
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_folder(new: PathArg, path: PathArg) -> None:
+    """``new`` becomes ``path``. An existing ``path`` is first moved to a fresh hidden sibling (never a
+    fixed name, which could be anyone's) and deleted only once ``new`` is in place; if that fails, it is
+    moved back."""
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old, _ = _new_sibling(path, "old", lambda p: p.mkdir(0o700))
+    old.rmdir()
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- cache writes

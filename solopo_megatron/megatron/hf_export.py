@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.files import remove_stale_scratch, scratch_path
+from ..data.files import remove_stale_scratch, replace_folder, scratch_path
 from ..recipe.checkpoints import (
     CONFIG,
     LATEST,
@@ -372,7 +371,7 @@ def export_checkpoint(
         generation = generation_config(hf_config, base_generation)
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save_pretrained(str(staging))
-        _swap_in(staging, out)
+        replace_folder(staging, out)
     except OSError as error:  # e.g. the disk filled up: one line naming --out, and nothing half-written
         shutil.rmtree(staging, ignore_errors=True)
         if error.filename is not None and not str(error.filename).startswith((str(staging), str(out))):
@@ -389,23 +388,6 @@ def export_checkpoint(
 
 def _numel(shape: tuple[int | None, ...], vocab: int) -> int:
     return math.prod(vocab if width is None else width for width in shape)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """``staging`` becomes ``out``; an old ``out`` is moved to a new hidden sibling first and deleted only
-    afterwards (a folder of that name could be anyone's: it is never replaced)."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    old.rmdir()
-    out.rename(old)
-    try:
-        staging.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # Trained weights stay far below this (norm scales reach the hundreds at most); above it the run has

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..data.files import nearest_existing
 from .schema import RecipeConfig
 
 # solopo_kernels.dispatch.BACKENDS (a test keeps them equal): the recipe layer does not import the
@@ -52,9 +53,7 @@ def file_problem(path: str | os.PathLike, label: str) -> str | None:
 
 def _creatable(folder: Path, label: str, what: str, *, target: Path | None = None) -> str | None:
     target = target or folder
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing, _ = nearest_existing(folder)  # its permission-bit verdict is replaced by a real write
     if not existing.is_dir():
         return f"{label}: cannot create {target}: {existing} is a file; point it elsewhere"
     try:
