@@ -34,7 +34,9 @@ LAYOUTS = [
     ("cp2", 1, 1, 2, 2, "base", {}),
     ("dp2", 1, 1, 1, 2, "base", {}),
     ("dp2-distributed-optimizer", 1, 1, 1, 2, "adam", {"optimizer.use_distributed_optimizer": True}),
-    ("tp2cp2", 2, 1, 2, 4, "base", {}),
+    # Four processes on two cores (32 s): slow. TP x CP stays in the default suite in
+    # tests/test_parallel_logprobs.py (the loss and gradients at TP=2 x CP=2), TP and CP each here.
+    pytest.param("tp2cp2", 2, 1, 2, 4, "base", {}, marks=pytest.mark.slow, id="tp2cp2"),
     ("pp2-tied-qkv-bias", 1, 2, 1, 2, "tied-qkv-bias", {}),
     ("tp2-tied-qkv-bias", 2, 1, 1, 2, "tied-qkv-bias", {}),
     # Activation recomputation changes memory, not numbers.
@@ -77,7 +79,9 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "tag, tp, pp, cp, world, variant, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS]
+    "tag, tp, pp, cp, world, variant, extra",
+    LAYOUTS,
+    ids=[layout[0] if isinstance(layout, tuple) else layout.id for layout in LAYOUTS],
 )
 def test_layout_matches_one_process(single, tag, tp, pp, cp, world, variant, extra):
     tmp, run_single = single
