@@ -21,6 +21,7 @@ __all__ = [
     "merge_logit_stats",
     "owned_labels",
     "row_chunks",
+    "valid_columns",
 ]
 
 # Upper bound on the fp32 temporaries (elements) of one row chunk: 64 MiB.
@@ -44,6 +45,18 @@ def row_chunks(num_rows: int, row_elements: int) -> Iterator[slice]:
     step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
     for start in range(0, num_rows, step):
         yield slice(start, min(start + step, num_rows))
+
+
+def valid_columns(local_vocab: int, vocab_start_index: int, vocab_size: int | None) -> int:
+    """How many of this shard's ``local_vocab`` columns are real vocabulary: Megatron pads the vocabulary
+    to a multiple of ``make_vocab_size_divisible_by x tp``, and the padding columns (global id >=
+    ``vocab_size``) must not enter the softmax. They are the shard's last columns, as padding comes last.
+    ``vocab_size`` None: every column is real."""
+    if vocab_size is None:
+        return local_vocab
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return max(0, min(local_vocab, vocab_size - vocab_start_index))
 
 
 def check_token_logprob_inputs(logits: Tensor, labels: Tensor) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .common import compute_dtype, merge_logit_stats, owned_labels, row_chunks
+from .common import compute_dtype, merge_logit_stats, owned_labels, row_chunks, valid_columns
 from .dispatch import TRITON_LOGPROBS_DTYPES, use_triton
 from .reference import logit_stats_reference, softmax_grad_reference
 
@@ -54,11 +54,12 @@ def _block_grad_(
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start_index, tp_group, ignore_index, triton):
-        num_tokens, local_vocab = hidden.shape[0], weight.shape[0]
+    def forward(ctx, hidden, weight, labels, vocab_start_index, tp_group, ignore_index, triton, valid_vocab):
+        num_tokens = hidden.shape[0]
+        real = weight[:valid_vocab]  # a view: the padding rows (Megatron's) never form a logit
         stats = torch.empty(3, num_tokens, dtype=compute_dtype(hidden.dtype), device=hidden.device)
-        for rows in row_chunks(num_tokens, local_vocab):
-            logits = hidden[rows] @ weight.T
+        for rows in row_chunks(num_tokens, valid_vocab):
+            logits = hidden[rows] @ real.T
             stats[:, rows] = _block_stats(logits, labels[rows], vocab_start_index, ignore_index, triton)
         out, lse = merge_logit_stats(stats, labels, ignore_index, tp_group)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
@@ -66,19 +67,23 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             ctx.vocab_start_index = vocab_start_index
             ctx.ignore_index = ignore_index
             ctx.triton = triton
+            ctx.valid_vocab = valid_vocab
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
-        num_tokens, local_vocab = hidden.shape[0], weight.shape[0]
+        num_tokens, valid_vocab = hidden.shape[0], ctx.valid_vocab
+        real = weight[:valid_vocab]
         grad_out = torch.where(labels != ctx.ignore_index, grad_out.to(lse.dtype), torch.zeros_like(lse))
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.zeros_like(hidden)
+        # Padding rows of the weight formed no logit: their gradient stays 0.
         grad_weight = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
-        for rows in row_chunks(num_tokens, local_vocab):
+        grad_real = grad_weight[:valid_vocab]
+        for rows in row_chunks(num_tokens, valid_vocab) if valid_vocab else ():
             x = hidden[rows]
             grad_logits = _block_grad_(
-                x @ weight.T,
+                x @ real.T,
                 labels[rows],
                 lse[rows],
                 grad_out[rows],
@@ -86,14 +91,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 ctx.ignore_index,
                 ctx.triton,
             )
-            grad_hidden[rows] = grad_logits @ weight
-            if grad_weight.dtype == weight.dtype:
-                grad_weight.addmm_(grad_logits.T, x)
+            grad_hidden[rows] = grad_logits @ real
+            if grad_real.dtype == weight.dtype:
+                grad_real.addmm_(grad_logits.T, x)
             else:  # bf16/fp16 products, accumulated over blocks in fp32
-                grad_weight += grad_logits.T @ x
+                grad_real += grad_logits.T @ x
         # Under TP each rank holds part of dX (its vocab shard's contribution): the caller's
         # column-parallel LM head reduces it, exactly as for the unfused logits' gradient.
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 def linear_token_logprobs(
@@ -105,6 +110,7 @@ def linear_token_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     ignore_index: int = -100,
     backend: str | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Log-probs [T] (fp32; fp64 for fp64 inputs) of ``labels`` under softmax(hidden @ weight.T) over the full vocab.
 
@@ -112,7 +118,9 @@ def linear_token_logprobs(
     result as ``token_logprobs(hidden @ weight.T, labels, ...)`` without ever materialising the
     [T, V_local] logits. Gradients flow to ``hidden`` (this shard's contribution, to be reduced over TP
     by the caller as for any column-parallel layer) and ``weight``. ``backend`` chooses the per-block
-    log-prob kernel as for ``token_logprobs`` (Triton on CUDA by default).
+    log-prob kernel as for ``token_logprobs`` (Triton on CUDA by default). ``vocab_size``: the true
+    vocabulary; weight rows of global id at or above it (Megatron's padding) form no logit and get
+    gradient 0. None: every row is vocabulary.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -135,4 +143,5 @@ def linear_token_logprobs(
         tp_group,
         int(ignore_index),
         triton,
+        valid_columns(weight.shape[0], int(vocab_start_index), vocab_size),
     )

@@ -24,6 +24,7 @@ def token_logprobs(
     ignore_index: int = -100,
     inplace_backward: bool = False,
     backend: str | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Log-probs [T] (fp32) of ``labels`` under the full-vocab softmax of vocab-parallel ``logits``.
 
@@ -33,6 +34,8 @@ def token_logprobs(
     only; no fp32 [T, V_local] buffer is allocated by the Triton path. ``inplace_backward`` (Triton
     path) writes the gradient into the logits' storage. ``backend``: ``auto``, ``triton`` or
     ``torch``; None: ``dispatch.default_backend()`` (the ``SOLOPO_KERNELS`` environment variable).
+    ``vocab_size``: the true vocabulary; global columns at or above it (Megatron's padding to a
+    multiple of ``make_vocab_size_divisible_by x tp``) stay out of the softmax and get gradient 0.
     """
     if use_triton(logits, backend, supported_dtypes=TRITON_LOGPROBS_DTYPES):
         from .triton_logprobs import token_logprobs_triton
@@ -44,7 +47,13 @@ def token_logprobs(
             tp_group=tp_group,
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
+            vocab_size=vocab_size,
         )
     return token_logprobs_reference(
-        logits, labels, vocab_start_index=vocab_start_index, tp_group=tp_group, ignore_index=ignore_index
+        logits,
+        labels,
+        vocab_start_index=vocab_start_index,
+        tp_group=tp_group,
+        ignore_index=ignore_index,
+        vocab_size=vocab_size,
     )

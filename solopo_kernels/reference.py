@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .common import check_token_logprob_inputs, compute_dtype, group_size, owned_labels, row_chunks
+from .common import (
+    check_token_logprob_inputs,
+    compute_dtype,
+    group_size,
+    owned_labels,
+    row_chunks,
+    valid_columns,
+)
 
 __all__ = [
     "logit_stats_reference",
@@ -29,22 +36,26 @@ __all__ = [
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index):
-        num_tokens, local_vocab = logits.shape
+    def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index, valid_vocab):
+        num_tokens = logits.shape[0]
         dtype = compute_dtype(logits.dtype)
-        owned, local_labels = owned_labels(labels, vocab_start_index, local_vocab, ignore_index)
-        target = logits.gather(1, local_labels[:, None]).squeeze(1).to(dtype)
-        target = torch.where(owned, target, torch.zeros_like(target))
-
-        # The max is exact in any dtype, so it needs no fp32 copy of the logits.
-        row_max = logits.amax(dim=1).to(dtype)
+        real = logits[:, :valid_vocab]  # a view: padding columns never enter the softmax
+        owned, local_labels = owned_labels(labels, vocab_start_index, valid_vocab, ignore_index)
+        target = torch.zeros(num_tokens, dtype=dtype, device=logits.device)
+        # The max is exact in any dtype, so it needs no fp32 copy of the logits. A shard of padding
+        # only (possible at large TP) has max -inf, which the MAX all-reduce replaces.
+        row_max = torch.full((num_tokens,), float("-inf"), dtype=dtype, device=logits.device)
+        if valid_vocab:
+            picked = real.gather(1, local_labels[:, None]).squeeze(1).to(dtype)
+            target = torch.where(owned, picked, target)
+            row_max = real.amax(dim=1).to(dtype)
         distributed = group_size(tp_group) > 1
         if distributed:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
 
-        sum_exp = torch.empty(num_tokens, dtype=dtype, device=logits.device)
-        for rows in row_chunks(num_tokens, local_vocab):
-            shifted = logits[rows].to(dtype) - row_max[rows, None]
+        sum_exp = torch.zeros(num_tokens, dtype=dtype, device=logits.device)
+        for rows in row_chunks(num_tokens, valid_vocab):
+            shifted = real[rows].to(dtype) - row_max[rows, None]
             sum_exp[rows] = shifted.exp_().sum(dim=1)
         if distributed:
             # One collective for both per-token statistics: sum of exp and the owner's target logit.
@@ -59,20 +70,22 @@ class _TokenLogprobs(torch.autograd.Function):
             ctx.save_for_backward(logits, labels, lse)
             ctx.vocab_start_index = vocab_start_index
             ctx.ignore_index = ignore_index
+            ctx.valid_vocab = valid_vocab
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, labels, lse = ctx.saved_tensors
-        num_tokens, local_vocab = logits.shape
-        owned, local_labels = owned_labels(labels, ctx.vocab_start_index, local_vocab, ctx.ignore_index)
+        num_tokens, valid_vocab = logits.shape[0], ctx.valid_vocab
+        owned, local_labels = owned_labels(labels, ctx.vocab_start_index, valid_vocab, ctx.ignore_index)
         grad_out = torch.where(labels != ctx.ignore_index, grad_out.to(lse.dtype), torch.zeros_like(lse))
         grad_logits = torch.empty_like(logits)
-        for rows in row_chunks(num_tokens, local_vocab):
-            grad_logits[rows] = softmax_grad_reference(
-                logits[rows], local_labels[rows], owned[rows], lse[rows], grad_out[rows]
+        grad_logits[:, valid_vocab:] = 0  # padding columns: probability 0, no label
+        for rows in row_chunks(num_tokens, valid_vocab) if valid_vocab else ():
+            grad_logits[rows, :valid_vocab] = softmax_grad_reference(
+                logits[rows, :valid_vocab], local_labels[rows], owned[rows], lse[rows], grad_out[rows]
             )
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def logit_stats_reference(
@@ -80,9 +93,14 @@ def logit_stats_reference(
 ) -> Tensor:
     """This shard's per-token statistics [3, T] in fp32 (fp64 for fp64 logits): row max, sum of
     exp(logit - max), label logit (0 where not owned). ``common.merge_logit_stats`` finishes them.
-    Makes one fp32 copy of ``logits``: callers pass a row chunk."""
+    Makes one fp32 copy of ``logits``: callers pass a row chunk (of real vocabulary columns only)."""
+    dtype = compute_dtype(logits.dtype)
+    if logits.shape[1] == 0:  # a shard of padding only: max -inf, sum 0, owns no label
+        stats = torch.zeros(3, logits.shape[0], dtype=dtype, device=logits.device)
+        stats[0] = float("-inf")
+        return stats
     owned, local_labels = owned_labels(labels, vocab_start_index, logits.shape[1], ignore_index)
-    x = logits.to(compute_dtype(logits.dtype))
+    x = logits.to(dtype)
     row_max = x.amax(dim=1)
     sum_exp = (x - row_max[:, None]).exp_().sum(dim=1)
     target = x.gather(1, local_labels[:, None]).squeeze(1)
@@ -108,6 +126,7 @@ def token_logprobs_reference(
     vocab_start_index: int = 0,
     tp_group: dist.ProcessGroup | None = None,
     ignore_index: int = -100,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Log-probs [T] of ``labels`` under the full-vocab softmax of vocab-parallel ``logits``.
 
@@ -117,12 +136,17 @@ def token_logprobs_reference(
             Ids must lie in the full vocabulary; one owned by no rank is not detected.
         vocab_start_index: global id of this shard's first column.
         tp_group: the tensor-parallel group the vocab is split over (None: single process).
+        vocab_size: the true vocabulary; global columns at or above it are Megatron's padding and stay
+            out of the softmax (gradient 0). None: every column is vocabulary.
 
     Returns fp32 [T] (fp64 for fp64 logits), identical on every rank of ``tp_group``. Gradient flows
     to ``logits`` only.
     """
     check_token_logprob_inputs(logits, labels)
-    return _TokenLogprobs.apply(logits, labels.long(), int(vocab_start_index), tp_group, int(ignore_index))
+    valid = valid_columns(logits.shape[1], int(vocab_start_index), vocab_size)
+    return _TokenLogprobs.apply(
+        logits, labels.long(), int(vocab_start_index), tp_group, int(ignore_index), valid
+    )
 
 
 def segment_sum_reference(values: Tensor, keep: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import check_token_logprob_inputs, merge_logit_stats
+from .common import check_token_logprob_inputs, merge_logit_stats, valid_columns
 from .dispatch import TRITON_LOGPROBS_DTYPES, triton_interpret_enabled
 
 __all__ = [
@@ -51,7 +51,7 @@ def _forward_kernel(
     stats_ptr,  # not FINALIZE: fp32 [3, T] row max, sum of exp(x - max), label logit (0 where not owned)
     row_stride,
     num_tokens,
-    local_vocab,
+    valid_vocab,  # columns read: the shard's real vocabulary, before Megatron's padding columns
     vocab_start_index,
     ignore_index,
     BLOCK_V: tl.constexpr,
@@ -63,9 +63,9 @@ def _forward_kernel(
     # reduction per vocab block). One exp per logit: exp(-|x - m|) rescales whichever side is smaller.
     lane_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     lane_sum = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, local_vocab, BLOCK_V):
+    for start in range(0, valid_vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < local_vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + cols, mask=cols < valid_vocab, other=float("-inf")).to(tl.float32)
         larger = x > lane_max
         # -inf logits (masked vocab, lanes past the end) add exp(-inf) = 0 and never form -inf - -inf.
         scale = tl.where(x == float("-inf"), 0.0, tl.exp(tl.minimum(x, lane_max) - tl.maximum(x, lane_max)))
@@ -76,7 +76,7 @@ def _forward_kernel(
     sum_exp = tl.sum(tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp(lane_max - shift)), axis=0)
     label = tl.load(labels_ptr + row)
     local_label = label - vocab_start_index
-    owned = (label != ignore_index) & (local_label >= 0) & (local_label < local_vocab)
+    owned = (label != ignore_index) & (local_label >= 0) & (local_label < valid_vocab)
     target = tl.load(row_ptr + local_label, mask=owned, other=0.0).to(tl.float32)
     if FINALIZE:
         lse = row_max + tl.log(sum_exp)
@@ -98,6 +98,7 @@ def _backward_kernel(
     logits_row_stride,
     grad_row_stride,
     local_vocab,
+    valid_vocab,  # columns at or above it are vocabulary padding: softmax 0, gradient 0
     vocab_start_index,
     ignore_index,
     BLOCK_V: tl.constexpr,
@@ -105,12 +106,13 @@ def _backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = cols < local_vocab
+    real = cols < valid_vocab
     label = tl.load(labels_ptr + row)
     g = tl.load(grad_out_ptr + row)
     g = tl.where(label == ignore_index, 0.0, g)
     lse = tl.load(lse_ptr + row)
-    x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_vocab, other=0.0).to(tl.float32)
-    onehot = tl.where(cols == label - vocab_start_index, 1.0, 0.0)
+    x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=real, other=float("-inf")).to(tl.float32)
+    onehot = tl.where(real & (cols == label - vocab_start_index), 1.0, 0.0)
     grad = g * (onehot - tl.exp(x - lse))
     tl.store(
         grad_logits_ptr + row * grad_row_stride + cols,
@@ -128,9 +130,11 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, stats, finalize: bool) -> None:
-    num_tokens, local_vocab = logits.shape
-    block = _block_size(local_vocab, 4096)
+def _launch_forward(
+    logits, labels, vocab_start_index, ignore_index, out, lse, stats, finalize: bool, valid_vocab: int
+) -> None:
+    num_tokens = logits.shape[0]
+    block = _block_size(valid_vocab, 4096)
     _forward_kernel[(num_tokens,)](
         logits,
         labels,
@@ -139,7 +143,7 @@ def _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, s
         stats,
         logits.stride(0),
         num_tokens,
-        local_vocab,
+        valid_vocab,
         vocab_start_index,
         ignore_index,
         BLOCK_V=block,
@@ -154,32 +158,44 @@ def forward_logprobs(
     vocab_start_index: int,
     ignore_index: int,
     tp_group: dist.ProcessGroup | None,
+    valid_vocab: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs [T], log-sum-exp [T]), both fp32, over the vocab split across ``tp_group``.
 
     A single shard finishes inside the kernel (8 bytes per token). Under TP the kernel returns three
     floats per token and two all-reduces merge them: MAX of the max, then SUM of the rescaled sum-exp
-    and of the owner's target logit.
+    and of the owner's target logit. Only the first ``valid_vocab`` columns (default: all) are read.
     """
     num_tokens = logits.shape[0]
+    valid_vocab = logits.shape[1] if valid_vocab is None else valid_vocab
     device = logits.device
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         out = torch.empty(num_tokens, dtype=torch.float32, device=device)
         lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
         if num_tokens:
-            _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, out, finalize=True)
+            _launch_forward(logits, labels, vocab_start_index, ignore_index, out, lse, out, True, valid_vocab)
         return out, lse
-    stats = logit_stats_triton(logits, labels, vocab_start_index, ignore_index)
+    stats = logit_stats_triton(logits, labels, vocab_start_index, ignore_index, valid_vocab)
     return merge_logit_stats(stats, labels, ignore_index, tp_group)
 
 
-def logit_stats_triton(logits: Tensor, labels: Tensor, vocab_start_index: int, ignore_index: int) -> Tensor:
+def logit_stats_triton(
+    logits: Tensor,
+    labels: Tensor,
+    vocab_start_index: int,
+    ignore_index: int,
+    valid_vocab: int | None = None,
+) -> Tensor:
     """This shard's per-token statistics fp32 [3, T]: row max, sum of exp(logit - max), label logit
-    (0 where not owned); ``common.merge_logit_stats`` turns them into log-probs."""
+    (0 where not owned), over its first ``valid_vocab`` columns (default: all);
+    ``common.merge_logit_stats`` turns them into log-probs."""
     num_tokens = logits.shape[0]
+    valid_vocab = logits.shape[1] if valid_vocab is None else valid_vocab
     stats = torch.empty(3, num_tokens, dtype=torch.float32, device=logits.device)
     if num_tokens:
-        _launch_forward(logits, labels, vocab_start_index, ignore_index, stats, stats, stats, finalize=False)
+        _launch_forward(
+            logits, labels, vocab_start_index, ignore_index, stats, stats, stats, False, valid_vocab
+        )
     return stats
 
 
@@ -191,10 +207,12 @@ def backward_into(
     grad_out: Tensor,
     vocab_start_index: int,
     ignore_index: int,
+    valid_vocab: int | None = None,
 ) -> Tensor:
-    """Writes g * (onehot - softmax) into ``grad_logits`` (which may be ``logits`` itself)."""
+    """Writes g * (onehot - softmax) into ``grad_logits`` (which may be ``logits`` itself); columns at
+    or above ``valid_vocab`` (vocabulary padding; default: none) get 0."""
     num_tokens, local_vocab = logits.shape
-    if num_tokens == 0:
+    if num_tokens == 0 or local_vocab == 0:
         return grad_logits
     block = _block_size(local_vocab, 4096)
     grid = (num_tokens, triton.cdiv(local_vocab, block))
@@ -207,6 +225,7 @@ def backward_into(
         logits.stride(0),
         grad_logits.stride(0),
         local_vocab,
+        local_vocab if valid_vocab is None else valid_vocab,
         vocab_start_index,
         ignore_index,
         BLOCK_V=block,
@@ -217,10 +236,13 @@ def backward_into(
 
 class _TritonTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start_index, tp_group, ignore_index, inplace_backward):
-        out, lse = forward_logprobs(logits, labels, vocab_start_index, ignore_index, tp_group)
+    def forward(
+        ctx, logits, labels, vocab_start_index, tp_group, ignore_index, inplace_backward, valid_vocab
+    ):
+        out, lse = forward_logprobs(logits, labels, vocab_start_index, ignore_index, tp_group, valid_vocab)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, labels, lse)
+            ctx.valid_vocab = valid_vocab
             ctx.vocab_start_index = vocab_start_index
             ctx.ignore_index = ignore_index
             ctx.inplace_backward = inplace_backward
@@ -231,8 +253,17 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         grad_logits = logits if ctx.inplace_backward else torch.empty_like(logits)
         grad_out = grad_out.to(torch.float32).contiguous()
-        backward_into(grad_logits, logits, labels, lse, grad_out, ctx.vocab_start_index, ctx.ignore_index)
-        return grad_logits, None, None, None, None, None
+        backward_into(
+            grad_logits,
+            logits,
+            labels,
+            lse,
+            grad_out,
+            ctx.vocab_start_index,
+            ctx.ignore_index,
+            ctx.valid_vocab,
+        )
+        return grad_logits, None, None, None, None, None, None
 
 
 def token_logprobs_triton(
@@ -243,6 +274,7 @@ def token_logprobs_triton(
     tp_group: dist.ProcessGroup | None = None,
     ignore_index: int = -100,
     inplace_backward: bool = False,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Triton implementation of ``token_logprobs`` (same contract as the reference).
 
@@ -261,4 +293,5 @@ def token_logprobs_triton(
         tp_group,
         int(ignore_index),
         bool(inplace_backward),
+        valid_columns(logits.shape[1], int(vocab_start_index), vocab_size),
     )

@@ -172,10 +172,12 @@ def save_checkpoint(
     *,
     distributed_optimizer: bool,
     keep_last: int | None,
+    vocab_size: int | None = None,
 ) -> Path:
     """Saves model, optimizer, scheduler and per-rank RNG as ``root/iter_<step>`` (atomically: written
     as ``.tmp`` and renamed once every rank is done), updates ``latest`` and prunes to ``keep_last``.
-    Collective: every rank calls it. Returns the checkpoint's directory."""
+    ``vocab_size``, the true vocabulary the softmax ran over (the embedding holds Megatron's padded
+    size), is kept with it. Collective: every rank calls it. Returns the checkpoint's directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -195,6 +197,7 @@ def save_checkpoint(
         "world_size": parallel.world_size,
         "layout": parallel.sizes,
         "distributed_optimizer": distributed_optimizer,
+        "vocab_size": vocab_size,
     }
     dist_checkpointing.save(sharded, str(tmp))
     _fault_injection("kill_during_save", step)
@@ -249,6 +252,18 @@ def _check_reshard(common: dict, now: dict[str, int], distributed_optimizer: boo
         )
 
 
+def _check_vocab(saved: int | None, now: int | None, path: Path) -> None:
+    """The softmax must keep running over the vocabulary the checkpoint was trained with; with the same
+    padded embedding a changed tokenizer would otherwise move the padding boundary silently."""
+    if saved is None or now is None or saved == now:
+        return
+    raise RecipeError(
+        f"checkpoint.load: {path} was trained over a vocabulary of {saved} tokens; this run's tokenizer "
+        f"and model.vocab_size give {now}. Resume with the run's own tokenizer (dataset.tokenizer) and "
+        "model.vocab_size"
+    )
+
+
 def load_checkpoint(
     path: Path,
     state: ModelAndOptimizer,
@@ -256,13 +271,16 @@ def load_checkpoint(
     *,
     distributed_optimizer: bool,
     log: Callable[[str], None],
+    vocab_size: int | None = None,
 ) -> int:
     """Restores model, optimizer, scheduler and (same layout) RNG into ``state``; returns the step to
-    resume after. Collective: every rank calls it."""
+    resume after. Refuses a checkpoint trained over another true vocabulary than ``vocab_size``.
+    Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))["common"]
     _check_reshard(common, parallel.sizes, distributed_optimizer, path)
+    _check_vocab(common.get("vocab_size"), vocab_size, path)
     sharded = _sharded_state_dict(
         state, parallel, distributed_optimizer=distributed_optimizer, is_loading=True
     )

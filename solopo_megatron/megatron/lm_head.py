@@ -67,10 +67,13 @@ def output_weight(model) -> Tensor:
     return gpt.output_layer.weight
 
 
-def scored_sequence_logps(mb: Microbatch, hidden: Tensor, weight: Tensor, parallel: ParallelState) -> Tensor:
+def scored_sequence_logps(
+    mb: Microbatch, hidden: Tensor, weight: Tensor, parallel: ParallelState, *, vocab_size: int | None = None
+) -> Tensor:
     """Per-sequence response log-prob sums [S] (complete over TP and CP) from this rank's hidden states.
 
-    ``hidden`` [1, t, H] (the deferred output layer's output), ``weight`` this rank's vocab shard.
+    ``hidden`` [1, t, H] (the deferred output layer's output), ``weight`` this rank's vocab shard,
+    ``vocab_size`` the true vocabulary (rows past it are Megatron's padding, outside the softmax).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if hidden.shape[0] != mb.labels.numel():
@@ -84,6 +87,7 @@ def scored_sequence_logps(mb: Microbatch, hidden: Tensor, weight: Tensor, parall
         mb.labels[scored],
         vocab_start_index=parallel.tp_rank * weight.shape[0],
         tp_group=parallel.tp_group,
+        vocab_size=vocab_size,
     )
     keep = torch.ones_like(scored, dtype=torch.bool)
     return sequence_logprobs(

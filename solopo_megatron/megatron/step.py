@@ -30,6 +30,9 @@ class StepContext:
     inplace_logits_backward: bool = True  # model.logits=full only
     forward_only_logps: bool = False  # reference pass: report per-sequence sums, no loss
     response_only: bool = True  # model.logits=response_only: the model returns hidden states (lm_head)
+    # The true vocabulary: the LM head's rows from it up to Megatron's padded size stay out of the softmax.
+    # None: every row is vocabulary (a model whose size needs no padding, or a test's).
+    vocab_size: int | None = None
 
 
 def packed_seq_params(mb: Microbatch):
@@ -78,7 +81,7 @@ def microbatch_sequence_logps(
     """Per-sequence response log-prob sums [S] (complete over TP and CP) from the last stage's output:
     hidden states and the LM head's weight (response-only), or vocab-parallel logits (weight None)."""
     if weight is not None:
-        return scored_sequence_logps(mb, output, weight, ctx.parallel)
+        return scored_sequence_logps(mb, output, weight, ctx.parallel, vocab_size=ctx.vocab_size)
     logits = output.reshape(-1, output.shape[-1])  # [t, 1, V_local] -> [t, V_local]
     if logits.shape[0] != mb.labels.numel():
         raise ValueError(f"logits cover {logits.shape[0]} tokens but the microbatch has {mb.labels.numel()}")
@@ -88,6 +91,7 @@ def microbatch_sequence_logps(
         vocab_start_index=ctx.parallel.tp_rank * logits.shape[1],
         tp_group=ctx.parallel.tp_group,
         inplace_backward=ctx.inplace_logits_backward and not ctx.forward_only_logps,
+        vocab_size=ctx.vocab_size,
     )
     return sequence_logprobs(
         token_logps, mb.loss_mask, mb.segment_ids, mb.num_sequences, cp_group=ctx.parallel.cp_group

@@ -238,6 +238,7 @@ class Trainer:
             self.parallel,
             distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer,
             keep_last=c.keep_last,
+            vocab_size=self.data.vocab_size,
         )
         if self.parallel.rank == 0:
             keep_reference_with_checkpoints(self.store, c.save)
@@ -338,6 +339,7 @@ def setup(
         parallel,
         inplace_logits_backward=cfg.solopo.inplace_logits_backward,
         response_only=cfg.model.logits == "response_only",
+        vocab_size=data.vocab_size,
     )
     trainer = Trainer(
         cfg, parallel, data, state, ctx, log=printer if parallel.is_logging_rank else (lambda text: None)
@@ -360,6 +362,7 @@ def setup(
             parallel,
             distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
             log=trainer.log,
+            vocab_size=data.vocab_size,
         )
         trainer.steps_done, trainer.last_checkpoint = trainer.start_step, resume_from
         trainer.log(f"resumed from {resume_from} after step {trainer.start_step}")

@@ -184,11 +184,6 @@ def plan_warnings(cfg: RecipeConfig, plan: Plan) -> list[str]:
             "the estimate exceeds cluster.gpu_memory_gib: raise tp/cp/pp, turn on "
             "model.recompute_granularity=full or optimizer.use_distributed_optimizer, or lower dataset.max_tokens"
         )
-    if plan.padded_vocab and plan.vocab and plan.padded_vocab != plan.vocab and cfg.checkpoint.pretrained_hf:
-        warnings.append(
-            "padded vocab rows start at zero and enter the log-softmax normaliser (logit 0 each); choose "
-            "model.make_vocab_size_divisible_by so that vocab / (it x tp) is whole"
-        )
     if (
         plan.groups_per_row is not None
         and plan.groups_per_row * plan.group_tokens < 0.5 * cfg.dataset.max_tokens
