@@ -75,6 +75,20 @@ class ExportSummary:
 # ----------------------------------------------------------------------------- reading the checkpoint
 
 
+def _trained_vocab(folder: Path) -> int | None:
+    """The true vocabulary the checkpoint's training ran its softmax over, as ``save_checkpoint``
+    recorded it; None for a checkpoint saved before it was recorded. megatron-core reads its own common
+    state (``common.pt`` up to 0.16, inside the shards from 0.19)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: I/O errors
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(folder)).get("common", {})
+    except (Exception, CheckpointException) as error:  # noqa: BLE001  (one line, naming the folder)
+        raise _unreadable("common_state", folder, error) from None
+    return common.get("vocab_size")
+
+
 def _checkpoint_dir(checkpoint: str | os.PathLike, iteration: int | None) -> tuple[Path, Path, int]:
     """(run folder, iteration folder, iteration) of ``--checkpoint`` (a run folder or one iteration's)."""
     path = Path(checkpoint).resolve()
@@ -151,14 +165,17 @@ class _SliceReader:
             try:
                 dcp.load({key: out}, storage_reader=self.reader, planner=OneSlice(), no_dist=True)
             except CheckpointException as error:  # a BaseException in torch: a damaged shard, an I/O error
-                reason = next(
-                    (line for line in str(error).splitlines() if line.strip()), type(error).__name__
-                )
-                raise RecipeError(
-                    f"cannot read {key} from {self.folder} ({reason[:300]}); restore the checkpoint's files "
-                    "or export another --iteration"
-                ) from None
+                raise _unreadable(key, self.folder, error) from None
         return out if index is None else out[0]
+
+
+def _unreadable(what: str, folder: Path, error: BaseException) -> RecipeError:
+    """One line for a checkpoint part that cannot be read: what, where, the first line of why."""
+    reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return RecipeError(
+        f"cannot read {what} from {folder} ({reason[:300]}); restore the checkpoint's files "
+        "or export another --iteration"
+    )
 
 
 def _stacked_key(megatron_key: str) -> tuple[str, int | None]:
@@ -341,6 +358,12 @@ def export_checkpoint(
     missing = sorted(key for key in stacked if key not in tensors.tensors)
     if missing:
         raise RecipeError(f"cannot export {folder}: it has no tensor {missing[0]!r} for this model section")
+    trained = _trained_vocab(folder)
+    if trained is not None and trained != vocab:  # the softmax's vocabulary must be the exported one
+        raise RecipeError(
+            f"cannot export {folder}: it was trained over a vocabulary of {trained} tokens, but the run's "
+            f"tokenizer and recipe give {vocab} (was the tokenizer or model.vocab_size changed?)"
+        )
     rows = tensors.shape("embedding.word_embeddings.weight")[0]
     if padded_vocab_size(vocab, cfg.model) != rows:  # the vocabulary rule must give training's embedding
         raise RecipeError(

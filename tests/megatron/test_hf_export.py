@@ -410,3 +410,22 @@ def test_the_export_replaces_only_its_own_folders(qwen2_tied, tmp_path, capsys, 
         err
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.old", "hf.partial"]
+
+
+def test_the_export_checks_the_vocabulary_training_recorded(qwen2_tied, tmp_path, capsys, monkeypatch):
+    """Each checkpoint records the vocabulary its softmax ran over; the export refuses another one."""
+    from solopo_megatron.export import main
+    from solopo_megatron.megatron import hf_export
+    from solopo_megatron.recipe.checkpoints import iter_dir
+
+    source, run = qwen2_tied
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    assert hf_export._trained_vocab(iter_dir(run, 1)) == vocab
+    monkeypatch.setattr(hf_export, "_trained_vocab", lambda folder: vocab + 6)
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"was trained over a vocabulary of {vocab + 6} tokens, but the run's tokenizer and recipe give {vocab}"
+        in err
+    )
+    assert not (tmp_path / "o").exists()
