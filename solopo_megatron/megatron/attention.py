@@ -11,20 +11,24 @@ Two backends (``model.attention_backend``; ``te`` is Transformer Engine's own at
 - ``sdpa``: one sequence at a time with torch SDPA (``sequence_spans`` finds each sequence's queries
   and, under CP, its keys among the gathered ones): causal SDPA when CP = 1, else a [local queries,
   sequence keys] mask in global positions. Extra memory is bounded by the longest sequence, not by
-  the packed row, and no work is spent on pairs of different sequences. On CUDA with CP = 1 and
+  the packed row, and no work is spent on pairs of different sequences. The spans (and CP masks, on
+  the device) are built once per microbatch and shared by every layer. On CUDA with CP = 1 and
   bf16/fp16, flash-attn's varlen kernel serves instead when it is installed.
 - ``flex``: torch ``flex_attention`` over the whole row with a document-causal block mask built from
   segment ids and global (zigzag) positions (``document_causal_block_mask``), one mask per microbatch
-  shared by every layer; grouped-query attention without repeating K/V. Compiled on CUDA (training);
-  on CPU torch runs it forward-only (the tests' check).
+  shared by every layer; grouped-query attention without repeating K/V. Compiled on CUDA (training)
+  with the row dimensions marked dynamic: one graph per grad mode serves every row length (rows of a
+  single query block run eager); on CPU torch runs it forward-only (the tests' check).
 
 ``packed_attention_mask`` (the dense [t_local, t_global] mask of a whole row) is the tests' oracle.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -93,6 +97,8 @@ def document_causal_block_mask(
     segment, query_positions, key_positions = _row_positions(cu_seqlens_padded, cp_size, cp_rank)
     q_pos, k_pos = query_positions.to(device), key_positions.to(device)
     q_seg, k_seg = segment.to(device)[q_pos], segment.to(device)[k_pos]
+    for tensor in (q_pos, k_pos, q_seg, k_seg):  # the mask function's inputs: see _mark_row_dims_dynamic
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
     # Indexing is safe on an edge block's rows and keys past the row: inductor's flex kernels take
     # them modulo the length (get_bounded_indices) before calling the mask, and mask them out after.
@@ -119,7 +125,9 @@ def document_causal_block_mask(
     def as_kv_blocks(selected: Tensor) -> tuple[Tensor, Tensor]:
         # Per query block: how many key blocks, and their indices first (ascending), the rest after.
         order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)
-        return selected.sum(dim=1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+        # Cloned: no views, whose bases dynamo would trace (and shape-guard) as inputs of their own.
+        counts = selected.sum(dim=1, dtype=torch.int32)[None, None].clone()
+        return counts, order.to(torch.int32)[None, None].clone()
 
     kv_num, kv_indices = as_kv_blocks(partial)
     full_num, full_indices = as_kv_blocks(all_allowed)
@@ -135,30 +143,93 @@ def document_causal_block_mask(
 
 
 _MASK_TILE_ELEMENTS = 1 << 26  # mask elements evaluated at once while building a block mask (64 MB of bool)
-_LAST_MASK: list = []  # [(packed_seq_params, cp_size, cp_rank, device), block mask] of the last microbatch
+# kind -> (packed_seq_params, (cp_size, cp_rank, device), value) of the last microbatch
+_LAST: dict[str, tuple] = {}
+
+
+def _per_microbatch(kind: str, params, cp_size: int, cp_rank: int, device: torch.device, build: Callable):
+    """``build()`` once per microbatch and kind: every layer of one forward (and its recomputation) gets
+    the same PackedSeqParams object, so all of them share what is derived from its row (and its one
+    device-to-host copy of the row's bounds). Holding ``params`` keeps its identity from being reused."""
+    key = (cp_size, cp_rank, device)
+    last = _LAST.get(kind)
+    if last is None or last[0] is not params or last[1] != key:
+        last = _LAST[kind] = (params, key, build())
+    return last[2]
 
 
 def _shared_block_mask(params, cp_size: int, cp_rank: int, device: torch.device):
-    """The block mask of ``params``' row, built once: every layer of one forward (and its recomputation)
-    gets the same PackedSeqParams object, so all of them share one mask."""
-    key = (params, cp_size, cp_rank, device)
-    if not _LAST_MASK or _LAST_MASK[0][0] is not params or _LAST_MASK[0][1:] != key[1:]:
-        _LAST_MASK[:] = [
-            key,
-            document_causal_block_mask(params.cu_seqlens_q_padded, cp_size, cp_rank, device),
+    """The block mask of ``params``' row, built once per microbatch."""
+    return _per_microbatch(
+        "block_mask",
+        params,
+        cp_size,
+        cp_rank,
+        device,
+        lambda: document_causal_block_mask(params.cu_seqlens_q_padded, cp_size, cp_rank, device),
+    )
+
+
+def _shared_spans(params, cp_size: int, cp_rank: int, device: torch.device) -> list[SequenceSpan]:
+    """``sequence_spans`` of ``params``' row with their CP key rows and masks on ``device``, once per
+    microbatch (the per-layer host sync and copies happen once)."""
+
+    def build() -> list[SequenceSpan]:
+        spans = sequence_spans(params.cu_seqlens_q_padded, cp_size, cp_rank)
+        return [
+            replace(s, key_rows=s.key_rows.to(device), mask=s.mask.to(device)) if s.mask is not None else s
+            for s in spans
         ]
-    return _LAST_MASK[1]
+
+    return _per_microbatch("spans", params, cp_size, cp_rank, device, build)
 
 
 _COMPILED: dict[str, object] = {}
+_COMPILE_BACKEND = "inductor"  # the tests count graphs with a counting backend instead
 
 
 def _compiled(name: str, fn):
     """``torch.compile(fn)``, once per process: flex attention runs as a fused kernel only when compiled;
     dynamic shapes, since every row has its own length."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
+        _COMPILED[name] = torch.compile(fn, dynamic=True, backend=_COMPILE_BACKEND)
     return _COMPILED[name]
+
+
+def _compiles_flex(device: torch.device) -> bool:
+    """Whether flex attention runs compiled: on CUDA (on CPU torch runs it forward-only, eager)."""
+    return device.type == "cuda"
+
+
+def _mark_row_dims_dynamic(query: Tensor, key: Tensor, value: Tensor, block_mask) -> None:
+    """Marks every row-length dimension dynamic before the compiled call, so one graph serves every row.
+
+    ``dynamic=True`` alone traces the first row's sizes duck-shaped: a block count that happens to equal
+    another size (2 query blocks, 2 KV groups) is traced as that size and recompiles on the next row.
+    Marked sizes get symbols of their own. ``maybe_``: a size the compiler must specialise is not an
+    error. Sizes 0 and 1 are always specialised: rows of one query block run eager (``_flex_attend``).
+    """
+    for tensor in (query, key, value):
+        torch._dynamo.maybe_mark_dynamic(tensor, 2)  # [1, heads, t, d]
+    for part in block_mask.as_tuple():  # block counts [1, 1, blocks], indices [1, 1, blocks, blocks]
+        if isinstance(part, Tensor):
+            torch._dynamo.maybe_mark_dynamic(part, list(range(2, part.dim())))
+
+
+def _flex_attend(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float) -> Tensor:
+    """flex_attention on [1, heads, t, d] inputs: compiled with dynamic row dimensions where
+    ``_compiles_flex``; eager elsewhere and for rows of one query block (at most [128, 128 x cp] scores,
+    where a compiled call would trace a graph specialised to one block)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    one_block = block_mask.kv_num_blocks.shape[-1] == 1
+    attend = flex_attention
+    if _compiles_flex(query.device) and not one_block:
+        _mark_row_dims_dynamic(query, key, value, block_mask)
+        attend = _compiled("flex_attention", flex_attention)
+    return attend(
+        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+    )
 
 
 def packed_attention_mask(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> Tensor:
@@ -190,7 +261,10 @@ class _AllGatherTokens(torch.autograd.Function):
         return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size], None
 
 
+@functools.cache
 def _flash_varlen():
+    """flash-attn's varlen function, or None where it is not installed: looked up once per process (a
+    failed import searches sys.path again on every try)."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -283,17 +357,16 @@ class PackedCoreAttention(MegatronModule):
             return out.reshape(out.shape[0], -1)
         key, value, cp_size, cp_rank = self._gather_keys(key, value, cp)
         outputs = []
-        for span in sequence_spans(packed_seq_params.cu_seqlens_q_padded, cp_size, cp_rank):
+        for span in _shared_spans(packed_seq_params, cp_size, cp_rank, query.device):
             rows = slice(span.start, span.end)
             k = key[span.key_rows] if span.key_rows is not None else key[rows]
             v = value[span.key_rows] if span.key_rows is not None else value[rows]
-            mask = span.mask.to(query.device) if span.mask is not None else None
             out = self._attend(
                 query[rows].transpose(0, 1)[None],
                 k.transpose(0, 1)[None],
                 v.transpose(0, 1)[None],
-                mask=mask,
-                causal=mask is None,
+                mask=span.mask,
+                causal=span.mask is None,
             )
             outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs).reshape(query.shape[0], -1)
@@ -308,18 +381,14 @@ class PackedCoreAttention(MegatronModule):
 
     def _flex(self, query: Tensor, key: Tensor, value: Tensor, params, cp: bool) -> Tensor:
         """The whole row through flex_attention with the document-causal block mask; THD in and out."""
-        from torch.nn.attention.flex_attention import flex_attention
-
         key, value, cp_size, cp_rank = self._gather_keys(key, value, cp)
         block_mask = _shared_block_mask(params, cp_size, cp_rank, query.device)
-        attend = _compiled("flex_attention", flex_attention) if query.is_cuda else flex_attention
-        out = attend(
+        out = _flex_attend(
             query.transpose(0, 1)[None],  # [1, heads, t, d]
             key.transpose(0, 1)[None],  # [1, groups, t_global, d]
             value.transpose(0, 1)[None],
-            block_mask=block_mask,
-            scale=self._scale(query),
-            enable_gqa=key.shape[1] != query.shape[1],
+            block_mask,
+            self._scale(query),
         )
         return out[0].transpose(0, 1).reshape(query.shape[0], -1)
 

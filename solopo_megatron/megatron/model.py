@@ -146,6 +146,20 @@ def layer_spec(model: ModelSection, impl: str, attention: str = "sdpa"):
     return spec
 
 
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter of ``module`` in ``dtype`` (in place: the same Parameter objects,
+    with the attributes Megatron set on them), as Megatron-LM's Float16Module does for bf16 models.
+
+    Megatron's linear and embedding layers are built in ``config.params_dtype``, but the local spec's
+    norms (``WrappedTorchNorm``: torch.nn.RMSNorm / LayerNorm) ignore it and stay fp32; torch's fused
+    rms_norm then refuses the bf16 activations ("Mismatch dtype") and runs unfused. Buffers keep their
+    dtype; the optimizer keeps fp32 main copies of bf16 parameters.
+    """
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def build_gpt_model(
     model: ModelSection,
     config,
@@ -157,7 +171,8 @@ def build_gpt_model(
 ):
     """This pipeline stage's GPTModel (embedding on the first stage, output layer on the last), built
     with the process groups of ``parallel`` (a ``parallel.ParallelState``), core attention ``attention``
-    (see ``resolve_attention_backend``), and the output layer deferred for ``model.logits=response_only``."""
+    (see ``resolve_attention_backend``), every parameter in ``config.params_dtype`` (``cast_parameters``),
+    and the output layer deferred for ``model.logits=response_only``."""
     from megatron.core.models.gpt import GPTModel
 
     gpt = GPTModel(
@@ -175,6 +190,7 @@ def build_gpt_model(
         rope_scaling_factor=model.rope_scaling_factor,
         pg_collection=parallel.groups,
     )
+    cast_parameters(gpt, config.params_dtype)
     if model.logits == "response_only" and parallel.is_last_stage:
         from .lm_head import defer_output_layer
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import megatron_on_cpu, run_distributed
 from model_checks import attention_backend_matches_oracle, packed_equals_alone
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
@@ -95,35 +97,214 @@ def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, mon
             assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
 
 
-def test_compiled_flex_attention_does_not_recompile_per_row():
-    """The production call (compiled with dynamic shapes, a fresh mask closure per microbatch) on rows of
-    many lengths: the graphs stop at two (a size that first equals another, like 2 query blocks and 2 KV
-    groups, is traced as one symbol, then generalised once), so dynamo's recompile limit (8) never
-    sends flex attention back to eager.
-    Dynamo's guards are what is tested, so the graph runs on the eager backend (inductor's CPU flex
-    template fails to build some of these shapes; the GPU tests run the Triton one)."""
-    if not flex_attention_available():
-        pytest.skip("this torch has no flex_attention")
-    from torch._dynamo.utils import counters
-    from torch.nn.attention.flex_attention import flex_attention
+def _core_attention(backend: str, heads: int = 4, groups: int = 2, head_dim: int = 32):
+    """A PackedCoreAttention on its own (no parallel state needed at CP = 1)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from solopo_megatron.megatron.attention import PackedCoreAttention
+
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    return PackedCoreAttention(config, layer_number=1, attn_mask_type=None, backend=backend)
+
+
+def _thd_params(lengths: list[int], device: str = "cpu"):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    longest = max(lengths)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """THD [t, heads, d] -> [t, heads * d] in float64 with the dense oracle mask (GQA expanded)."""
+    from solopo_megatron.megatron.attention import packed_attention_mask
+
+    repeat = q.shape[1] // k.shape[1]
+    q, k, v = (x.double().transpose(0, 1) for x in (q, k, v))
+    k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    out = (
+        scores.masked_fill(~packed_attention_mask(cu.cpu(), 1, 0).to(q.device), float("-inf")).softmax(-1) @ v
+    )
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+# Rows of many lengths: 2 query blocks first (the size of the 2 KV groups: duck-shaped before), one
+# of a single block (0/1-specialised before), rows that are not block multiples.
+FLEX_ROWS = ([136, 120], [200, 8, 176], [264], [72, 312, 40], [1000, 24], [64, 40], [520, 520, 8], [130])
+
+
+def _compiled_flex_over_rows(monkeypatch, device: str, compile_backend: str, train: bool, tol: float):
+    """``FLEX_ROWS`` through PackedCoreAttention's compiled flex path (a fresh block mask and closure per
+    row), alternating no_grad (reference pass, full recomputation's first forward) and grad mode (its
+    recomputation); each output and, with ``train``, the q/k/v gradients against the float64 dense
+    oracle. Returns the count of compiled graphs after each row."""
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     from solopo_megatron.megatron import attention
 
-    compiled = torch.compile(flex_attention, dynamic=True, backend="eager")
-    graphs = [counters["stats"]["unique_graphs"]]
+    counter = CompileCounterWithBackend(compile_backend)
+    monkeypatch.setattr(attention, "_COMPILED", {})
+    monkeypatch.setattr(attention, "_COMPILE_BACKEND", counter)
+    monkeypatch.setattr(attention, "_compiles_flex", lambda device: True)
+    core = _core_attention("flex")
     gen = torch.Generator().manual_seed(0)
-    for lengths in ([136, 120], [200, 8, 176], [264], [72, 312, 40], [1000, 24], [520, 520, 8]):
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-        t = int(cu[-1])
-        q, k, v = (torch.randn(1, h, t, 32, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
-        mask = attention.document_causal_block_mask(cu, 1, 0, torch.device("cpu"))
-        got = compiled(q.float(), k.float(), v.float(), block_mask=mask, enable_gqa=True)
-        dense = attention.packed_attention_mask(cu, 1, 0)
-        scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 32**0.5
-        want = scores.masked_fill(~dense, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
-        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[-1] - graphs[0] <= 2 and graphs[-1] == graphs[2]  # none after the second row
+    graphs = []
+    torch._dynamo.reset()
+    try:
+        for i, lengths in enumerate(FLEX_ROWS):
+            grad = i % 2 == 1
+            params = _thd_params(lengths, device)
+            t = sum(lengths)
+            q = torch.randn(t, 4, 32, generator=gen).to(device).requires_grad_(grad and train)
+            kv = torch.randn(t, 2, 64, generator=gen).to(device).requires_grad_(grad and train)
+            k, v = kv.split(32, dim=-1)  # views, as Megatron's QKV split makes them
+            with torch.set_grad_enabled(grad):
+                out = core(q, k, v, None, packed_seq_params=params)
+            q64, kv64 = (x.detach().double().requires_grad_(grad and train) for x in (q, kv))
+            want = _dense_attention(q64, *kv64.split(32, dim=-1), params.cu_seqlens_q_padded)
+            torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+            if grad and train:
+                weights = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(device)
+                (out.double() * weights).sum().backward()
+                (want * weights).sum().backward()
+                torch.testing.assert_close(q.grad.double(), q64.grad, rtol=tol, atol=tol)
+                torch.testing.assert_close(kv.grad.double(), kv64.grad, rtol=tol, atol=tol)
+            graphs.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    return graphs
+
+
+def test_compiled_flex_attention_traces_at_most_two_graphs(monkeypatch):
+    """The production flex call over many row lengths and both grad modes: one graph per grad mode,
+    none per row length (before: 4 graphs over these rows), so dynamo's recompile limit (8) never sends
+    flex attention back to eager. Rows of one query block run eager (a 0/1-specialised graph otherwise).
+    Dynamo's guards are what is counted, so the graph runs on the eager backend (inductor's CPU flex
+    template fails to build some of these shapes; the GPU test runs the Triton one), forward only
+    (flex_attention's backward needs CUDA)."""
+    if not flex_attention_available():
+        pytest.skip("this torch has no flex_attention")
+    graphs = _compiled_flex_over_rows(monkeypatch, "cpu", "eager", train=False, tol=2e-5)
+    assert graphs[-1] <= 2 and graphs[1] == graphs[-1], graphs  # none after the first of each grad mode
+
+
+@pytest.mark.gpu
+def test_compiled_flex_attention_on_cuda_traces_at_most_two_graphs(monkeypatch):
+    """The same on CUDA with inductor (whose own shape guards join dynamo's), with the backward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    graphs = _compiled_flex_over_rows(monkeypatch, "cuda", "inductor", train=True, tol=1e-3)
+    assert graphs[-1] <= 2 and graphs[1] == graphs[-1], graphs
+
+
+@megatron_on_cpu
+def row_derived_once_per_microbatch(rank: int, world_size: int, backend: str, out: str) -> None:
+    """A 3-layer GPT forward (sdpa: forward and backward under full recomputation) of two microbatches:
+    how often the row's spans (sdpa) or block mask (flex) were built, and the outputs."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from solopo_megatron.megatron import attention
+    from solopo_megatron.megatron.model import build_gpt_model, transformer_config
+    from solopo_megatron.megatron.parallel import init_parallel_state
+    from solopo_megatron.recipe.schema import ModelSection
+
+    name = {"sdpa": "sequence_spans", "flex": "document_causal_block_mask"}[backend]
+    built = []
+    original = getattr(attention, name)
+    setattr(attention, name, lambda *args, **kwargs: built.append(1) or original(*args, **kwargs))
+    cfg = ModelSection(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        recompute_granularity="full",
+        recompute_method="uniform",
+        recompute_num_layers=1,
+    )
+    parallel = init_parallel_state(cfg, seed=3)
+    model = build_gpt_model(
+        cfg, transformer_config(cfg, bf16=False, max_tokens=256), 256, 256, "local", parallel, backend
+    )
+    counts, outputs = [], []
+    for lengths in ([10, 24, 30], [40, 8]):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        tokens = torch.randint(
+            3, 256, (1, int(cu[-1])), generator=torch.Generator().manual_seed(len(lengths))
+        )
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=cu,
+            cu_seqlens_kv_padded=cu,
+            max_seqlen_q=max(lengths),
+            max_seqlen_kv=max(lengths),
+        )
+        with torch.set_grad_enabled(backend == "sdpa"):  # flex_attention's backward needs CUDA
+            logits = model(
+                input_ids=tokens, position_ids=positions, attention_mask=None, packed_seq_params=params
+            )
+            if backend == "sdpa":
+                logits.float().square().mean().backward()
+        counts.append(len(built))
+        outputs.append(logits.detach())
+    torch.save({"counts": counts, "outputs": outputs}, out)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_row_spans_and_block_mask_are_built_once_per_microbatch(backend, tmp_path):
+    """Every layer of a forward (and of its recomputation in the backward) shares one build of what is
+    derived from the row: one device-to-host copy of its bounds per microbatch, not one per layer."""
+    if backend == "flex" and not flex_attention_available():
+        pytest.skip("this torch has no flex_attention")
+    out = str(tmp_path / "counts.pt")
+    run_distributed(row_derived_once_per_microbatch, 1, backend, out)
+    result = torch.load(out)
+    assert result["counts"] == [1, 2], result["counts"]
+    assert all(bool(torch.isfinite(x).all()) for x in result["outputs"])
+
+
+def test_flash_attn_import_is_tried_once(monkeypatch):
+    """The flash-attn lookup is cached per process (the import is not retried on every layer's call)."""
+    import types
+
+    from solopo_megatron.megatron import attention
+
+    looked_up = []
+
+    def lookup(name: str):  # the module's attribute hook: counts the lookups of the varlen function
+        if name != "flash_attn_varlen_func":
+            raise AttributeError(name)
+        looked_up.append(name)
+        return lambda *args, **kwargs: None
+
+    fake = types.ModuleType("flash_attn")
+    fake.__getattr__ = lookup
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    attention._flash_varlen.cache_clear()
+    try:
+        found = [attention._flash_varlen() for _ in range(3)]
+    finally:
+        attention._flash_varlen.cache_clear()
+    assert looked_up == ["flash_attn_varlen_func"] and found[0] is found[1] is found[2] is not None
 
 
 @pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])
