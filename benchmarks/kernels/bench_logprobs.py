@@ -7,16 +7,21 @@
 Per-rank shapes (T tokens x V_local vocab columns) with a single-rank process group; bf16 logits;
 labels all valid (Megatron's CE has no ignore_index). For each provider and shape: median time
 (triton.testing.do_bench) of the forward-only pass (no autograd: what a reference-model pass costs),
-forward+backward, and the backward alone (forward+backward minus a forward that records autograd state); achieved GB/s against the bytes that must move (2 bytes per
+forward+backward, and the backward alone (forward+backward minus a forward that records autograd
+state). Every backward is ``torch.autograd.grad`` to the logits, never ``.backward()`` into a leaf's
+``.grad``: AccumulateGrad would copy the gradient there, one more [T, V] write and buffer than the
+provider makes (an in-place provider's row would carry a gradient copy it never made). Achieved GB/s
+against the bytes that must move (2 bytes per
 logit forward, 4 backward, 6 both) and its fraction of the measured device copy bandwidth; peak memory
-beyond the inputs and outputs (the outputs being the [T] result and, where one is allocated, the
-[T, V_local] gradient). Results go to benchmarks/results/logprobs-<device>.json (rewritten after every
+beyond the inputs and outputs (the outputs being the [T] result and, unless it shares the logits'
+storage, the [T, V_local] gradient). Results go to benchmarks/results/logprobs-<device>.json (rewritten after every
 provider and shape, so a run stopped early keeps what it measured); report.py plots them and writes the table into docs/benchmarks.md.
 
 Honest at the edges: inputs are made in bf16 (no fp32 [T, V] temporary); a shape whose inputs cannot
 fit the free device memory, and a provider that runs out of memory in a mode, are reported per
 provider and mode; ``torch.compile`` is reset and rebuilt per shape, and dynamo's recompile limit
-raises instead of silently falling back to eager.
+raises instead of silently falling back to eager. The exit status is 1 when nothing was measured, or
+when a provider failed on a shape for a reason other than memory (or one of ours did not import).
 """
 
 from __future__ import annotations
@@ -142,19 +147,17 @@ SMOKE_PROVIDERS = ("solopo_triton", "solopo_triton_inplace", "torch_eager")
 # ----------------------------------------------------------------------------- measurement
 
 
-def _bench(fn: Callable[[], object], device: str, grad_to_none=None) -> float:
+def _bench(fn: Callable[[], object], device: str) -> float:
     """Median milliseconds."""
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+        return triton.testing.do_bench(fn, return_mode="median")
     times = []
     for _ in range(3):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-        for t in grad_to_none or ():
-            t.grad = None
     return sorted(times)[1]
 
 
@@ -199,9 +202,7 @@ class ModeSkipped(Exception):
         self.mode, self.reason = mode, reason
 
 
-def measure(
-    provider: str, fn: Fn, writes_in_place: bool, inputs: tuple, device: str, skipped: list[dict]
-) -> list[dict]:
+def measure(provider: str, fn: Fn, inputs: tuple, device: str, skipped: list[dict]) -> list[dict]:
     """Rows for the modes that ran; each mode that did not is appended to ``skipped`` with its reason."""
     logits, labels, grad_out = inputs
     tokens, vocab = logits.shape
@@ -220,22 +221,23 @@ def measure(
             "extra_bytes_per_token": None,
         }
 
-    def timed(mode: str, call: Callable[[], object], **kwargs) -> float:
+    def timed(mode: str, call: Callable[[], object]) -> float:
         try:
-            return _bench(call, device, **kwargs)
+            return _bench(call, device)
         except torch.OutOfMemoryError:
             raise ModeSkipped(mode, "out of memory") from None
         except Exception as error:  # noqa: BLE001  (a baseline that breaks on this shape)
             raise ModeSkipped(mode, f"error: {error!r}"[:300]) from None
 
     def fwd_bwd():
-        fn(leaf, labels).backward(grad_out)
+        # autograd.grad: the gradient the provider returns, without AccumulateGrad's copy into .grad
+        torch.autograd.grad(fn(leaf, labels), leaf, grad_out)
 
     try:
         with torch.no_grad():
             rows.append(row("fwd", timed("fwd", lambda: fn(logits, labels))))
             rows[0]["max_abs_error_vs_fp32"] = _max_error(provider, fn, logits, labels)
-        fwd_bwd_ms = timed("fwd+bwd", fwd_bwd, grad_to_none=[leaf])
+        fwd_bwd_ms = timed("fwd+bwd", fwd_bwd)
         rows.append(row("fwd+bwd", fwd_bwd_ms))
         # Backward alone = (forward + backward) - (forward recording autograd state): several baselines
         # modify saved tensors in their backward, so a retained graph cannot be replayed.
@@ -253,34 +255,40 @@ def measure(
                     "reason": skip.reason,
                 }
             )
-    leaf.grad = None
 
     if device == "cuda" and any(r["mode"] == "fwd+bwd" for r in rows):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        result = fn(leaf, labels)
-        result.backward(grad_out)
-        torch.cuda.synchronize()
-        outputs = result.numel() * result.element_size()
-        if not writes_in_place:
-            outputs += leaf.grad.numel() * leaf.grad.element_size()
         fwd_bwd_row = next(r for r in rows if r["mode"] == "fwd+bwd")
-        fwd_bwd_row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base - outputs
+        fwd_bwd_row["peak_extra_bytes"] = _peak_extra_bytes(fn, leaf, labels, grad_out)
         fwd_bwd_row["extra_bytes_per_token"] = fwd_bwd_row["peak_extra_bytes"] / tokens
-        del result
-    leaf.grad = None
     leaf.requires_grad_(False)
     return rows
+
+
+def _peak_extra_bytes(fn: Fn, leaf: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor) -> int:
+    """Peak CUDA memory of one forward+backward beyond its inputs and outputs: the [T] result and the
+    gradient, unless that is written into the logits' own storage (an in-place backward)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn(leaf, labels)
+    (grad,) = torch.autograd.grad(result, leaf, grad_out)
+    torch.cuda.synchronize()
+    outputs = result.numel() * result.element_size()
+    if grad.untyped_storage().data_ptr() != leaf.untyped_storage().data_ptr():
+        outputs += grad.numel() * grad.element_size()
+    return torch.cuda.max_memory_allocated() - base - outputs
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def _single_rank_group(device: str):
+def _single_rank_group(device: str, megatron: bool):
+    """A one-rank process group; with ``megatron``, megatron-core's parallel state over it too."""
     backend = "nccl" if device == "cuda" else "gloo"
     store = os.path.join(tempfile.mkdtemp(), "store")
     dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    if not megatron:  # no megatron-core baseline asked for: no need to import it
+        return dist.new_group([0])
     try:  # Megatron's non-fused CE reads its TP group from parallel_state.
         from megatron.core import parallel_state
 
@@ -291,12 +299,19 @@ def _single_rank_group(device: str):
 
 
 def _versions() -> dict:
+    """From the installed distributions' metadata: nothing imported only to read a version."""
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "megatron.core", "liger_kernel", "transformer_engine"):
+    for name, distribution in (
+        ("triton", "triton"),
+        ("megatron.core", "megatron-core"),
+        ("liger_kernel", "liger-kernel"),
+        ("transformer_engine", "transformer-engine"),
+    ):
         try:
-            module = __import__(name, fromlist=["__version__"])
-            versions[name] = getattr(module, "__version__", "unknown")
-        except Exception:  # noqa: BLE001
+            versions[name] = version(distribution)
+        except PackageNotFoundError:
             versions[name] = None
     versions["cuda"] = torch.version.cuda
     return versions
@@ -344,6 +359,26 @@ def _print_row(r: dict, copy_bw: float | None) -> None:
     )
 
 
+OURS = frozenset({"solopo_triton", "solopo_triton_inplace"})
+
+
+def problems(report: dict) -> list[str]:
+    """Why the run is no pass: a provider that failed on a shape other than by memory (out of memory,
+    inputs over the free memory: the measurement's limits, not failures), one of ours that did not
+    import (an optional baseline may be missing), or no measurement at all. Empty when it passed."""
+    found = []
+    for entry in report["skipped"]:
+        reason = entry["reason"]
+        if reason.startswith("error:") or (reason.startswith("unavailable:") and entry["provider"] in OURS):
+            where = (
+                f" T={entry['tokens']} V={entry['vocab_local']} {entry['mode']}" if "tokens" in entry else ""
+            )
+            found.append(f"{entry['provider']}{where}: {reason}")
+    if not report["results"]:
+        found.append("no provider and shape produced a measurement")
+    return found
+
+
 def _skip(report: dict, entry: dict) -> None:
     report["skipped"].append(entry)
     where = (
@@ -375,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run with --smoke for the CPU check")
     shapes = _shapes(args)
     providers = args.providers or (SMOKE_PROVIDERS if args.smoke else tuple(PROVIDERS))
-    tp_group = _single_rank_group(device)
+    tp_group = _single_rank_group(device, megatron=any(name.startswith("megatron") for name in providers))
     device_name = (
         torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
     )
@@ -434,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped: list[dict] = []
             try:
                 # Fresh inputs per provider: an in-place backward overwrites its logits with the gradient.
-                rows = measure(name, fn, in_place, make_inputs(t, v, device), device, skipped)
+                rows = measure(name, fn, make_inputs(t, v, device), device, skipped)
             except torch.OutOfMemoryError:  # making the inputs, or the peak-memory pass
                 rows, skipped = (
                     [],
@@ -463,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     dist.destroy_process_group()
-    return 0
+    found = problems(report)
+    for problem in found:
+        print(f"FAILED: {problem}", flush=True)
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -15,16 +15,21 @@ dense bf16 peak. Then, for solopo and long_po with the response-only head, the l
 whose step stays under ``--memory-budget-gib`` (default on CUDA: 90% of the device's memory; grid
 lengths, then doubling past the grid up to ``--probe-max``, then bisection).
 
-``--preset qwen2.5-0.5b`` is the GPU run of ``benchmarks/gpu/run_all.sh``: a random-init Qwen2.5-0.5B
-shape (24 layers, hidden 896, 14 heads / 2 KV groups, FFN 4864, vocabulary 151,936, QKV bias, tied
-embeddings), bf16, full activation recomputation (what a long-context run uses), solopo vs long_po and
-response-only vs full logits at 8K..64K tokens. The JSON is rewritten after every case, so a run
-stopped early keeps what it measured.
+``--preset qwen2.5-0.5b`` is the full GPU run: a random-init Qwen2.5-0.5B shape (24 layers, hidden
+896, 14 heads / 2 KV groups, FFN 4864, vocabulary 151,936, QKV bias, tied embeddings), bf16, full
+activation recomputation (what a long-context run uses), solopo vs long_po and response-only vs full
+logits at 8K..64K tokens. ``--preset run-all`` is its cut for ``benchmarks/gpu/run_all.sh``'s stage:
+8K and 32K, response-only, one measured step after one warm-up, a budget probe without bisection, and
+``--time-budget-s 75``: a case starts only if it should end within that many seconds of the start
+(estimated from the latest measured case), so the run ends by itself inside the stage's limit. The
+JSON is rewritten after every case, so a run stopped early keeps what it measured.
 
 A case that cannot run is reported with its reason, never dropped: a full-logits row whose fp32
-[T, V] logits alone would exceed ``--full-logits-cap-gib`` is skipped as such; a child that dies
-(out of memory) is recorded as failed. Results: benchmarks/results/long-context-<device>.json;
-report.py draws the plot and writes the table into docs/long-contexts.md.
+[T, V] logits alone would exceed ``--full-logits-cap-gib``, or a case the time budget leaves out, is
+skipped as such; a child that dies (out of memory) is recorded as failed. The exit status is 1 when no
+case was measured or a case failed for a reason other than running out of memory (the budget probe
+runs out of memory by design). Results: benchmarks/results/long-context-<device>.json; report.py
+draws the plot and writes the table into docs/long-contexts.md.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+STARTED = time.monotonic()  # the time budget counts from here
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("solopo", "long_po", "short_po")
@@ -88,6 +94,15 @@ PRESETS = {
         "full_logits_cap_gib": 1e9,  # the device's memory decides: an out-of-memory case is reported
         "packing_groups": 0,  # the CPU run measures packing; the GPU's minutes go to the lengths
     }
+}
+PRESETS["run-all"] = {  # benchmarks/gpu/run_all.sh's stage (90 s limit): ends by itself in ~75 s
+    **PRESETS["qwen2.5-0.5b"],
+    "lengths": "8192,32768",
+    "logits": "response_only",
+    "steps": 1,
+    "warmup": 1,  # the first case's warm-up step compiles flex attention; no estimate counts it
+    "probe_refine": 0,
+    "time_budget_s": 75.0,
 }
 
 
@@ -208,11 +223,13 @@ def _timed_steps(case: dict, cfg, parallel) -> dict:
     from solopo_megatron.recipe.sizing import padded_vocab_size, training_flops
 
     device = parallel.device
+    build_start = time.perf_counter()
     mbs = [mb.to(device) for mb in _packed_rows(case)]
     row_tokens = sum(mb.tokens.numel() for mb in mbs)
     longest = max(mb.tokens.numel() for mb in mbs)
     state = build_model_and_optimizer(cfg, parallel, case["vocab"], longest)
     ctx = StepContext(cfg.solopo.loss_config(), parallel, response_only=case["logits"] == "response_only")
+    build_s = time.perf_counter() - build_start
     if device.type == "cuda":
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
@@ -253,6 +270,7 @@ def _timed_steps(case: dict, cfg, parallel) -> dict:
         "baseline_gib": baseline / 2**30,
         "step_s": median,
         "step_times_s": times,
+        "build_s": build_s,
         "tokens_per_s": sum(real_lengths) / median,
         "model_tflops_per_s": tflops,
         "mfu": tflops / peak_tflops if peak_tflops else None,
@@ -322,8 +340,65 @@ def _describe(result: dict) -> str:
     )
 
 
-def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log) -> dict:
-    """Largest long length (multiple of 64) whose step peak stays under the budget, for ``base``'s mode."""
+class Deadline:
+    """Whether a case should end within ``budget_s`` seconds of the run's start (None: no budget).
+
+    The estimate scales the latest measured case by row tokens: its build time plus its measured step
+    time per token times the new case's steps (warm-up included) and tokens, with 50% to spare for
+    attention growing faster than linearly. The first case always starts; a warm-up step's compile is
+    in no estimate, since only the measured steps' median enters it.
+    """
+
+    SPARE = 1.5
+
+    def __init__(self, budget_s: float | None, clock=time.monotonic, start: float | None = None):
+        self.budget_s, self.clock = budget_s, clock
+        self.start = clock() if start is None else start
+        self.latest: dict | None = None  # the latest case that ran ('ok')
+
+    def estimate_s(self, case: dict) -> float:
+        if self.latest is None:
+            return 0.0
+        groups = case.get("groups_in_mix", 1)  # a packing case: about that many groups' tokens
+        tokens = groups * _row_tokens(case["mode"], case["long_length"], case["short_length"])
+        per_token = self.latest["step_s"] / self.latest["row_tokens"]
+        steps = case["warmup"] + case["steps"]
+        return self.SPARE * (self.latest.get("build_s", 0.0) + steps * per_token * tokens)
+
+    def allows(self, case: dict) -> bool:
+        if self.budget_s is None:
+            return True
+        return self.clock() - self.start + self.estimate_s(case) <= self.budget_s
+
+    def note(self, result: dict) -> dict:
+        if result["status"] == "ok":
+            self.latest = result
+        return result
+
+    def reason(self) -> str:
+        return f"not started: it would end past --time-budget-s {self.budget_s:g} s"
+
+
+def _out_of_memory(result: dict) -> bool:
+    return "out of memory" in str(result.get("reason", "")).lower()
+
+
+def problems(report: dict) -> list[str]:
+    """Why the run is no pass: cases that failed other than by running out of memory (the budget probe
+    runs out of memory by design), or no case measured at all. Empty when the run passed."""
+    probe_runs = [r for probe in report["budget_probe"] for r in probe["probe_runs"]]
+    cases = report["results"] + report["packing"] + probe_runs
+    found = [_describe(r) for r in cases if r["status"] == "failed" and not _out_of_memory(r)]
+    if not any(r["status"] == "ok" for r in cases):
+        found.append("no case produced a measurement")
+    return found
+
+
+def probe_max_length(
+    base: dict, grid: list[dict], budget_gib: float, args, log, deadline: Deadline | None = None
+) -> dict:
+    """Largest long length (multiple of 64) whose step peak stays under the budget, for ``base``'s mode;
+    stopped early where ``deadline`` does not allow the next run."""
     fits = [r["long_length"] for r in grid if r["status"] == "ok" and r["peak_gib"] <= budget_gib]
     over = [r["long_length"] for r in grid if r["status"] != "skipped" and r["long_length"] not in fits]
     runs = []
@@ -332,8 +407,18 @@ def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log)
     best = max(fits, default=0)
     worst = min((n for n in over if n > best), default=None)
     length = max(best, args.lengths[0]) * 2
-    while worst is None and length <= args.probe_max:
-        result = run({**base, "long_length": length})
+    deadline = deadline or Deadline(None)
+    stopped = False
+
+    def allowed(case: dict) -> bool:
+        nonlocal stopped
+        stopped = stopped or not deadline.allows(case)
+        if stopped:
+            log(f"  probe stopped at {case['long_length']}: {deadline.reason()}")
+        return not stopped
+
+    while worst is None and length <= args.probe_max and allowed({**base, "long_length": length}):
+        result = deadline.note(run({**base, "long_length": length}))
         runs.append(result)
         log("  probe " + _describe(result))
         if result["status"] == "ok" and result["peak_gib"] <= budget_gib:
@@ -342,9 +427,9 @@ def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log)
             worst = length
     for _ in range(args.probe_refine if worst is not None else 0):
         middle = (best + worst) // 2 // 64 * 64
-        if middle in (best, worst):
+        if middle in (best, worst) or not allowed({**base, "long_length": middle}):
             break
-        result = run({**base, "long_length": middle})
+        result = deadline.note(run({**base, "long_length": middle}))
         runs.append(result)
         log("  probe " + _describe(result))
         if result["status"] == "ok" and result["peak_gib"] <= budget_gib:
@@ -357,7 +442,8 @@ def probe_max_length(base: dict, grid: list[dict], budget_gib: float, args, log)
         "budget_gib": budget_gib,
         "max_long_length": best,
         "first_over_budget": worst,
-        "bounded_by_probe_max": worst is None,
+        "bounded_by_probe_max": worst is None and not stopped,
+        "stopped_by_time_budget": stopped,
         "probe_runs": runs,
     }
 
@@ -439,6 +525,12 @@ def parse_args(argv=None):
     p.add_argument("--packing-max-tokens", type=int, default=16384, help="dataset.max_tokens of the mix")
     p.add_argument("--case-timeout", type=float, default=1800.0, help="a subprocess case's limit (s)")
     p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start a case only if it should end within this many seconds of the start (default: no limit)",
+    )
+    p.add_argument(
         "--in-process",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -480,6 +572,7 @@ def main(argv=None) -> int:
         result = run_case(json.loads(args.child))
         Path(args.child_out).write_text(json.dumps(result))
         return 0
+    deadline = Deadline(args.time_budget_s, start=STARTED)  # imports and CUDA set-up count too
     log = lambda text: print(text, flush=True)  # noqa: E731
     shape = {
         "vocab": args.vocab,
@@ -506,6 +599,7 @@ def main(argv=None) -> int:
             "preset": args.preset,
             "lengths": args.lengths,
             "memory_budget_gib": args.memory_budget_gib,
+            "time_budget_s": args.time_budget_s,
             "cases_in_process": args.in_process,
         },
         "results": [],
@@ -529,8 +623,10 @@ def main(argv=None) -> int:
                     result = {**case, "status": "skipped", "reason": reason}
                 elif mode == "short_po" and length != args.lengths[0]:
                     continue  # short_po forwards no long context: one case per LM head is the whole story
+                elif not deadline.allows(case):
+                    result = {**case, "status": "skipped", "reason": deadline.reason()}
                 else:
-                    result = args.run(case)
+                    result = deadline.note(args.run(case))
                 report["results"].append(result)
                 save()
                 log(_describe(result))
@@ -547,7 +643,11 @@ def main(argv=None) -> int:
                 "padded": padded,
                 "seed": 0,
             }
-            result = args.run(case)
+            result = (
+                deadline.note(args.run(case))
+                if deadline.allows(case)
+                else {**case, "status": "skipped", "reason": deadline.reason()}
+            )
             report["packing"].append(result)
             save()
             log(f"packing, rows {'padded to max_tokens' if padded else 'unpadded'}: " + _describe(result))
@@ -556,7 +656,8 @@ def main(argv=None) -> int:
             base = {**shape, "mode": mode, "logits": "response_only"}
             grid = [r for r in report["results"] if r["mode"] == mode and r["logits"] == "response_only"]
             log(f"budget probe: {mode}, {args.memory_budget_gib:.1f} GiB")
-            report["budget_probe"].append(probe_max_length(base, grid, args.memory_budget_gib, args, log))
+            probe = probe_max_length(base, grid, args.memory_budget_gib, args, log, deadline)
+            report["budget_probe"].append(probe)
             save()
     save()
     log(f"wrote {out}")
@@ -565,7 +666,10 @@ def main(argv=None) -> int:
         from report import plot
 
         log(f"wrote {plot(report, out.with_suffix('.png'))}")
-    return 0
+    found = problems(report)
+    for problem in found:
+        log(f"FAILED: {problem}")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def table(report: dict) -> str:
         )
     for mode, probe in facts["probe"].items():
         bound = " (the probe's upper limit)" if probe["bounded_by_probe_max"] else ""
+        if probe.get("stopped_by_time_budget"):  # --time-budget-s ended the probe: a lower bound
+            bound = " or more (the run's time budget stopped the probe)"
         lines.append(
             f"- Largest long context under {probe['budget_gib']} GiB, {mode}: {probe['max_long_length']} tokens{bound}"
             + (f"; {probe['first_over_budget']} is over" if probe["first_over_budget"] else "")
@@ -145,7 +147,8 @@ def table(report: dict) -> str:
             f"(x{padded['step_s'] / lean['step_s']:.2f} faster, {lean['real_tokens']} real tokens)."
         )
     probes = facts["probe"]
-    if "solopo" in probes and "long_po" in probes and probes["long_po"]["max_long_length"]:
+    stopped = any(p.get("stopped_by_time_budget") for p in probes.values())  # lower bounds: no ratio
+    if "solopo" in probes and "long_po" in probes and probes["long_po"]["max_long_length"] and not stopped:
         ratio = probes["solopo"]["max_long_length"] / probes["long_po"]["max_long_length"]
         lines.append(f"- solopo / long_po trainable length under the same budget: x{ratio:.2f}.")
     return "\n".join(lines)
