@@ -137,7 +137,8 @@ def token_logprobs_reference(
         vocab_start_index: global id of this shard's first column.
         tp_group: the tensor-parallel group the vocab is split over (None: single process).
         vocab_size: the true vocabulary; global columns at or above it are Megatron's padding and stay
-            out of the softmax (gradient 0). None: every column is vocabulary.
+            out of the softmax (gradient 0). None: every column is vocabulary. Labels must lie below
+            it: a label in the padding is owned by no rank (not detected; its log-prob is -lse).
 
     Returns fp32 [T] (fp64 for fp64 logits), identical on every rank of ``tp_group``. Gradient flows
     to ``logits`` only.

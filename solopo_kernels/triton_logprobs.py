@@ -192,6 +192,9 @@ def logit_stats_triton(
     num_tokens = logits.shape[0]
     valid_vocab = logits.shape[1] if valid_vocab is None else valid_vocab
     stats = torch.empty(3, num_tokens, dtype=torch.float32, device=logits.device)
+    if valid_vocab == 0:  # a shard of padding only: max -inf, sum 0, owns no label (no empty launch)
+        stats[0], stats[1:] = float("-inf"), 0.0
+        return stats
     if num_tokens:
         _launch_forward(
             logits, labels, vocab_start_index, ignore_index, stats, stats, stats, False, valid_vocab

@@ -233,6 +233,11 @@ def test_kernel_benchmark_problems(kernel_bench):
     assert kernel_bench.problems(report([], {"reason": "out of memory"})) == [
         "no provider and shape produced a measurement"
     ]
+    ours = {**row, "provider": "solopo_triton", "max_abs_error_vs_fp32": 3e-6}
+    assert kernel_bench.problems(report([ours])) == []
+    for wrong in (0.5, float("nan")):  # a fast wrong kernel (or NaN) is no pass
+        (problem,) = kernel_bench.problems(report([{**ours, "max_abs_error_vs_fp32": wrong}]))
+        assert problem.startswith("solopo_triton T=16 V=64 fwd: max |error| vs fp32")
 
 
 def test_kernel_benchmark_exits_non_zero_for_a_failed_provider(tmp_path):
@@ -282,7 +287,8 @@ def test_long_context_benchmark_problems(step_bench):
 
     oom = _case(length=65536, status="failed", reason="out of memory")
     killed = _case(length=131072, status="failed", reason="exit -9: killed (out of memory)")
-    assert step_bench.problems(report([_case()], [oom, killed])) == []
+    cublas = _case(length=32768, status="failed", reason="error: RuntimeError('CUBLAS_STATUS_ALLOC_FAILED')")
+    assert step_bench.problems(report([_case()], [oom, killed, cublas])) == []
     error = _case(length=256, status="failed", reason="error: ValueError('bad')")
     assert [p.split()[-1] for p in step_bench.problems(report([_case(), error]))] == ["ValueError('bad')"]
     assert step_bench.problems(report([oom, _case(status="skipped", reason="cap")])) == [

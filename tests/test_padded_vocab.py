@@ -158,7 +158,10 @@ def test_tensor_parallel_shards_leave_padding_out(world, local, vocab):
     run_distributed(_check_shards, world, local, vocab, "torch")
 
 
-def test_tensor_parallel_triton_shards_leave_padding_out():
+@pytest.mark.parametrize(
+    "world, local, vocab", [(2, 24, VOCAB), (4, 8, 10)], ids=["tp2-partly-padded", "tp4-whole-shards-padded"]
+)
+def test_tensor_parallel_triton_shards_leave_padding_out(world, local, vocab):
     if not triton_runs_on_cpu():
         pytest.skip("CPU tensors run Triton only in interpreter mode (machines without CUDA)")
-    run_distributed(_check_shards, 2, 24, VOCAB, "triton")
+    run_distributed(_check_shards, world, local, vocab, "triton")

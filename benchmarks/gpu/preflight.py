@@ -91,7 +91,7 @@ def install_wheels(wheels: Path, site: Path, modules: tuple[str, ...] = NEEDED_M
         str(site),
     ]
     command += ["--find-links", str(wheels), *names]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=50)  # inside the stage's 75 s
     if done.returncode != 0:
         raise RuntimeError(f"pip could not install {wheels}/: {_last_line(done.stderr or done.stdout)}")
     if str(site) not in sys.path:

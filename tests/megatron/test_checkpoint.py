@@ -210,9 +210,19 @@ def test_distributed_optimizer_reshards_over_data_parallel_only(tmp_path):
     assert "resharded from layout tp 1 x pp 1 x cp 1 x dp 2" in log
     _assert_same_losses(_losses(tmp_path / "moved.jsonl"), _losses(tmp_path / "straight.jsonl"), rtol=1e-4)
 
-    code, log = _phase(tmp_path, "moved", 2, 6, ["model.tensor_model_parallel_size=2"], dist_opt)
-    assert code != 0
-    assert (
-        "checkpoint.load:" in log
-        and "distributed-optimizer state saved with tensor_model_parallel_size=1" in log
+
+def test_distributed_optimizer_state_is_refused_across_tensor_or_pipeline_sizes():
+    """The check load_checkpoint runs on the checkpoint's common state before any tensor is read."""
+    from solopo_megatron.megatron.checkpoint import _check_reshard
+    from solopo_megatron.recipe.errors import RecipeError
+
+    saved = {"layout": {"tp": 1, "pp": 1, "cp": 1, "dp": 2}, "distributed_optimizer": True}
+    path = Path("run/iter_0000004")
+    _check_reshard(saved, {"tp": 1, "pp": 1, "cp": 2, "dp": 1}, True, path)  # DP/CP: reshards
+    _check_reshard(saved, {"tp": 2, "pp": 1, "cp": 1, "dp": 1}, False, path)  # plain optimizer now
+    with pytest.raises(RecipeError) as error:
+        _check_reshard(saved, {"tp": 2, "pp": 1, "cp": 1, "dp": 1}, True, path)
+    assert str(error.value).startswith(
+        "checkpoint.load: run/iter_0000004 holds distributed-optimizer state saved with "
+        "tensor_model_parallel_size=1, pipeline_model_parallel_size=1; this run has 2, 1."
     )

@@ -32,13 +32,19 @@ LAYOUTS = [
     ("tp2", 2, 1, 1, 2, "base", {}),
     ("pp2", 1, 2, 1, 2, "base", {}),
     ("cp2", 1, 1, 2, 2, "base", {}),
-    ("dp2", 1, 1, 1, 2, "base", {}),
+    # Slow (14 s): data parallelism stays in the default suite with the distributed optimizer below,
+    # and in tests/megatron/test_checkpoint.py's DP resharding test.
+    pytest.param("dp2", 1, 1, 1, 2, "base", {}, marks=pytest.mark.slow, id="dp2"),
     ("dp2-distributed-optimizer", 1, 1, 1, 2, "adam", {"optimizer.use_distributed_optimizer": True}),
     # Four processes on two cores (32 s): slow. TP x CP stays in the default suite in
     # tests/test_parallel_logprobs.py (the loss and gradients at TP=2 x CP=2), TP and CP each here.
     pytest.param("tp2cp2", 2, 1, 2, 4, "base", {}, marks=pytest.mark.slow, id="tp2cp2"),
     ("pp2-tied-qkv-bias", 1, 2, 1, 2, "tied-qkv-bias", {}),
-    ("tp2-tied-qkv-bias", 2, 1, 1, 2, "tied-qkv-bias", {}),
+    # Slow (15 s): TP=2 and the tied, biased variant each stay in the default suite (tp2, pp2-tied-qkv-bias),
+    # and the tied LM head at TP=2 in tests/megatron/test_response_only_head.py (tp2-tied).
+    pytest.param(
+        "tp2-tied-qkv-bias", 2, 1, 1, 2, "tied-qkv-bias", {}, marks=pytest.mark.slow, id="tp2-tied-qkv-bias"
+    ),
     # Activation recomputation changes memory, not numbers.
     (
         "recompute-full",
@@ -53,7 +59,18 @@ LAYOUTS = [
             "model.recompute_num_layers": 1,
         },
     ),
-    ("recompute-selective-tp2", 2, 1, 1, 2, "base", {"model.recompute_granularity": "selective"}),
+    # Slow (18 s): recomputation stays in the default suite with recompute-full.
+    pytest.param(
+        "recompute-selective-tp2",
+        2,
+        1,
+        1,
+        2,
+        "base",
+        {"model.recompute_granularity": "selective"},
+        marks=pytest.mark.slow,
+        id="recompute-selective-tp2",
+    ),  # fmt: skip
 ]
 
 

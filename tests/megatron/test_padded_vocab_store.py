@@ -44,12 +44,21 @@ def _ref_logps(tmp_path: Path, name: str, processes: int, overrides: list[str]) 
     return store
 
 
-def test_reference_store_is_the_same_with_and_without_vocab_padding(tmp_path):
+@pytest.mark.parametrize(
+    "logits",
+    [
+        "response_only",  # the default LM head
+        # vocab-parallel logits: slow (11 s); the kernels' padding masks in tests/test_padded_vocab.py
+        pytest.param("full", marks=pytest.mark.slow),
+    ],
+)
+def test_reference_store_is_the_same_with_and_without_vocab_padding(tmp_path, logits):
     hf = tmp_path / "hf"
     build_hf_model("llama", 7, vocab_size=VOCAB).save_pretrained(hf)
     fields = model_section_from_hf_config(hf)
     common = [f"model.{key}={'null' if value is None else value}" for key, value in fields.items()]
     common += [
+        f"model.logits={logits}",
         "model.context_parallel_size=1",
         "dataset.synthetic.num_train=8",
         "dataset.synthetic.num_valid=4",
@@ -57,20 +66,17 @@ def test_reference_store_is_the_same_with_and_without_vocab_padding(tmp_path):
         f"checkpoint.pretrained_hf={hf}",
     ]
     exact = _ref_logps(tmp_path, "divisor-1", 1, [*common, "model.make_vocab_size_divisible_by=1"])
-    tp2 = [*common, "model.tensor_model_parallel_size=2"]
     want = load_reference_store(exact)
-    for name, overrides in [
-        ("tp2-divisor-128", tp2),  # the response-only LM head (the default)
-        ("tp2-divisor-128-full-logits", [*tp2, "model.logits=full"]),  # vocab-parallel logits
-    ]:
-        got = load_reference_store(_ref_logps(tmp_path, name, 2, overrides))
-        assert len(want) == len(got) == 12 and set(want.values) == set(got.values)
-        worst = max(
-            abs(got.values[example][role] - value)
-            for example, roles in want.values.items()
-            for role, value in roles.items()
-        )
-        assert worst <= 1e-3, f"{name}: largest difference of a per-sequence sum: {worst}"
+    got = load_reference_store(
+        _ref_logps(tmp_path, "tp2-divisor-128", 2, [*common, "model.tensor_model_parallel_size=2"])
+    )
+    assert len(want) == len(got) == 12 and set(want.values) == set(got.values)
+    worst = max(
+        abs(got.values[example][role] - value)
+        for example, roles in want.values.items()
+        for role, value in roles.items()
+    )
+    assert worst <= 1e-3, f"largest difference of a per-sequence sum: {worst}"
 
 
 def test_resuming_over_another_vocabulary_is_refused():
