@@ -17,6 +17,32 @@ from solopo_megatron.recipe.schema import ModelSection
 ROLES = ("short_chosen", "short_rejected")
 
 
+def thd_params(lengths: list[int], device: str = "cpu"):
+    """Megatron's PackedSeqParams (THD) for one row of sequences of ``lengths``, no padding."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    longest = max(lengths)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
+
+
+def packed_row(lengths: list[int], vocab: int, seed: int = 0):
+    """(input ids [1, t], position ids [1, t], PackedSeqParams) of one packed THD row of random tokens."""
+    params = thd_params(lengths)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (1, int(params.cu_seqlens_q[-1])), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return tokens, positions, params
+
+
 def _groups(seed: int) -> list[Group]:
     g = torch.Generator().manual_seed(seed)
     groups = []

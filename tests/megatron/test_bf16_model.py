@@ -8,28 +8,10 @@ from pathlib import Path
 
 import torch
 from distributed import megatron_on_cpu, run_distributed
+from model_checks import packed_row
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 256
-
-
-def _packed_row(lengths: list[int]):
-    """(input ids [1, t], position ids [1, t], PackedSeqParams) of one packed THD row."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    tokens = torch.randint(3, VOCAB, (1, int(cu[-1])), generator=torch.Generator().manual_seed(0))
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
-        max_seqlen_q=max(lengths),
-        max_seqlen_kv=max(lengths),
-    )
-    return tokens, positions, params
 
 
 @megatron_on_cpu
@@ -60,7 +42,7 @@ def bf16_model_checks(rank: int, world_size: int, out: str) -> None:
             torch.equal(p, full[name].to(torch.bfloat16)) for name, p in gather_full_state_dict(model).items()
         ),
     }
-    tokens, positions, params = _packed_row([10, 24, 30])
+    tokens, positions, params = packed_row([10, 24, 30], VOCAB)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         logits = model(

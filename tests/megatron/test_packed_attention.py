@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from distributed import megatron_on_cpu, run_distributed
-from model_checks import attention_backend_matches_oracle, packed_equals_alone
+from model_checks import attention_backend_matches_oracle, packed_equals_alone, packed_row, thd_params
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
 from solopo_megatron.megatron.model import flex_attention_available
@@ -114,22 +114,6 @@ def _core_attention(backend: str, heads: int = 4, groups: int = 2, head_dim: int
     return PackedCoreAttention(config, layer_number=1, attn_mask_type=None, backend=backend)
 
 
-def _thd_params(lengths: list[int], device: str = "cpu"):
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    longest = max(lengths)
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-    )
-
-
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """THD [t, heads, d] -> [t, heads * d] in float64 with the dense oracle mask (GQA expanded)."""
     from solopo_megatron.megatron.attention import packed_attention_mask
@@ -169,7 +153,7 @@ def _compiled_flex_over_rows(monkeypatch, device: str, compile_backend: str, tra
     try:
         for i, lengths in enumerate(FLEX_ROWS):
             grad = i % 2 == 1
-            params = _thd_params(lengths, device)
+            params = thd_params(lengths, device)
             t = sum(lengths)
             q = torch.randn(t, 4, 32, generator=gen).to(device).requires_grad_(grad and train)
             kv = torch.randn(t, 2, 64, generator=gen).to(device).requires_grad_(grad and train)
@@ -217,7 +201,6 @@ def test_compiled_flex_attention_on_cuda_traces_at_most_two_graphs(monkeypatch):
 def row_derived_once_per_microbatch(rank: int, world_size: int, backend: str, out: str) -> None:
     """A 3-layer GPT forward (sdpa: forward and backward under full recomputation) of two microbatches:
     how often the row's spans (sdpa) or block mask (flex) were built, and the outputs."""
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     from solopo_megatron.megatron import attention
     from solopo_megatron.megatron.model import build_gpt_model, transformer_config
@@ -244,20 +227,7 @@ def row_derived_once_per_microbatch(rank: int, world_size: int, backend: str, ou
     )
     counts, outputs = [], []
     for lengths in ([10, 24, 30], [40, 8]):
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        tokens = torch.randint(
-            3, 256, (1, int(cu[-1])), generator=torch.Generator().manual_seed(len(lengths))
-        )
-        positions = torch.cat([torch.arange(n) for n in lengths])[None]
-        params = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            cu_seqlens_q_padded=cu,
-            cu_seqlens_kv_padded=cu,
-            max_seqlen_q=max(lengths),
-            max_seqlen_kv=max(lengths),
-        )
+        tokens, positions, params = packed_row(lengths, 256, seed=len(lengths))
         with torch.set_grad_enabled(backend == "sdpa"):  # flex_attention's backward needs CUDA
             logits = model(
                 input_ids=tokens, position_ids=positions, attention_mask=None, packed_seq_params=params
