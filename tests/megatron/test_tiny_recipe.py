@@ -61,6 +61,10 @@ def test_tiny_recipe_learns(tmp_path):
     assert len([e for e in entries if "train" in e]) == 60
 
 
+# Slow (20 s): the default suite runs the same path with the default store location
+# (test_default_store_written_by_ref_logps_is_found_by_training), and an explicit
+# solopo.reference_store written by solopo-ref-logps in tests/megatron/test_reproducible_first_steps.py.
+@pytest.mark.slow
 def test_solopo_ref_logps_writes_a_store_training_then_uses(tmp_path):
     store = tmp_path / "ref.jsonl"
     common = [
