@@ -20,6 +20,7 @@ __all__ = [
     "group_size",
     "merge_logit_stats",
     "owned_labels",
+    "padding_shard_stats",
     "row_chunks",
     "valid_columns",
 ]
@@ -57,6 +58,14 @@ def valid_columns(local_vocab: int, vocab_start_index: int, vocab_size: int | No
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return max(0, min(local_vocab, vocab_size - vocab_start_index))
+
+
+def padding_shard_stats(num_tokens: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The per-token statistics [3, T] of a shard without real vocabulary columns (all padding): max
+    -inf, sum-exp 0, no label owned; ``merge_logit_stats`` gives them weight 0."""
+    stats = torch.zeros(3, num_tokens, dtype=dtype, device=device)
+    stats[0] = float("-inf")
+    return stats
 
 
 def check_token_logprob_inputs(logits: Tensor, labels: Tensor) -> None:

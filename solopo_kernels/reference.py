@@ -21,6 +21,7 @@ from .common import (
     compute_dtype,
     group_size,
     owned_labels,
+    padding_shard_stats,
     row_chunks,
     valid_columns,
 )
@@ -95,10 +96,8 @@ def logit_stats_reference(
     exp(logit - max), label logit (0 where not owned). ``common.merge_logit_stats`` finishes them.
     Makes one fp32 copy of ``logits``: callers pass a row chunk (of real vocabulary columns only)."""
     dtype = compute_dtype(logits.dtype)
-    if logits.shape[1] == 0:  # a shard of padding only: max -inf, sum 0, owns no label
-        stats = torch.zeros(3, logits.shape[0], dtype=dtype, device=logits.device)
-        stats[0] = float("-inf")
-        return stats
+    if logits.shape[1] == 0:  # a shard of padding only
+        return padding_shard_stats(logits.shape[0], dtype, logits.device)
     owned, local_labels = owned_labels(labels, vocab_start_index, logits.shape[1], ignore_index)
     x = logits.to(dtype)
     row_max = x.amax(dim=1)

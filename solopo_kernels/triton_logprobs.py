@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import check_token_logprob_inputs, merge_logit_stats, valid_columns
+from .common import check_token_logprob_inputs, merge_logit_stats, padding_shard_stats, valid_columns
 from .dispatch import TRITON_LOGPROBS_DTYPES, triton_interpret_enabled
 
 __all__ = [
@@ -191,10 +191,9 @@ def logit_stats_triton(
     ``common.merge_logit_stats`` turns them into log-probs."""
     num_tokens = logits.shape[0]
     valid_vocab = logits.shape[1] if valid_vocab is None else valid_vocab
+    if valid_vocab == 0:  # a shard of padding only: nothing to launch on
+        return padding_shard_stats(num_tokens, torch.float32, logits.device)
     stats = torch.empty(3, num_tokens, dtype=torch.float32, device=logits.device)
-    if valid_vocab == 0:  # a shard of padding only: max -inf, sum 0, owns no label (no empty launch)
-        stats[0], stats[1:] = float("-inf"), 0.0
-        return stats
     if num_tokens:
         _launch_forward(
             logits, labels, vocab_start_index, ignore_index, stats, stats, stats, False, valid_vocab
