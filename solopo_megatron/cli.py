@@ -275,7 +275,7 @@ def cmd_inspect(args) -> int:
     """Tokenises a file and prints length statistics and how a global batch packs into microbatches."""
     from .data.dataset import TokenizedDataset
     from .data.loading import GlobalBatchSampler, step_microbatches
-    from .data.packing import pad_multiple_for, padded_sequence_length
+    from .data.packing import context_slots, pad_multiple_for, padded_group_lengths
     from .data.tokenize import pad_token_id
 
     # The layout options first: a budget that no padding multiple divides is refused before tokenising.
@@ -304,13 +304,27 @@ def cmd_inspect(args) -> int:
             f"{role:15s} tokens mean {statistics.fmean(lengths.tolist()):8.1f} max {int(lengths.max()):7d}"
             f"   response tokens mean {statistics.fmean(responses.tolist()):6.1f}"
         )
+    share = args.share_prompt != "false"
+    for slot in context_slots(roles, share):
+        if len(slot) < 2:
+            continue
+        names = [roles[r] for r in slot]
+        apart = table[:, slot, 0].sum(axis=1)
+        together = apart - (len(slot) - 1) * (table[:, slot[0], 1] - 1)
+        print(
+            f"shared slot {' + '.join(names)}: tokens mean {statistics.fmean(together.tolist()):8.1f} max "
+            f"{int(together.max()):7d}   ({statistics.fmean(apart.tolist()):.1f} apart: the prompt once, "
+            f"{statistics.fmean(together.tolist()) / statistics.fmean(apart.tolist()):.0%} of the tokens)"
+        )
+    if share and all(len(slot) < 2 for slot in context_slots(roles, share)):
+        print("prompts: no context carries two answers in this mode, nothing to share")
     # A preference group is never split across microbatches, so the largest one must fit the budget.
-    group_tokens = padded_sequence_length(table[:, :, 0], multiple).sum(axis=1)
+    group_tokens = padded_group_lengths(table[:, :, 0], table[:, :, 1], roles, multiple, share)
     largest = int(group_tokens.argmax())
     if group_tokens[largest] > args.max_tokens:
         raise DataError(
             f"--max-tokens {args.max_tokens}: the largest preference group ({args.file}: example "
-            f"{dataset.example_id(largest)!r}, all its sequences together) needs {int(group_tokens[largest])} "
+            f"{dataset.example_id(largest)!r}, all its sequences together{', prompts shared' if share else ''}) needs {int(group_tokens[largest])} "
             f"padded tokens, and a group is never split across microbatches; raise --max-tokens to at least "
             f"{int(group_tokens[largest])} or lower --max-short-length/--max-long-length"
         )
@@ -326,12 +340,14 @@ def cmd_inspect(args) -> int:
         pad_id=pad_id,
         dp_size=args.dp,
         dp_rank=0,
+        share_prompt=share,
     )
     used = sum(int((mb.cu_seqlens[1:] - mb.cu_seqlens_padded[:-1]).sum()) for mb in mbs)
     print(
         f"first global batch ({batch_size} examples, dp={args.dp}, cp={args.cp}): {len(mbs)} microbatches of "
         f"{args.max_tokens} tokens per DP rank; rank 0 fill {used / (len(mbs) * args.max_tokens):.0%}; "
-        f"{args.max_tokens // args.cp} tokens per CP rank"
+        f"{args.max_tokens // args.cp} tokens per CP rank; prompts {'shared' if share else 'not shared'} "
+        f"(--share-prompt {args.share_prompt})"
     )
     return 0
 
@@ -418,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=_positive_int, default=1)
     p.add_argument("--tp", type=_positive_int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument(
+        "--share-prompt",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="the answers of one context share a slot, as dataset.share_prompt (auto: shared, as with flex or "
+        "sdpa attention; false for Transformer Engine's)",
+    )
     _add_tokenizer_args(p)
     p.set_defaults(func=cmd_inspect)
 

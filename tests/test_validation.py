@@ -229,6 +229,17 @@ CASES = {
         2,
         "dataset.prompt_template: unknown placeholder {query}",
     ),
+    # Shared prompts: Transformer Engine's attention cannot keep the answers apart.
+    "share_prompt with te": (
+        ["dataset.share_prompt=true", "model.attention_backend=te"],
+        2,
+        "dataset.share_prompt: true needs attention that keeps answers apart, but model.attention_backend=te",
+    ),
+    "share_prompt unknown": (
+        ["dataset.share_prompt=always"],
+        2,
+        "dataset.share_prompt: must be one of auto, true, false; got 'always'",
+    ),
 }
 
 

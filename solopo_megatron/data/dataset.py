@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DataError, Problem
 from .files import cache_directory, input_file_problem, remove_stale_scratch
-from .packing import Group, padded_sequence_length
+from .packing import Group, padded_group_lengths
 from .records import ReadReport, Record, iter_records, record_line
 from .reference_store import ReferenceStore
 from .tokenize import EncodedSequence, SequenceEncoder, tokenizer_fingerprint
@@ -128,18 +128,23 @@ class TokenizedDataset:
         )
         return rows[:, :, 1:3]
 
-    def padded_group_lengths(self, pad_multiple: int, block: int = 1 << 16) -> Iterator[np.ndarray]:
-        """Every example's padded group length (all its sequences, as a microbatch holds them), in
-        order, ``block`` examples at a time (memory stays bounded whatever the file size)."""
+    def padded_group_lengths(
+        self, pad_multiple: int, share_prompt: bool = False, block: int = 1 << 16
+    ) -> Iterator[np.ndarray]:
+        """Every example's padded group length (all its sequences, as a microbatch holds them, prompts
+        shared or not), in order, ``block`` examples at a time (memory stays bounded whatever the file size)."""
         width = len(self.roles) * 3
         for start in range(0, len(self), block):
             count = min(block, len(self) - start)
             rows = self._read("index.bin", np.int64, start * width, count * width).reshape(count, -1, 3)
-            yield padded_sequence_length(rows[:, :, 1], pad_multiple).sum(axis=1)
+            yield padded_group_lengths(rows[:, :, 1], rows[:, :, 2], self.roles, pad_multiple, share_prompt)
 
-    def padded_length(self, i: int, pad_multiple: int) -> int:
-        lengths = self.index_rows(i)[:, 1]
-        return int(padded_sequence_length(lengths, pad_multiple).sum())
+    def padded_length(self, i: int, pad_multiple: int, share_prompt: bool = False) -> int:
+        """Example i's padded group length (see ``padded_group_lengths``)."""
+        rows = self.index_rows(i)[None]
+        return int(
+            padded_group_lengths(rows[:, :, 1], rows[:, :, 2], self.roles, pad_multiple, share_prompt)[0]
+        )
 
     def group(
         self, i: int, roles: Sequence[str] | None = None, ref_store: ReferenceStore | None = None
@@ -215,6 +220,7 @@ def check_group_budget(
     *,
     max_tokens: int,
     pad_multiple: int,
+    share_prompt: bool = False,
     label: str = "dataset.max_tokens",
 ) -> None:
     """Raises a DataError naming ``path:line``, the id and the token count of the first example whose
@@ -225,7 +231,7 @@ def check_group_budget(
     it would make the data depend on ``max_tokens`` and the padding, which the data fingerprint (the
     reference store's key) leaves out. The length limits are in it: over-limit records are skipped."""
     over, first, offset = 0, None, 0
-    for lengths in dataset.padded_group_lengths(pad_multiple):
+    for lengths in dataset.padded_group_lengths(pad_multiple, share_prompt):
         hits = np.flatnonzero(lengths > max_tokens)
         if first is None and hits.size:
             first = (offset + int(hits[0]), int(lengths[hits[0]]))
@@ -235,13 +241,14 @@ def check_group_budget(
         return
     index, tokens = first
     example_id = dataset.example_id(index)
+    layout = "prompts shared, slots" if share_prompt else "each"
     more = f" ({over} of {len(dataset)} examples are over it)" if over > 1 else ""
     raise DataError.at(
         str(path),
         record_line(path, example_id),
         None,
-        f"example {example_id!r} needs {tokens} tokens ({len(dataset.roles)} sequences padded to multiples "
-        f"of {pad_multiple}), more than {label}={max_tokens}, and a preference group is never split across "
+        f"example {example_id!r} needs {tokens} tokens ({len(dataset.roles)} sequences, {layout} padded to "
+        f"multiples of {pad_multiple}), more than {label}={max_tokens}, and a preference group is never split across "
         f"microbatches{more}; raise {label} or set dataset.max_long_length (longer records are then "
         "refused, skipped under dataset.on_error=skip, or cut with dataset.truncate_long_context)",
     )

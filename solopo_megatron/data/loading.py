@@ -61,11 +61,13 @@ def step_microbatches(
     dp_rank: int = 0,
     ref_store: ReferenceStore | None = None,
     pad_to_max_tokens: bool = True,
+    share_prompt: bool = False,
 ) -> list[Microbatch]:
-    """This DP rank's microbatches for one global batch (the same count on every DP rank)."""
+    """This DP rank's microbatches for one global batch (the same count on every DP rank);
+    ``share_prompt``: the sequences of one context share a slot (``packing.context_slots``)."""
     if max_tokens % pad_multiple:
         raise ValueError(f"max_tokens={max_tokens} must be a multiple of the padding multiple {pad_multiple}")
-    lengths = [dataset.padded_length(i, pad_multiple) for i in example_indices]
+    lengths = [dataset.padded_length(i, pad_multiple, share_prompt) for i in example_indices]
     plan = plan_microbatches(lengths, max_tokens, dp_size)
     out = []
     for slot in plan[dp_rank]:
@@ -82,6 +84,7 @@ def step_microbatches(
                 pad_id=pad_id,
                 row_length=max_tokens if pad_to_max_tokens else None,
                 valid=valid,
+                share_prompt=share_prompt,
             )
         )
     return out

@@ -19,6 +19,7 @@ from ..data.tokenize import pad_token_id
 from ..objectives import required_roles
 from ..recipe.schema import RecipeConfig
 from ..recipe.sources import cache_dir, data_paths, model_vocab_size, sequence_encoder, write_synthetic_files
+from .model import resolve_attention_backend, resolve_share_prompt, resolve_transformer_impl
 from .parallel import ParallelState
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ class Data:
     vocab_size: int  # embedding rows before Megatron's padding
     pad_multiple: int
     max_tokens: int
+    share_prompt: bool = False  # the answers of one context share a slot (dataset.share_prompt resolved)
 
     def skipped_records(self) -> dict[str, int]:
         """Records ``dataset.on_error=skip`` left out, per split (for the metrics file)."""
@@ -97,10 +99,13 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState, *, training: bool =
     pad_id = pad_token_id(tokenizer)
     m = cfg.model
     multiple = pad_multiple_for(m.context_parallel_size, m.tensor_model_parallel_size, m.sequence_parallel)
+    share = resolve_share_prompt(ds.share_prompt, resolve_attention_backend(m, resolve_transformer_impl(m)))
     # Every rank checks (the same answer everywhere, so all stop together, before any step).
     for dataset, path in ((train, train_path), (valid, valid_path)):
         if dataset is not None:
-            check_group_budget(dataset, path, max_tokens=ds.max_tokens, pad_multiple=multiple)
+            check_group_budget(
+                dataset, path, max_tokens=ds.max_tokens, pad_multiple=multiple, share_prompt=share
+            )
     if training:
         check_fills_a_batch(cfg, train, train_path)
     return Data(
@@ -111,6 +116,7 @@ def prepare_data(cfg: RecipeConfig, parallel: ParallelState, *, training: bool =
         model_vocab_size(cfg, len(tokenizer)),
         multiple,
         ds.max_tokens,
+        share,
     )
 
 
@@ -158,5 +164,6 @@ def step_batches(
         dp_rank=parallel.dp_rank,
         ref_store=store,
         pad_to_max_tokens=False,
+        share_prompt=data.share_prompt,
     )
     return [shard_microbatch(mb, parallel.cp, parallel.cp_rank).to(parallel.device) for mb in mbs]

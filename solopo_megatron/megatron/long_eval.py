@@ -153,7 +153,9 @@ def _check_fits(length_set: LengthSet, data: Data) -> None:
     if not len(length_set.records):
         raise RecipeError("eval.long_lengths: the validation data has no records to evaluate")
     for dataset in filter(None, (length_set.records, length_set.candidates)):
-        longest = max(dataset.padded_length(i, data.pad_multiple) for i in range(len(dataset)))
+        longest = max(
+            dataset.padded_length(i, data.pad_multiple, data.share_prompt) for i in range(len(dataset))
+        )
         if longest > data.max_tokens:
             raise RecipeError(
                 f"eval.long_lengths: {length_set.length.label} gives preference groups of {longest} tokens, "

@@ -68,6 +68,23 @@ def resolve_attention_backend(model: ModelSection, impl: str) -> str:
     return choice
 
 
+def resolve_share_prompt(setting: str, attention: str) -> bool:
+    """``dataset.share_prompt`` resolved for the attention backend ``attention`` (resolved too): whether
+    the answers of one context share a slot. Transformer Engine's THD attention cannot keep branches
+    apart, so ``auto`` does not share under it and ``true`` is an error there."""
+    if setting == "false":
+        return False
+    if attention != "te":
+        return True
+    if setting == "true":
+        raise RecipeError(
+            "dataset.share_prompt: true needs attention that keeps answers apart, but model.attention_backend "
+            "resolves to te here (Transformer Engine's THD attention cannot express branches); set "
+            "model.attention_backend to flex or sdpa, or dataset.share_prompt to auto or false"
+        )
+    return False
+
+
 def transformer_config(model: ModelSection, *, bf16: bool, max_tokens: int):
     """Megatron's TransformerConfig for the recipe's model section (fp32 or bf16)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -191,6 +208,9 @@ def build_gpt_model(
         pg_collection=parallel.groups,
     )
     cast_parameters(gpt, config.params_dtype)
+    from .shared_prompt import use_tree_positions
+
+    use_tree_positions(gpt)  # rows with shared prompts carry tree positions (a no-op for the others)
     if model.logits == "response_only" and parallel.is_last_stage:
         from .lm_head import defer_output_layer
 

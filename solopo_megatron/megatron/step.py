@@ -46,12 +46,18 @@ def packed_seq_params(mb: Microbatch):
     outputs are never scored. It also keeps TE's FlashAttention backend eligible (it takes no separate
     padded offsets), and an empty tail or dummy slot stays well formed. The cost: attention over at
     most ``pad_multiple - 1`` padding tokens per sequence.
+
+    A row with shared prompts also carries its branch ids and tree positions (``SharedPromptSeqParams``:
+    None for the other rows, which then take exactly the plain path).
     """
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from .shared_prompt import SharedPromptSeqParams
 
     padded = mb.cu_seqlens_padded
     max_len = int((padded[1:] - padded[:-1]).max())
-    return PackedSeqParams(
+    shared = mb.shared
+    return SharedPromptSeqParams(
+        branch_ids=shared.branch_ids if shared is not None else None,
+        position_ids=shared.position_ids if shared is not None else None,
         qkv_format="thd",
         cu_seqlens_q=padded,
         cu_seqlens_kv=padded,

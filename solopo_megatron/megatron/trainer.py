@@ -377,7 +377,8 @@ def setup(
     trainer.log(
         f"solopo-train: world {parallel.world_size} = tp {parallel.tp} x pp {parallel.pp} x cp {parallel.cp} x "
         f"dp {parallel.dp}; {state.transformer_impl} layers, {state.attention_backend} attention, "
-        f"{cfg.model.logits.replace('_', '-')} LM head; {'bf16' if state.config.bf16 else 'fp32'} on "
+        f"{cfg.model.logits.replace('_', '-')} LM head; prompts {'shared' if data.share_prompt else 'not shared'} "
+        f"(dataset.share_prompt={cfg.dataset.share_prompt}); {'bf16' if state.config.bf16 else 'fp32'} on "
         f"{parallel.device.type}; {len(data.train)} train examples; mode {cfg.solopo.mode}, loss "
         f"{cfg.solopo.preference_loss}"
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..data.tokenize import load_tokenizer, tokenizer_available
 from ..objectives import required_roles
-from .lengths import role_limits
+from .lengths import prompts_shared, role_limits, slot_limits
 from .schema import RecipeConfig
 from .sizing import GIB, MemoryEstimate, estimate_memory, padded_vocab_size, parameter_counts, training_flops
 from .sources import model_vocab_size
@@ -41,6 +41,7 @@ class Plan:
     padded_vocab: int | None
     vocab_source: str
     limits: dict[str, int] | None
+    shared: bool | None  # prompts shared (None: the machine's attention decides; planned unshared)
     group_tokens: int | None
     groups_per_row: int | None
     examples_per_dp_rank: int
@@ -60,7 +61,9 @@ def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
     vocab, source = model_vocab_rows(cfg)
     padded = padded_vocab_size(vocab, m) if vocab else None
     limits = role_limits(cfg)
-    group = sum(limits.values()) if limits else None
+    shared = prompts_shared(cfg)
+    slots = slot_limits(cfg, bool(shared)) if limits else None
+    group = sum(slots) if slots else None
     per_dp = -(-t.global_batch_size // dp)
     per_row = ds.max_tokens // group if group else None
     microbatches = -(-per_dp // per_row) if per_row else None
@@ -69,7 +72,7 @@ def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
     if padded is not None:
         parameters = parameter_counts(m, padded).total
         if limits is not None:
-            flops = t.global_batch_size * training_flops(m, padded, limits.values())
+            flops = t.global_batch_size * training_flops(m, padded, slots)
             memory = estimate_memory(
                 m,
                 padded,
@@ -86,6 +89,7 @@ def make_plan(cfg: RecipeConfig, world_size: int) -> Plan:
         padded,
         source,
         limits,
+        shared,
         group,
         per_row,
         per_dp,
@@ -147,6 +151,7 @@ def format_plan(cfg: RecipeConfig, plan: Plan, recipe: str) -> str:
         return "\n".join(lines)
     per_rank = ", ".join(f"{role} {limit:,} -> {limit // cp:,}" for role, limit in plan.limits.items())
     lines.append(f"  per-rank sequence lengths (tokens, padded, split over cp {cp}): {per_rank}")
+    lines.append(f"  prompts: {_sharing(cfg, plan)}")
     lines.append(
         f"  microbatch row: {ds.max_tokens:,} tokens -> {ds.max_tokens // cp:,} per CP rank; largest group "
         f"{plan.group_tokens:,} tokens, so {plan.groups_per_row} group(s) per row"
@@ -171,6 +176,23 @@ def format_plan(cfg: RecipeConfig, plan: Plan, recipe: str) -> str:
         )
     lines.extend(f"  warning: {w}" for w in plan_warnings(cfg, plan))
     return "\n".join(lines)
+
+
+def _sharing(cfg: RecipeConfig, plan: Plan) -> str:
+    """The dry run's line on shared prompts (dataset.share_prompt)."""
+    setting = f"dataset.share_prompt={cfg.dataset.share_prompt}, model.attention_backend={cfg.model.attention_backend}"
+    if plan.shared is None:
+        return (
+            f"shared unless the attention resolves to te ({setting}: auto picks te where Transformer Engine is "
+            "installed); planned unshared, the larger bound"
+        )
+    if not plan.shared:
+        return f"not shared ({setting}): every (context, answer) sequence is a slot of its own"
+    unshared = sum(plan.limits.values())
+    return (
+        f"shared ({setting}): the answers of one context follow one copy of its prompt; the largest group "
+        f"takes {plan.group_tokens:,} tokens instead of {unshared:,} (answers at most dataset.max_short_length)"
+    )
 
 
 def plan_warnings(cfg: RecipeConfig, plan: Plan) -> list[str]:

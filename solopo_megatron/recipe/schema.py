@@ -215,6 +215,15 @@ class DatasetSection:
     max_tokens: int = positive(2048)  # tokens per packed microbatch row (whole sequences, before CP sharding)
     on_error: str = choice("raise", "raise", "skip")  # skip: drop bad records, report counts
     cache_dir: str | None = None
+    # The answers of one context share one forward of its prompt (chosen and rejected; the long pair
+    # under long_po and solopo with solo_ra_chosen_only=false). auto: wherever the attention can
+    # express branches (not Transformer Engine's); true: an error where it cannot; false: never.
+    share_prompt: str = choice("auto", "auto", "true", "false")
+
+    def __post_init__(self) -> None:
+        # YAML and override booleans (true, false, on, off) reach this str field as "True" / "False".
+        if self.share_prompt in ("True", "False"):
+            self.share_prompt = self.share_prompt.lower()
 
 
 def _loss_config(self) -> SoLoPOConfig:

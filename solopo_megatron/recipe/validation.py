@@ -17,7 +17,7 @@ from ..data.packing import pad_multiple_for
 from ..data.tokenize import tokenizer_available
 from .checkpoints import checkpoint_problems
 from .errors import RecipeError
-from .lengths import largest_group_tokens
+from .lengths import largest_group_tokens, prompts_shared
 from .preflight import environment_problems, output_path_problems
 from .schema import LoggerSection, ModelSection, RecipeConfig, field_bounds, field_choices
 
@@ -157,6 +157,11 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
             "model.attention_backend: te is Transformer Engine's attention; it needs transformer_impl "
             "transformer_engine (or auto), not local"
         )
+    if ds.share_prompt == "true" and m.attention_backend == "te":
+        problems.append(
+            "dataset.share_prompt: true needs attention that keeps answers apart, but model.attention_backend=te "
+            "(Transformer Engine's THD attention cannot express branches); use flex or sdpa, or share_prompt auto"
+        )
     if t.micro_batch_size != 1:
         problems.append(
             f"train.micro_batch_size: must be 1 (a microbatch is one packed row of whole groups; "
@@ -175,11 +180,15 @@ def config_problems(cfg: RecipeConfig, world_size: int | None = None) -> list[st
         problems.append(str(error).replace("SoLoPOConfig.", "solopo."))
         loss = None
     lengths_ok = not {"dataset.max_tokens", "dataset.max_short_length", "dataset.max_long_length"} & bad
-    group_bound = largest_group_tokens(cfg) if loss is not None and min(tp, cp) >= 1 and lengths_ok else None
+    share = bool(prompts_shared(cfg))  # where the machine decides, the larger (unshared) bound
+    group_bound = (
+        largest_group_tokens(cfg, share) if loss is not None and min(tp, cp) >= 1 and lengths_ok else None
+    )
     if group_bound is not None and group_bound > ds.max_tokens:
+        how = ", prompts shared" if share else ""
         problems.append(
             f"dataset.max_tokens: {ds.max_tokens} is below the largest possible group "
-            f"({group_bound} tokens from max_short_length / max_long_length, padded); raise it"
+            f"({group_bound} tokens from max_short_length / max_long_length, padded{how}); raise it"
         )
     problems.extend(synthetic_problems(cfg))
     problems.extend(long_eval_problems(cfg))

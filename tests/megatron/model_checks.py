@@ -34,6 +34,44 @@ def thd_params(lengths: list[int], device: str = "cpu"):
     )
 
 
+def core_attention(backend: str, heads: int = 4, groups: int = 2, head_dim: int = 32):
+    """A PackedCoreAttention on its own (no parallel state needed at CP = 1)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from solopo_megatron.megatron.attention import PackedCoreAttention
+
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    return PackedCoreAttention(config, layer_number=1, attn_mask_type=None, backend=backend)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    branch_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """THD [t, heads, d] of a whole row -> [t, heads * d] in float64 with the dense oracle mask (and its
+    branch rule with ``branch_ids``), GQA expanded."""
+    from solopo_megatron.megatron.attention import packed_attention_mask
+
+    repeat = q.shape[1] // k.shape[1]
+    q, k, v = (x.double().transpose(0, 1) for x in (q, k, v))
+    k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    branches = None if branch_ids is None else branch_ids.cpu()
+    mask = packed_attention_mask(cu.cpu(), 1, 0, branches).to(q.device)
+    out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
 def packed_row(lengths: list[int], vocab: int, seed: int = 0):
     """(input ids [1, t], position ids [1, t], PackedSeqParams) of one packed THD row of random tokens."""
     params = thd_params(lengths)

@@ -7,7 +7,14 @@ import sys
 import pytest
 import torch
 from distributed import megatron_on_cpu, run_distributed
-from model_checks import attention_backend_matches_oracle, packed_equals_alone, packed_row, thd_params
+from model_checks import (
+    attention_backend_matches_oracle,
+    core_attention,
+    dense_attention,
+    packed_equals_alone,
+    packed_row,
+    thd_params,
+)
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
 from solopo_megatron.megatron.model import flex_attention_available
@@ -97,37 +104,6 @@ def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, mon
             assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
 
 
-def _core_attention(backend: str, heads: int = 4, groups: int = 2, head_dim: int = 32):
-    """A PackedCoreAttention on its own (no parallel state needed at CP = 1)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from solopo_megatron.megatron.attention import PackedCoreAttention
-
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=heads * head_dim,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-    )
-    return PackedCoreAttention(config, layer_number=1, attn_mask_type=None, backend=backend)
-
-
-def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    """THD [t, heads, d] -> [t, heads * d] in float64 with the dense oracle mask (GQA expanded)."""
-    from solopo_megatron.megatron.attention import packed_attention_mask
-
-    repeat = q.shape[1] // k.shape[1]
-    q, k, v = (x.double().transpose(0, 1) for x in (q, k, v))
-    k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    out = (
-        scores.masked_fill(~packed_attention_mask(cu.cpu(), 1, 0).to(q.device), float("-inf")).softmax(-1) @ v
-    )
-    return out.transpose(0, 1).reshape(q.shape[1], -1)
-
-
 # Rows of many lengths: 2 query blocks first (the size of the 2 KV groups: duck-shaped before), one
 # of a single block (0/1-specialised before), rows that are not block multiples.
 FLEX_ROWS = ([136, 120], [200, 8, 176], [264], [72, 312, 40], [1000, 24], [64, 40], [520, 520, 8], [130])
@@ -146,7 +122,7 @@ def _compiled_flex_over_rows(monkeypatch, device: str, compile_backend: str, tra
     monkeypatch.setattr(attention, "_COMPILED", {})
     monkeypatch.setattr(attention, "_COMPILE_BACKEND", counter)
     monkeypatch.setattr(attention, "_compiles_flex", lambda device: True)
-    core = _core_attention("flex")
+    core = core_attention("flex")
     gen = torch.Generator().manual_seed(0)
     graphs = []
     torch._dynamo.reset()
@@ -161,7 +137,7 @@ def _compiled_flex_over_rows(monkeypatch, device: str, compile_backend: str, tra
             with torch.set_grad_enabled(grad):
                 out = core(q, k, v, None, packed_seq_params=params)
             q64, kv64 = (x.detach().double().requires_grad_(grad and train) for x in (q, kv))
-            want = _dense_attention(q64, *kv64.split(32, dim=-1), params.cu_seqlens_q_padded)
+            want = dense_attention(q64, *kv64.split(32, dim=-1), params.cu_seqlens_q_padded)
             torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
             if grad and train:
                 weights = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(device)
