@@ -40,7 +40,10 @@ def test_shared_prompts_equal_unshared_in_one_process(tmp_path, logits):
 @pytest.mark.parametrize(
     "tp, cp",
     [
-        pytest.param(1, 2, id="cp2"),
+        # Slow (8 s): CP=2 stays in the default suite through the reference stores
+        # (test_shared_prompt_store.py, torchrun), the shared cp2 layout against one shared process
+        # (test_layouts.py) and the attention's CP=2 test (test_shared_prompt_attention.py).
+        pytest.param(1, 2, id="cp2", marks=pytest.mark.slow),
         pytest.param(2, 1, id="tp2"),
         pytest.param(2, 2, id="tp2cp2", marks=pytest.mark.slow),
     ],
