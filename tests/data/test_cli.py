@@ -109,3 +109,19 @@ def test_synthetic_with_confounder_facts(tmp_path, capsys):
     assert main(one_fact) == 2
     assert "in_context' needs facts_per_context >= 2" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_inspect_shows_the_shared_layout(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    assert main(["synthetic", "--out", str(data), "--num-records", "6", "--long-target-words", "200"]) == 0
+    capsys.readouterr()
+    common = ["inspect", str(data), "--cache-dir", str(tmp_path / "cache"), "--mode", "long_po"]
+    assert main([*common, "--max-tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "shared slot long_chosen + long_rejected: tokens mean" in out and "the prompt once" in out
+    assert "prompts shared (--share-prompt auto)" in out
+    # Unshared, a group takes about twice the tokens: 512 per row no longer holds the largest one.
+    assert main([*common, "--max-tokens", "512"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--max-tokens", "512", "--share-prompt", "false"]) == 2
+    assert "all its sequences together) needs 640 padded tokens" in capsys.readouterr().err
