@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_packing import PAD, ROLE_SETS
 
 from solopo_megatron.data.packing import (
     IGNORE_INDEX,
@@ -24,14 +25,6 @@ from solopo_megatron.data.packing import (
     shard_microbatch,
 )
 from solopo_megatron.data.tokenize import EncodedSequence
-from solopo_megatron.objectives import SoLoPOConfig, required_roles
-
-ROLE_SETS = [
-    required_roles(SoLoPOConfig(mode=m, solo_ra_chosen_only=c))
-    for m in ("solopo", "short_po", "long_po")
-    for c in (True, False)
-]
-PAD = 0
 
 
 @st.composite

@@ -17,13 +17,13 @@ from solopo_megatron.recipe.schema import ModelSection
 ROLES = ("short_chosen", "short_rejected")
 
 
-def thd_params(lengths: list[int], device: str = "cpu"):
-    """Megatron's PackedSeqParams (THD) for one row of sequences of ``lengths``, no padding."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+def row_params(cu: torch.Tensor, branch_ids: torch.Tensor | None = None):
+    """The packed-sequence parameters of a row with slot bounds ``cu`` as the training step passes
+    them (the bounds as both real and padded offsets), with the row's ``branch_ids`` if it shares prompts."""
+    from solopo_megatron.megatron.shared_prompt import SharedPromptSeqParams
 
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    longest = max(lengths)
-    return PackedSeqParams(
+    longest = int(torch.diff(cu).max())
+    return SharedPromptSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
@@ -31,7 +31,31 @@ def thd_params(lengths: list[int], device: str = "cpu"):
         cu_seqlens_kv_padded=cu,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
+        branch_ids=branch_ids,
     )
+
+
+def thd_params(lengths: list[int], device: str = "cpu"):
+    """Megatron's PackedSeqParams (THD) for one row of sequences of ``lengths``, no padding."""
+    return row_params(
+        torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    )
+
+
+def assert_block_mask_is_create_block_masks(got, dense: torch.Tensor, block_size: int) -> None:
+    """``got`` (a BlockMask) has create_block_mask's block structure over the dense mask ``dense`` and
+    its mask function is ``dense`` elementwise."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    want = create_block_mask(
+        lambda b, h, q, k: dense[q, k], None, None, *dense.shape, device="cpu", BLOCK_SIZE=block_size
+    )
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+    assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+    assert torch.equal(got.to_dense(), want.to_dense())
+    rows = torch.arange(dense.shape[0])[:, None]
+    keys = torch.arange(dense.shape[1])[None, :]
+    assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
 
 
 def core_attention(backend: str, heads: int = 4, groups: int = 2, head_dim: int = 32):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from distributed import megatron_on_cpu, run_distributed
 from model_checks import (
+    assert_block_mask_is_create_block_masks,
     attention_backend_matches_oracle,
     core_attention,
     dense_attention,
@@ -78,7 +79,6 @@ def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, mon
     the dense mask they stand for), tile by tile, for CP ranks and rows that are not block multiples."""
     if not flex_attention_available():
         pytest.skip("this torch has no flex_attention")
-    from torch.nn.attention.flex_attention import create_block_mask
 
     from solopo_megatron.megatron import attention
 
@@ -88,20 +88,7 @@ def test_block_mask_is_create_block_masks_without_the_dense_grid(block_size, mon
         for rank in range(cp):
             got = attention.document_causal_block_mask(cu, cp, rank, torch.device("cpu"), block_size)
             dense = attention.packed_attention_mask(cu, cp, rank)
-            want = create_block_mask(
-                lambda b, h, q, k, dense=dense: dense[q, k],
-                None,
-                None,
-                *dense.shape,
-                device="cpu",
-                BLOCK_SIZE=block_size,
-            )
-            assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
-            assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
-            assert torch.equal(got.to_dense(), want.to_dense())
-            rows = torch.arange(dense.shape[0])[:, None]
-            keys = torch.arange(dense.shape[1])[None, :]
-            assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
+            assert_block_mask_is_create_block_masks(got, dense, block_size)
 
 
 # Rows of many lengths: 2 query blocks first (the size of the 2 KV groups: duck-shaped before), one

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 from distributed import grid_groups, run_distributed
-from model_checks import core_attention, dense_attention
+from model_checks import assert_block_mask_is_create_block_masks, core_attention, dense_attention, row_params
 
 from solopo_megatron.data.cp_sharding import zigzag_indices
 from solopo_megatron.megatron.model import flex_attention_available
@@ -38,19 +38,7 @@ def shared_row(slots=SLOTS) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shared_params(cu: torch.Tensor, branch_ids: torch.Tensor | None):
     """The row's SharedPromptSeqParams, as the training step passes them (padded bounds everywhere)."""
-    from solopo_megatron.megatron.shared_prompt import SharedPromptSeqParams
-
-    longest = int(torch.diff(cu).max())
-    return SharedPromptSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-        branch_ids=branch_ids,
-    )
+    return row_params(cu, branch_ids)
 
 
 def random_qkv(t: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -115,7 +103,6 @@ def test_block_mask_with_branches_is_create_block_masks(block_size, monkeypatch)
     slot empty: flex skips them."""
     if not flex_attention_available():
         pytest.skip("this torch has no flex_attention")
-    from torch.nn.attention.flex_attention import create_block_mask
 
     from solopo_megatron.megatron import attention
 
@@ -128,20 +115,7 @@ def test_block_mask_with_branches_is_create_block_masks(block_size, monkeypatch)
         for rank in range(cp):
             got = attention.document_causal_block_mask(cu, cp, rank, cpu, block_size, branch_ids=branch_ids)
             dense = attention.packed_attention_mask(cu, cp, rank, branch_ids)
-            want = create_block_mask(
-                lambda b, h, q, k, dense=dense: dense[q, k],
-                None,
-                None,
-                *dense.shape,
-                device="cpu",
-                BLOCK_SIZE=block_size,
-            )
-            assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
-            assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
-            assert torch.equal(got.to_dense(), want.to_dense())
-            rows = torch.arange(dense.shape[0])[:, None]
-            keys = torch.arange(dense.shape[1])[None, :]
-            assert torch.equal(got.mask_mod(0, 0, rows, keys), dense)
+            assert_block_mask_is_create_block_masks(got, dense, block_size)
             plain = attention.document_causal_block_mask(cu, cp, rank, cpu, block_size)
             skipped = (plain.to_dense() > 0) & (got.to_dense() == 0)
             assert skipped.any() and not ((got.to_dense() > 0) & (plain.to_dense() == 0)).any(), (cp, rank)
