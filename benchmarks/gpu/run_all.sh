@@ -142,7 +142,8 @@ stage "kernel tests" "$python" -m pytest "${pytest_args[@]}" tests/test_kernels_
 # Every gpu-marked test file is in one of the two stages (a test of the CPU smoke checks it), but
 # tests/megatron/test_gpu_selection.py: its gpu test checks the session set-up, run by the default suite.
 stage "training tests" "$python" -m pytest "${pytest_args[@]}" tests/megatron/test_gpu_training.py \
-    tests/megatron/test_packed_attention.py --junitxml="$out/pytest-training.xml"
+    tests/megatron/test_packed_attention.py tests/megatron/test_shared_prompt_attention.py \
+    --junitxml="$out/pytest-training.xml"
 stage "kernel benchmark" \
     "$python" benchmarks/kernels/bench_logprobs.py "${kernel_args[@]}" --out "$out/logprobs.json"
 stage "long-context benchmark" "$python" benchmarks/long_context/bench_step.py "${long_args[@]}" \

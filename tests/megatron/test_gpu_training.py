@@ -154,6 +154,25 @@ BF16_BOUNDS = {
 
 
 @pytest.mark.gpu
+def test_shared_prompts_equal_unshared_on_cuda(tmp_path):
+    """One fp32 step with both pairs shared (SoLo-RA on both answers) against the same step unshared,
+    through compiled flex with the branch mask, forward and backward (CUDA only; SDPA's branch spans are
+    the same code on CPU, tested there)."""
+    common = [
+        "model.transformer_impl=local",
+        "model.attention_backend=flex",
+        "model.bf16=false",
+        "solopo.solo_ra_chosen_only=false",
+        "train.train_iters=1",
+        "train.eval_interval=null",
+    ]
+    shared = _run(tmp_path, "shared", [*common, "dataset.share_prompt=true"])[0]
+    unshared = _run(tmp_path, "unshared", [*common, "dataset.share_prompt=false"])[0]
+    for key in ("loss", "grad_norm"):
+        assert shared[key] == pytest.approx(unshared[key], rel=1e-4), key
+
+
+@pytest.mark.gpu
 def test_cuda_bf16_matches_cpu_fp32(tmp_path):
     common = [
         "solopo.preference_loss=simpo",
