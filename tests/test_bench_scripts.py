@@ -154,7 +154,8 @@ def test_long_context_benchmark_smoke_run_and_report(tmp_path):
     the report's table, facts and plot come from it."""
     out = tmp_path / "long-context.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/long_context/bench_step.py"), "--smoke", "--lengths", "128"]
-    cmd += ["--modes", "solopo,long_po", "--memory-budget-gib", "0.000001", "--out", str(out)]
+    cmd += ["--modes", "solopo,long_po", "--logits", "response_only,full", "--share-prompt", "false"]
+    cmd += ["--memory-budget-gib", "0.000001", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())
     assert {
@@ -183,8 +184,122 @@ def test_long_context_benchmark_smoke_run_and_report(tmp_path):
     from report import table
 
     text = table(report)
-    assert "| solopo | response_only | 128 |" in text and "Packing a mix of 4 solopo groups" in text
+    assert "| solopo | apart | response_only | 128 |" in text and "Packing a mix of 4 solopo groups" in text
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_long_context_benchmark_modes_and_shared_groups(step_bench):
+    """solopo-both is solopo aligning both answers; a group's sequences of one context share their
+    prompt tokens (so they can share a slot), and long_alone's sequence is the other modes' long_chosen."""
+    from solopo_megatron.data.packing import pack_microbatch
+    from solopo_megatron.objectives import ROLES
+
+    both = step_bench.loss_config("solopo-both")
+    assert (both.mode, both.solo_ra_chosen_only) == ("solopo", False)
+    assert step_bench.mode_roles("solopo-both") == ROLES
+    assert (
+        step_bench.mode_roles("long_alone") == ("long_chosen",)
+        and step_bench.loss_config("long_alone") is None
+    )
+    assert [m for m in step_bench.LOSS_OVERRIDES if not step_bench.can_share(m)] == ["long_alone"]
+    group = step_bench._group("solopo-both", 256, 64, 16, 512, seed=1)
+    for context, n in (("long", 256), ("short", 64)):
+        chosen, rejected = group.sequences[f"{context}_chosen"], group.sequences[f"{context}_rejected"]
+        assert chosen.response_start == rejected.response_start == n - 16 and len(chosen.ids) == n
+        assert (
+            chosen.ids[: n - 16] == rejected.ids[: n - 16] and chosen.ids[n - 16 :] != rejected.ids[n - 16 :]
+        )
+    assert group.sequences["short_chosen"].ids[-16:] == group.sequences["long_chosen"].ids[-16:]  # one answer
+    alone = step_bench._group("long_alone", 256, 64, 16, 512, seed=1)
+    assert alone.sequences == {"long_chosen": group.sequences["long_chosen"]}
+    shared = pack_microbatch([group], ROLES, pad_multiple=1, pad_id=0, share_prompt=True)
+    assert shared.tokens.numel() == (256 - 17 + 2 * 17) + (64 - 17 + 2 * 17)
+    # The driver's token count (time budget, logits cap) is the packing's.
+    assert step_bench._row_tokens("solopo-both", 256, 64, 16, True) == shared.tokens.numel()
+    assert step_bench._row_tokens("long_po", 16384, 512, 64, True) == 16384 + 65
+    assert step_bench._row_tokens("long_po", 16384, 512, 64, False) == 2 * 16384
+    with pytest.raises(SystemExit):
+        step_bench.parse_args(["--modes", "solopo-both,dpo"])
+    with pytest.raises(SystemExit):
+        step_bench.parse_args(["--share-prompt", "auto"])
+    args = step_bench.parse_args(["--share-prompt", "true,false"])
+    assert args.share_prompt == [True, False] and args.modes == list(step_bench.MODES)
+    # The cost ratio's step time: the mean of the fastest half (a step another process slowed goes).
+    assert step_bench.fast_step_s([3.0, 1.0, 2.0, 10.0]) == 1.5 and step_bench.fast_step_s([2.0, 5.0]) == 2.0
+
+
+def test_long_context_benchmark_runs_a_disturbed_case_again(step_bench, monkeypatch):
+    """A case during which other processes used more than --busy-limit of the CPU runs again, at most
+    --busy-retries times; the record says how busy the machine was and how often the case ran."""
+    shares = iter([0.0, 0.5, 0.0, 0.3, 0.0, 0.05])  # (before, during) each run: the wait's window, the case
+
+    def fake_other_cpu(run, *args):  # the wait's window is not slept
+        return (None if run is time.sleep else run(*args)), next(shares)
+
+    monkeypatch.setattr(step_bench, "other_cpu", fake_other_cpu)
+    args = types.SimpleNamespace(busy_limit=0.15, busy_retries=2, quiet_wait_s=0.0)
+    runs = []
+
+    def run(case):
+        runs.append(case)
+        return {**case, "status": "ok"}
+
+    result = step_bench.run_on_quiet_machine({"mode": "long_po"}, run, args, lambda text: None)
+    assert len(runs) == 3 and (result["attempts"], result["other_cpu"]) == (3, 0.05)
+    shares = iter([0.0, 0.5, 0.0, 0.5])
+    args.busy_retries = 1
+    result = step_bench.run_on_quiet_machine({"mode": "long_po"}, run, args, lambda text: None)
+    assert (result["attempts"], result["other_cpu"]) == (2, 0.5)  # the last one kept, as measured
+
+
+def test_long_context_benchmark_shared_prompts_smoke(tmp_path):
+    """The real script, tiny, in one process: long_alone, solopo-both and long_po shared and apart land
+    in the JSON with their cost ratios; shared rows compute fewer tokens for the same loss; the report's
+    tables (docs and README), its facts and its plot come from the file."""
+    out = tmp_path / "long-context.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/long_context/bench_step.py"), "--smoke", "--lengths", "128"]
+    cmd += [
+        "--modes",
+        "long_alone,solopo-both,long_po",
+        "--share-prompt",
+        "false,true",
+        "--in-process",
+        "yes",
+    ]
+    cmd += ["--packing-groups", "2", "--no-probe", "--no-plot", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    cases = {(r["mode"], r["share_prompt"]): r for r in report["results"]}
+    assert cases.keys() == {("long_alone", False)} | {
+        (m, s) for m in ("solopo-both", "long_po") for s in (False, True)
+    }
+    assert all(r["status"] == "ok" and r["step_s"] > 0 for r in cases.values())
+    # 128-token long sequences with 16-token answers: shared, the long prompt is read once.
+    assert (cases["long_alone", False]["real_tokens"], cases["long_po", False]["real_tokens"]) == (128, 256)
+    assert cases["long_po", True]["real_tokens"] == 128 - 17 + 2 * 17
+    assert cases["solopo-both", True]["real_tokens"] == (128 - 17 + 2 * 17) + (64 - 17 + 2 * 17)
+    for mode in ("solopo-both", "long_po"):  # the same initial weights and sums, so the same loss
+        assert cases[mode, True]["first_loss"] == pytest.approx(cases[mode, False]["first_loss"], rel=1e-5)
+    ratios = {(r["mode"], r["share_prompt"]): r for r in report["cost_ratio"]}
+    assert ratios.keys() == cases.keys() and ratios["long_alone", False]["time"] == 1.0
+    for key, ratio in ratios.items():
+        fast = cases[key]["step_fast_s"] / cases["long_alone", False]["step_fast_s"]
+        assert ratio["time"] == pytest.approx(fast) and ratio["time_median"] > 0
+    assert ratios["long_po", False]["real_tokens"] == 2.0
+    packing = {(r["padded"], r["share_prompt"]): r for r in report["packing"]}
+    assert packing.keys() == {(p, s) for p in (True, False) for s in (False, True)}
+    assert packing[False, True]["real_tokens"] < packing[False, False]["real_tokens"]
+
+    sys.path.insert(0, str(ROOT / "benchmarks/long_context"))
+    import report as report_module
+
+    text = report_module.table(report)
+    assert "| long_po | shared | response_only | 128 | 146 | 145 |" in text
+    ratio = f"{ratios['long_po', True]['time']:.2f} (1.13)"
+    assert f"| long_po | shared | {ratio} |" in text and "long_po shared against the goal" in text
+    readme = report_module.readme_table(report)
+    assert f"| long_po | shared | {ratio} |" in readme and "| solopo-both | apart |" in readme
+    assert report_module.plot(report, tmp_path / "plot.png").stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------- no false greens
@@ -540,6 +655,17 @@ def _gpu_marked_test_files() -> set[str]:
     return found - {"tests.megatron.test_gpu_selection"}
 
 
+def test_gpu_run_all_names_every_gpu_marked_test_file():
+    """run_all.sh's pytest stages name every test file with a gpu mark (read from the script: the
+    default suite's cheap form of the check test_gpu_run_all_script_on_a_cpu makes by running it)."""
+    script = (ROOT / "benchmarks" / "gpu" / "run_all.sh").read_text()
+    named = {m.replace("/", ".") for m in re.findall(r"\b(tests/[\w/]+)\.py\b", script)}
+    assert _gpu_marked_test_files() <= named
+
+
+# Slow (29-35 s): run_all.sh's pieces stay in the default suite (preflight, summary, the budget, the
+# file list above, and the killed-mid-run test below).
+@pytest.mark.slow
 def test_gpu_run_all_script_on_a_cpu(tmp_path):
     """benchmarks/gpu/run_all.sh --cpu-smoke: every stage runs, in order, with the smoke table's limits;
     the nine files land in OUT_DIR; the pytest stages run every gpu-marked test file and count the
