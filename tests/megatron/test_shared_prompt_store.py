@@ -38,5 +38,5 @@ def test_shared_and_unshared_prompts_write_the_same_store(tmp_path, processes):
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "cp2"])
 def test_the_same_store_at_6400_words_of_context(tmp_path, processes):
-    """The issue's must-show: a synthetic long context of about 6,400 words (about 8,700 tokens)."""
+    """The issue's must-show: a synthetic long context of about 6,400 words (about 7,800 tokens)."""
     assert store_check(tmp_path, words=6400, processes=processes)["largest_difference"] <= 1e-4
