@@ -406,23 +406,10 @@ def _more_steps(case: dict, step: int, times: list[float]) -> bool:
 def _schedule(ctx, chunks: list, mbs: list, seq_length: int, alone: bool) -> list[dict]:
     """One forward and backward over ``mbs``: the trainer's ``run_schedule``, or for ``long_alone`` the
     same schedule and forward step with ``_alone_loss`` as the loss closure."""
-    from functools import partial
+    from solopo_megatron.megatron.step import forward_step, run_schedule
 
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from solopo_megatron.megatron.step import run_schedule
-
-    if not alone:
-        return run_schedule(ctx, chunks, mbs, seq_length=seq_length, forward_only=False)
-    return get_forward_backward_func()(
-        forward_step_func=partial(_alone_forward_step, ctx),
-        data_iterator=iter(mbs),
-        model=chunks,
-        num_microbatches=len(mbs),
-        seq_length=seq_length,
-        micro_batch_size=1,
-        forward_only=False,
-    )
+    step = _alone_forward_step if alone else forward_step
+    return run_schedule(ctx, chunks, mbs, seq_length=seq_length, forward_only=False, step=step)
 
 
 def _alone_forward_step(ctx, data_iterator, model):

@@ -8,6 +8,7 @@ batch mean for any TP/PP/CP/DP layout. The report holds [sum, count] pairs per m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -131,13 +132,20 @@ def loss_func(ctx: StepContext, mb: Microbatch, weight: Tensor | None, output_te
 
 
 def run_schedule(
-    ctx: StepContext, chunks: list, mbs: list[Microbatch], *, seq_length: int, forward_only: bool
+    ctx: StepContext,
+    chunks: list,
+    mbs: list[Microbatch],
+    *,
+    seq_length: int,
+    forward_only: bool,
+    step: Callable = forward_step,
 ) -> list[dict]:
-    """One pass of Megatron's schedule (PP included) over ``mbs``; the reports (last pipeline stage only)."""
+    """One pass of Megatron's schedule (PP included) over ``mbs``; the reports (last pipeline stage only).
+    ``step(ctx, data_iterator, model)``: the forward step (a benchmark's baseline may give its own)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, ctx),
+        forward_step_func=partial(step, ctx),
         data_iterator=iter(mbs),
         model=chunks,
         num_microbatches=len(mbs),
