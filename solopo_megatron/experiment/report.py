@@ -18,13 +18,14 @@ from .spec import ExperimentSpec
 _LONG_KEY = re.compile(r"^long@(?P<label>[^/]+)/(?P<metric>.+)$")
 
 
-def summarize_run(metrics_file: Path) -> dict[str, Any]:
+def summarize_run(metrics_file: Path, *, eval_only: bool = False) -> dict[str, Any]:
     """One run's numbers from its metrics file: the final and best evaluation (short accuracy and, per
-    long length, accuracy, answer accuracy, SoLo-RA gap), tokens, examples, train seconds, peak memory."""
+    long length, accuracy, answer accuracy, SoLo-RA gap), tokens, examples, train seconds, peak memory.
+    ``eval_only``: a run that only evaluated (its one evaluation is both first and final)."""
     entries = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line]
     evals = [(e["step"], e["eval"]) for e in entries if e.get("eval")]
     trained = [e["train"] for e in entries if "train" in e]
-    if not evals or not trained:
+    if not evals or not (trained or eval_only):
         raise ValueError(f"{metrics_file}: no training steps or no evaluation recorded")
     last_step, last = evals[-1]
     after_training = [(step, result) for step, result in evals if step > 0] or evals

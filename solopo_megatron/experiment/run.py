@@ -31,6 +31,7 @@ from .report import git_commit, markdown_table, summarize_run, write_report
 from .spec import ExperimentSpec, Variant, load_experiment
 
 SUMMARY = "summary.json"
+EVAL_RECORDS = "eval_records.jsonl"  # per held-out record, length and evaluation (logger.eval_records_file)
 
 
 def variant_command(
@@ -48,9 +49,11 @@ def variant_command(
         f"logger.metrics_file={run_dir / 'metrics.jsonl'}",
         f"logger.tensorboard_dir={run_dir / 'tensorboard'}",
     ]
+    logging.append(f"logger.eval_records_file={run_dir / EVAL_RECORDS}")
     if saves_checkpoints:
         logging.append(f"checkpoint.save={run_dir / 'checkpoints'}")
-    return [*launcher, "--config", str(spec.recipe), *spec.variant_overrides(variant), *logging]
+    flags = ["--eval-only"] if variant.eval_only else []
+    return [*launcher, "--config", str(spec.recipe), *flags, *spec.variant_overrides(variant), *logging]
 
 
 def check_variants(spec: ExperimentSpec) -> None:
@@ -71,7 +74,10 @@ def check_variants(spec: ExperimentSpec) -> None:
                 f"variant {variant.name}: checkpoint.load: variants train from the initial weights (set "
                 "checkpoint.pretrained_hf to start from a model); remove checkpoint.load"
             )
-        if not cfg.train.eval_interval:
+        if variant.eval_only:
+            if not cfg.eval.long_lengths:
+                problems.append(f"variant {variant.name}: eval_only: needs eval.long_lengths to evaluate")
+        elif not cfg.train.eval_interval:
             problems.append(
                 f"variant {variant.name}: train.eval_interval: must be set (the comparison reads evaluations)"
             )
@@ -103,10 +109,11 @@ def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: 
                 print(f"[{variant.name}] {line.rstrip()}", flush=True)
         returncode = process.wait()
     wall = time.perf_counter() - start
-    summary = summarize_run(run_dir / "metrics.jsonl") if returncode == 0 else {}
+    summary = summarize_run(run_dir / "metrics.jsonl", eval_only=variant.eval_only) if returncode == 0 else {}
     summary.update(
         name=variant.name,
         overrides=spec.variant_overrides(variant),
+        eval_only=variant.eval_only,
         command=command,
         exit_code=returncode,
         wall_seconds=wall,

@@ -9,20 +9,26 @@ grid:                                      # every combination; the name joins t
   solopo.preference_loss: [dpo, simpo, orpo]
 variants:                                  # and/or named variants with their own overrides
   - {name: solopo-dpo-beta0.5, overrides: [solopo.beta=0.5]}
+  - {name: base, eval_only: true}          # evaluates the initial weights once (solopo-train --eval-only)
+compare:                                   # optional: a pre-registered paired comparison (ComparisonSpec)
+  treatment: solopo-dpo
+  control: long_po-dpo
+  baseline: base                           # where step 0 comes from (default: each arm's own step 0)
+  primary_length: 1x
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..recipe.errors import RecipeError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_KEYS = {"recipe", "output_dir", "nproc_per_node", "overrides", "grid", "variants"}
+_KEYS = {"recipe", "output_dir", "nproc_per_node", "overrides", "grid", "variants", "compare"}
 
 
 @dataclass
@@ -31,6 +37,32 @@ class Variant:
 
     name: str
     overrides: list[str]
+    eval_only: bool = False  # no training: the initial weights' evaluation (solopo-train --eval-only)
+
+
+@dataclass
+class ComparisonSpec:
+    """A paired comparison fixed before the run (``compare:``) and applied by the report: the two arms
+    are scored on the same held-out records, so their per-record decisions pair up.
+
+    Verdict per evaluated length (``primary_length`` is the headline), from the arms' final accuracy
+    and each arm's improvement over step 0 (the ``baseline`` variant's evaluation, or its own):
+    - matches: the control improves by >= ``improvement_se`` standard errors (paired, over records),
+      the treatment does too, and the one-sided ``confidence`` lower bound of (treatment - control)
+      is above -``non_inferiority_margin``;
+    - beats: that lower bound is above 0 (and the improvements hold);
+    - fails: the one-sided upper bound is below 0, or the control improves and the treatment does not;
+    - inconclusive: otherwise."""
+
+    treatment: str
+    control: str
+    baseline: str | None = None
+    primary_length: str | None = None  # None: the first evaluated length
+    non_inferiority_margin: float = 0.08
+    improvement_se: float = 2.0
+    confidence: float = 0.95
+    bootstrap_samples: int = 10000
+    seed: int = 0
 
 
 @dataclass
@@ -43,6 +75,7 @@ class ExperimentSpec:
     nproc_per_node: int = 1
     overrides: list[str] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
+    compare: ComparisonSpec | None = None
 
     def variant_overrides(self, variant: Variant) -> list[str]:
         """The overrides a variant's run gets: the common ones, then its own."""
@@ -80,6 +113,7 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         overrides=_string_list(path, "overrides", raw.get("overrides", [])),
         variants=_grid(path, raw.get("grid")) + _named(path, raw.get("variants")),
     )
+    spec.compare = _comparison(path, raw.get("compare"), [v.name for v in spec.variants])
     if not spec.recipe.is_file():
         raise RecipeError(f"{path}: recipe: {spec.recipe} is not a file")
     if not spec.variants:
@@ -136,12 +170,47 @@ def _named(path: Path, variants: Any) -> list[Variant]:
         raise RecipeError(f"{path}: variants: must be a list of {{name, overrides}}")
     out = []
     for i, item in enumerate(variants):
-        if not isinstance(item, dict) or set(item) - {"name", "overrides"} or "name" not in item:
-            raise RecipeError(f"{path}: variants[{i}]: must be {{name: ..., overrides: [...]}}, got {item!r}")
+        if not isinstance(item, dict) or set(item) - {"name", "overrides", "eval_only"} or "name" not in item:
+            raise RecipeError(
+                f"{path}: variants[{i}]: must be {{name: ..., overrides: [...], eval_only: false}}, got {item!r}"
+            )
+        eval_only = item.get("eval_only", False)
+        if not isinstance(eval_only, bool):
+            raise RecipeError(f"{path}: variants[{i}].eval_only: must be true or false, got {eval_only!r}")
         name = item["name"]
         if not isinstance(name, str) or not _NAME.match(name):
             raise RecipeError(
                 f"{path}: variants[{i}].name: letters, digits, '.', '_' and '-' only, got {name!r}"
             )
-        out.append(Variant(name, _string_list(path, f"variants[{i}].overrides", item.get("overrides", []))))
+        overrides = _string_list(path, f"variants[{i}].overrides", item.get("overrides", []))
+        out.append(Variant(name, overrides, eval_only=eval_only))
     return out
+
+
+def _comparison(path: Path, raw: Any, names: list[str]) -> ComparisonSpec | None:
+    if raw is None:
+        return None
+    known = {f.name for f in fields(ComparisonSpec)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise RecipeError(f"{path}: compare: must be a mapping of {', '.join(sorted(known))}, got {raw!r}")
+    try:
+        spec = ComparisonSpec(**raw)
+    except TypeError as error:  # a required key missing
+        raise RecipeError(f"{path}: compare: {error} (treatment and control are required)") from None
+    for key in ("treatment", "control", "baseline"):
+        value = getattr(spec, key)
+        if value is not None and value not in names:
+            raise RecipeError(f"{path}: compare.{key}: no variant named {value!r} (variants: {', '.join(names)})")
+    if spec.treatment == spec.control:
+        raise RecipeError(f"{path}: compare: treatment and control are the same variant ({spec.treatment})")
+    checks = {
+        "non_inferiority_margin": spec.non_inferiority_margin >= 0,
+        "improvement_se": spec.improvement_se >= 0,
+        "confidence": 0.5 < spec.confidence < 1,
+        "bootstrap_samples": isinstance(spec.bootstrap_samples, int) and spec.bootstrap_samples >= 100,
+    }
+    for key, ok in checks.items():
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+            raise RecipeError(f"{path}: compare.{key}: out of range, got {value!r}")
+    return spec

@@ -127,7 +127,8 @@ def _write_length_files(
         for length in lengths:
             built = long_eval_records(records, length, pool, count_tokens=count_tokens, seed=cfg.eval.seed)
             write_jsonl(built, tmp / f"{length.label}.jsonl")
-            write_jsonl(candidate_records(built), tmp / f"{length.label}-candidates.jsonl")
+            candidates = candidate_records(built) if cfg.eval.answer_accuracy else []  # empty: none scored
+            write_jsonl(candidates, tmp / f"{length.label}-candidates.jsonl")
         (tmp / "done").write_text("")  # last: it marks the folder complete
 
 
@@ -231,8 +232,12 @@ def evaluate_long_contexts(
     reference: ReferenceStore | None,
     *,
     batch_size: int,
+    records: list[dict] | None = None,
 ) -> dict[str, float]:
-    """Every length's metrics (keys ``long@<label>/<metric>``) on the logging rank; {} elsewhere."""
+    """Every length's metrics (keys ``long@<label>/<metric>``) on the logging rank; {} elsewhere.
+
+    ``records``: a list that receives, on the logging rank, one row per held-out record and length
+    (:func:`record_rows`), for paired statistics between runs."""
     out: dict[str, float] = {}
     for s in sets:
         scores = score_dataset(ctx, chunks, data, s.records, ROLES, batch_size=batch_size)
@@ -243,45 +248,89 @@ def evaluate_long_contexts(
             )
         if scores is None:
             continue
-        metrics = length_metrics(ctx.loss, scores, candidates, reference)
+        table = RecordTable.build(ctx.loss, scores, candidates, reference)
+        metrics = table.metrics()
         metrics["context_tokens"] = s.context_tokens
         out.update({metric_key(s.length.label, name): value for name, value in metrics.items()})
+        if records is not None:
+            records.extend(table.rows(s.length.label))
     return out
+
+
+@dataclass
+class RecordTable:
+    """Per held-out record (in id order): the reward margins (chosen - rejected) under the short and the
+    long context, the SoLo-RA gap and, with candidates, whether the chosen answer is the likeliest."""
+
+    ids: list[str]
+    short_margin: torch.Tensor  # float64
+    long_margin: torch.Tensor
+    gap: torch.Tensor  # r(short, chosen) - r(long, chosen)
+    answer_correct: dict[str, bool]  # records with candidates only
+
+    @classmethod
+    def build(
+        cls, cfg: SoLoPOConfig, scores: Scores, candidates: Scores | None, reference: ReferenceStore | None
+    ) -> RecordTable:
+        ids = sorted(scores)
+        logps = {role: torch.tensor([scores[i][0][role] for i in ids], dtype=torch.float64) for role in ROLES}
+        counts = {role: torch.tensor([scores[i][1][role] for i in ids], dtype=torch.float64) for role in ROLES}
+        ref = None
+        if cfg.needs_reference:
+            assert reference is not None, "DPO rewards need the evaluation's reference store"
+            looked_up = [reference.lookup(i, ROLES) for i in ids]
+            ref = {
+                role: torch.tensor([entry[role] for entry in looked_up], dtype=torch.float64) for role in ROLES
+            }
+        rewards = sequence_rewards(cfg, logps, counts, ref)
+        best_other: dict[str, float] = {}
+        for example_id, (sums, _) in (candidates or {}).items():
+            source = example_id.rpartition("#")[0]
+            best_other[source] = max(best_other.get(source, -float("inf")), sums["long_rejected"])
+        return cls(
+            ids=ids,
+            short_margin=rewards["short_chosen"] - rewards["short_rejected"],
+            long_margin=rewards["long_chosen"] - rewards["long_rejected"],
+            gap=rewards["short_chosen"] - rewards["long_chosen"],
+            answer_correct={i: scores[i][0]["long_chosen"] > best_other[i] for i in ids if i in best_other},
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Accuracy (margin > 0: a tie counts as wrong), mean margin, mean SoLo-RA gap and its mean
+        absolute value, and answer accuracy where candidates were scored."""
+        metrics = {
+            "accuracy": (self.long_margin > 0).double().mean().item(),
+            "margin": self.long_margin.mean().item(),
+            "solo_ra_gap": self.gap.mean().item(),
+            "solo_ra_gap_abs": self.gap.abs().mean().item(),
+        }
+        if self.answer_correct:
+            metrics["answer_accuracy"] = sum(self.answer_correct.values()) / len(self.answer_correct)
+        return metrics
+
+    def rows(self, label: str) -> list[dict]:
+        """One JSON-ready row per record: its source id, the length, both margins and decisions."""
+        out = []
+        for k, example_id in enumerate(self.ids):
+            row = {
+                "id": example_id.rpartition("@")[0] or example_id,
+                "length": label,
+                "short_margin": self.short_margin[k].item(),
+                "long_margin": self.long_margin[k].item(),
+                "short_correct": bool(self.short_margin[k] > 0),
+                "long_correct": bool(self.long_margin[k] > 0),
+            }
+            if example_id in self.answer_correct:
+                row["answer_correct"] = self.answer_correct[example_id]
+            out.append(row)
+        return out
 
 
 def length_metrics(
     cfg: SoLoPOConfig, scores: Scores, candidates: Scores | None, reference: ReferenceStore | None
 ) -> dict[str, float]:
     """Accuracy, margin and SoLo-RA gap of the records' rewards; answer accuracy over their candidates."""
-    ids = sorted(scores)
-    logps = {role: torch.tensor([scores[i][0][role] for i in ids], dtype=torch.float64) for role in ROLES}
-    counts = {role: torch.tensor([scores[i][1][role] for i in ids], dtype=torch.float64) for role in ROLES}
-    ref = None
-    if cfg.needs_reference:
-        assert reference is not None, "DPO rewards need the evaluation's reference store"
-        looked_up = [reference.lookup(i, ROLES) for i in ids]
-        ref = {
-            role: torch.tensor([entry[role] for entry in looked_up], dtype=torch.float64) for role in ROLES
-        }
-    rewards = sequence_rewards(cfg, logps, counts, ref)
-    margin = rewards["long_chosen"] - rewards["long_rejected"]
-    gap = rewards["short_chosen"] - rewards["long_chosen"]
-    metrics = {
-        "accuracy": (margin > 0).double().mean().item(),
-        "margin": margin.mean().item(),
-        "solo_ra_gap": gap.mean().item(),
-        "solo_ra_gap_abs": gap.abs().mean().item(),
-    }
-    if candidates:
-        best_other: dict[str, float] = {}
-        for example_id, (sums, _) in candidates.items():
-            source = example_id.rpartition("#")[0]
-            best_other[source] = max(best_other.get(source, -float("inf")), sums["long_rejected"])
-        judged = [i for i in ids if i in best_other]
-        if judged:
-            wins = [scores[i][0]["long_chosen"] > best_other[i] for i in judged]
-            metrics["answer_accuracy"] = sum(wins) / len(wins)
-    return metrics
+    return RecordTable.build(cfg, scores, candidates, reference).metrics()
 
 
 def format_long_metrics(metrics: dict[str, float], sets: list[LengthSet]) -> str:

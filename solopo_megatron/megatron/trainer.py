@@ -12,6 +12,7 @@ Inside ``sigint_handling()``, SIGINT ends the loop with ``Interrupted`` (one lin
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -130,6 +131,7 @@ class Trainer:
     steps_done: int = 0  # optimizer steps completed so far (start_step included)
     last_checkpoint: Path | None = None  # the newest complete checkpoint (resumed from or saved)
     long_eval: list[LengthSet] = field(default_factory=list)  # eval.long_lengths' held-out sets
+    last_eval_records: list[dict] = field(default_factory=list)  # the last evaluation's per-record rows
     eval_store: ReferenceStore | None = None  # their reference sums (DPO)
     last_check: StepCheck | None = None  # the last training step's finiteness check
 
@@ -214,13 +216,25 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         result = reduce_reports(reports, self.parallel)
+        self.last_eval_records = []
         if self.long_eval:
             result.update(
                 evaluate_long_contexts(
-                    self.ctx, self.chunks, data, self.long_eval, self.eval_store, batch_size=batch
-                )
+                    self.ctx, self.chunks, data, self.long_eval, self.eval_store, batch_size=batch,
+                    records=self.last_eval_records,
+                )  # fmt: skip
             )
         return result
+
+    def write_eval_records(self, step: int) -> None:
+        """Appends the last evaluation's per-record rows, tagged with ``step``, to
+        ``logger.eval_records_file`` (logging rank; nothing when unset)."""
+        path = self.cfg.logger.eval_records_file
+        if not path or not self.parallel.is_logging_rank:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # its folder was checked before launch
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"step": step, **row}) + "\n" for row in self.last_eval_records)
 
     def log_eval(self, step: int, result: dict[str, float]) -> None:
         """The evaluation's console lines: the validation set's metrics, then each long-context length's."""
@@ -447,10 +461,11 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
         writers.write(
             {"step": trainer.start_step, "data": {"skipped_records": trainer.data.skipped_records()}}
         )
-    if eval_every and trainer.start_step == 0:
+    if eval_every and trainer.start_step == 0 and cfg.train.eval_at_start:
         result = trainer.evaluate()
         trainer.history.append({"step": 0, "eval": result})
         writers.write(trainer.history[-1])
+        trainer.write_eval_records(0)
         trainer.log_eval(0, result)
     start = time.perf_counter()
     throughput = Throughput(
@@ -492,6 +507,7 @@ def _train_loop(trainer: Trainer, writers: MetricWriters) -> list[dict]:
             )
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == iters) and not diverged:
             entry["eval"] = trainer.evaluate()
+            trainer.write_eval_records(step + 1)
             trainer.log_eval(step + 1, entry["eval"])
         trainer.history.append(entry)
         writers.write(entry)
@@ -552,6 +568,7 @@ def evaluate_only(trainer: Trainer) -> dict[str, float]:
     try:
         result = trainer.evaluate()
         writers.write({"step": trainer.start_step, "eval": result})
+        trainer.write_eval_records(trainer.start_step)
         trainer.log_eval(trainer.start_step, result)
     finally:
         writers.close()

@@ -110,8 +110,10 @@ def output_path_problems(cfg: RecipeConfig) -> list[str]:
     if (problem := folder_problem(cache, label)) is not None:
         problems.append(problem)
     logger = cfg.logger
-    if logger.metrics_file and (problem := file_problem(logger.metrics_file, "logger.metrics_file")):
-        problems.append(problem)
+    for key in ("metrics_file", "eval_records_file"):
+        path = getattr(logger, key)
+        if path and (problem := file_problem(path, f"logger.{key}")):
+            problems.append(problem)
     if logger.tensorboard_dir and (
         problem := folder_problem(logger.tensorboard_dir, "logger.tensorboard_dir")
     ):

@@ -136,7 +136,7 @@ class ModelSection:
     recompute_num_layers: int | None = positive(None)
     transformer_impl: str = choice("auto", "auto", "transformer_engine", "local")  # auto: TE when importable
     # Core attention: te (TE's fused THD + CP), flex (torch flex_attention, CUDA), sdpa (per-sequence
-    # torch SDPA); auto: te with the TE spec, else flex on CUDA, else sdpa. (DESIGN 5.1)
+    # torch SDPA); auto: te with the TE spec, else flex on CUDA, else sdpa. (docs/recipes.md, How a step runs)
     attention_backend: str = choice("auto", "auto", "te", "flex", "sdpa")
     # response_only: the LM head and log-probs run on the scored (response) positions only; full: on
     # every token (the [t, V/tp] logits; kept for comparison and the equality tests).
@@ -156,6 +156,7 @@ class TrainSection:
         3
     )  # non-finite loss or gradients: skip the update; stop after this many
     eval_interval: int | None = positive(None)
+    eval_at_start: bool = True  # with eval_interval: also evaluate the initial weights (step 0)
     eval_iters: int | None = positive(None)  # None: the whole validation set
     log_interval: int = positive(10)
 
@@ -280,6 +281,9 @@ class EvalSection:
     long_lengths: list[str] = field(default_factory=list)  # [] : no long-context evaluation
     num_records: int | None = positive(None)  # validation records used (None: all)
     seed: int = at_least(0, 0)
+    # Score every candidate answer of records with metadata.candidates (answer_accuracy): one more long
+    # sequence per candidate; false skips them (the reward accuracy of chosen vs rejected stays)
+    answer_accuracy: bool = True
 
 
 @dataclass
@@ -287,6 +291,9 @@ class LoggerSection:
     """``logger:``: metrics file, TensorBoard, wandb and the MFU peak."""
 
     metrics_file: str | None = None  # JSON lines: one object per step (train metrics, eval when run)
+    # JSON lines: per evaluation, one row per held-out record and eval.long_lengths length (its
+    # reward margins and decisions under the short and the long context): for paired statistics
+    eval_records_file: str | None = None
     tensorboard_dir: str | None = None  # TensorBoard event files (train/<metric>, eval/<metric>)
     wandb_project: str | None = None  # Weights & Biases project (needs `pip install wandb`); None: off
     wandb_run_name: str | None = None
