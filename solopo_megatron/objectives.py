@@ -1,9 +1,11 @@
 """SoLoPO objectives: rewards, preference losses and short-to-long reward alignment.
 
 Pure torch, no torch.distributed: every function maps per-example sequence log-prob sums to
-per-example losses and metrics. The formulas are those of DESIGN.md section 1.1:
+per-example losses and metrics. docs/loss.md writes out every formula (rewards, the three preference
+losses, the SFT term, SoLo-RA and its rounding floor, the batch mean); in short:
 
-    L = L_PO(c, y_w, y_l) + solo_ra_weight * sum_y d(r(short, y) - r(long, y))   (mode solopo)
+    L = L_PO(c, y_w, y_l) + sft_loss_weight * NLL(c, y_w)
+        + solo_ra_weight * sum_y d(r(short, y) - r(long, y))   (the last term in mode solopo only)
 
 where c is the short context (modes ``solopo``, ``short_po``) or the long one (``long_po``).
 """

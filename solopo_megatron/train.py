@@ -27,7 +27,8 @@ EXPECTED_WARNINGS = (
     r".*full scope is deprecated.*",
     r".*MimoModelConfig is experimental.*",  # 0.19 warns at import; this project does not use MiMo
 )
-# megatron-core 0.19 logs this for every GPTModel built: the model this plugin is written for (DESIGN 5).
+# megatron-core 0.19 logs this for every GPTModel built: the model this plugin is written for (see
+# docs/recipes.md, How a step runs).
 EXPECTED_LOG_LINES = ("GPTModel IS DEPRECATED",)
 
 

@@ -4,6 +4,7 @@ resuming, a failing variant, and the checks before anything runs."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,12 @@ FAST = [
 ]  # fmt: skip
 
 
-def _experiment(tmp: Path, body: str) -> Path:
+def _experiment(tmp: Path, body: str, overrides: list[str] = ()) -> Path:
     path = tmp / "exp.yaml"
     common = {
         "recipe": str(ROOT / "recipes/paper-small-cpu.yaml"),
         "output_dir": "out",
-        "overrides": [*FAST, f"dataset.cache_dir={tmp / 'cache'}"],
+        "overrides": [*FAST, f"dataset.cache_dir={tmp / 'cache'}", *overrides],
     }
     path.write_text(yaml.safe_dump(common) + body)
     return path
@@ -127,3 +128,45 @@ def test_table_orders_lengths_and_marks_failures():
     assert length_labels([{"long": {"4x": {}, "512": {}, "1x": {}, "2x": {}}}]) == ["512", "1x", "2x", "4x"]
     table = markdown_table([{"name": "a", "exit_code": 3}, {"name": "b", "exit_code": 0, "long": {}}])
     assert "| a | failed (exit 3) |" in table and "| b |" in table
+
+
+def test_a_compared_experiment_end_to_end(tmp_path):
+    """An eval-only baseline and two arms with ``compare:``: each evaluation's per-record rows agree with
+    its metrics, records.jsonl and the comparison land beside results.json, and a redraw without the run
+    folders (which are not committed) gives the same comparison from records.jsonl."""
+    body = (
+        "variants:\n  - {name: base, eval_only: true}\n"
+        "  - {name: t, overrides: [solopo.mode=solopo]}\n  - {name: c, overrides: [solopo.mode=long_po, eval.answer_accuracy=false]}\n"
+        "compare: {treatment: t, control: c, baseline: base, primary_length: 2x, bootstrap_samples: 500}\n"
+    )
+    path = _experiment(tmp_path, body, ["train.eval_at_start=false", "solopo.preference_loss=simpo"])
+    assert main(["--config", str(path), "--quiet"]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    base, treatment, control = results["variants"]
+    assert base["eval_only"] and base["evaluations"] == [0] and base["tokens"] == 0
+    assert treatment["evaluations"] == [2] and treatment["held_out_records"] == 8  # no step-0 evaluation
+    assert "final_answer_accuracy" in treatment["long"]["1x"]
+    assert "final_answer_accuracy" not in control["long"]["1x"]  # eval.answer_accuracy=false: none scored
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 8  # variants x lengths x records
+    for summary in (base, treatment, control):
+        for label in ("1x", "2x"):
+            mine = [r for r in rows if r["variant"] == summary["name"] and r["length"] == label]
+            assert {r["step"] for r in mine} == {summary["steps"]} and len({r["id"] for r in mine}) == 8
+            accuracy = sum(r["long_correct"] for r in mine) / 8
+            assert accuracy == pytest.approx(summary["long"][label]["final_accuracy"])
+            assert all(r["long_correct"] == (r["long_margin"] > 0) for r in mine)
+    comparison = results["comparison"]
+    assert comparison["primary_length"] == "2x" and comparison["verdict"] in (
+        "matches",
+        "beats",
+        "fails",
+        "inconclusive",
+    )
+    assert comparison["lengths"]["2x"]["records"] == 8 and comparison["cost"]["tokens"]["ratio"] > 1
+    assert "Paired comparison (t vs c" in (out / "results.md").read_text()
+    shutil.rmtree(out / "runs")
+    assert main(["--config", str(path), "--report-only"]) == 0
+    redrawn = json.loads((out / "results.json").read_text())
+    assert redrawn["comparison"] == comparison and redrawn["date"] == results["date"]

@@ -47,7 +47,7 @@ def _logsigmoid(x: float) -> float:
 
 
 def scalar_reference_loss(example: dict[str, tuple[float, int, float]], cfg: SoLoPOConfig) -> float:
-    """DESIGN.md section 1.1 written out with Python floats, one example at a time."""
+    """docs/loss.md written out with Python floats, one example at a time."""
 
     def reward(role: str) -> float:
         s, n, s_ref = example[role]

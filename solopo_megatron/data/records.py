@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 # The schema's roles: the four sequences a record yields. The literal lives with the loss, whose public
-# API (DESIGN section 3) names it and which sits below the data layer; everything above the math imports
+# API (docs/loss.md) names it and which sits below the data layer; everything above the math imports
 # it from here.
 from ..objectives import ROLES as ROLES
 from .errors import DataError, Problem

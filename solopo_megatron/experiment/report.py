@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .paired import compare_runs, wilson_interval
 from .spec import ExperimentSpec
 
 _LONG_KEY = re.compile(r"^long@(?P<label>[^/]+)/(?P<metric>.+)$")
@@ -164,6 +165,24 @@ def _style(name: str) -> dict[str, Any]:
     }
 
 
+def _interval_errors(values: Sequence[float], n: int | None) -> list[list[float]] | None:
+    """Asymmetric error bars (below, above) of the 95% Wilson interval of each accuracy over ``n`` records;
+    None when ``n`` is unknown. The short accuracy's point shares ``n`` with the long ones only where the
+    validation set is the held-out set (it is, for the bundled synthetic data)."""
+    if not n:
+        return None
+    below, above = [], []
+    for value in values:
+        if value is None or math.isnan(value):
+            below.append(0.0)
+            above.append(0.0)
+            continue
+        low, high = wilson_interval(round(value * n), n)
+        below.append(value - low)
+        above.append(high - value)
+    return [below, above]
+
+
 def plot_results(summaries: Sequence[dict], folder: Path) -> list[Path]:
     """accuracy_vs_length.png (reward accuracy from the short context to the longest evaluated length,
     and answer accuracy, per variant) and cost.png (train time, tokens and peak memory per variant).
@@ -186,12 +205,15 @@ def plot_results(summaries: Sequence[dict], folder: Path) -> list[Path]:
             values = [s["long"].get(label, {}).get(metric, math.nan) for label in labels]
             if with_short:
                 values = [s.get("final_short_accuracy", math.nan), *values]
-            ax.plot(ticks, values, marker="o", label=s["name"], **_style(s["name"]))
+            errors = _interval_errors(values, s.get("held_out_records"))
+            ax.errorbar(
+                ticks, values, yerr=errors, marker="o", capsize=3, label=s["name"], **_style(s["name"])
+            )
         ax.axhline(0.5, color="gray", linewidth=0.8)
         ax.set_title(title)
         ax.set_xlabel("evaluated context (short, then multiples of the long context)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final accuracy (held-out)")
+    axes[0].set_ylabel("final accuracy (held-out; bars: 95% Wilson interval)")
     axes[1].legend(fontsize=7, ncol=1, loc="best")
     fig.tight_layout()
     written.append(folder / "accuracy_vs_length.png")
@@ -221,21 +243,35 @@ def write_report(spec: ExperimentSpec, summaries: Sequence[dict], *, argv: Seque
     folder = spec.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     previous = folder / "results.json"
-    command = " ".join(argv)
-    if "--report-only" in argv and previous.exists():  # keep the command that trained the variants
-        command = json.loads(previous.read_text(encoding="utf-8")).get("command", command)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     header = {
         "experiment": str(spec.path),
         "recipe": str(spec.recipe),
-        "command": command,
+        "command": " ".join(argv),
         "report_command": " ".join(argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": now,
+        "report_date": now,
         "commit": git_commit(),  # the code that wrote the report; each variant records its own
         "machine": machine_info(),
         "total_wall_seconds": sum(s.get("wall_seconds", 0.0) for s in summaries),
     }
-    results = {**header, "variants": list(summaries)}
+    if "--report-only" in argv and previous.exists():  # a redraw: keep when, where and how it was run
+        kept = json.loads(previous.read_text(encoding="utf-8"))
+        header.update({key: kept[key] for key in ("command", "date", "machine") if key in kept})
+    results = {**header, "base_model": base_model(spec), "variants": list(summaries)}
     written = [folder / "results.json"]
+    if spec.compare is not None:
+        rows = collect_records(spec)
+        written.append(folder / RECORDS)
+        write_jsonl_rows(rows, written[-1])
+        try:
+            results["comparison"] = compare_runs(spec.compare, rows)
+            results["comparison"]["cost"] = cost_ratio(
+                summaries, spec.compare.treatment, spec.compare.control
+            )
+        except ValueError as error:  # an arm failed or was not evaluated: the rest of the report stands
+            print(f"warning: no paired comparison: {error}")
+            results["comparison_error"] = str(error)
     written[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     machine = header["machine"]
     trained_at = sorted({s["commit"] for s in summaries if s.get("commit")}) or ["unknown"]
@@ -243,14 +279,190 @@ def write_report(spec: ExperimentSpec, summaries: Sequence[dict], *, argv: Seque
         f"Experiment `{spec.path.name}` on {machine['cpu'] or machine['platform']} "
         f"({machine['cpu_count']} cores{', ' + machine['gpu'] if machine['gpu'] else ''}), torch "
         f"{machine['torch']}; variants trained at commit {', '.join(trained_at)}, "
-        f"{header['total_wall_seconds'] / 60:.1f} min in all; report written {header['date']}.",
+        f"{header['total_wall_seconds'] / 60:.1f} min in all; run reported {header['date']}, this report written {header['report_date']}.",
         "",
         markdown_table(summaries),
     ]
+    if "comparison" in results:
+        lines += ["", comparison_markdown(results["comparison"])]
     written.append(folder / "results.md")
-    written[1].write_text("\n".join(lines), encoding="utf-8")
+    written[-1].write_text("\n".join(lines), encoding="utf-8")
     try:
         written += plot_results(summaries, folder)
     except ImportError:
         print("note: matplotlib is not installed; no plots (pip install matplotlib)")
     return written
+
+
+RECORDS = "records.jsonl"  # beside results.json: every variant's per-record rows (committed with it)
+
+
+def collect_records(spec: ExperimentSpec) -> list[dict]:
+    """Every variant's per-record evaluation rows, tagged with the variant: from its run folder
+    (``runs/NAME/eval_records.jsonl``), else from the ``records.jsonl`` a previous report wrote."""
+    kept: dict[str, list[dict]] = {}
+    previous = spec.output_dir / RECORDS
+    if previous.exists():
+        for line in previous.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                kept.setdefault(row["variant"], []).append(row)
+    rows = []
+    for variant in spec.variants:
+        path = spec.output_dir / "runs" / variant.name / "eval_records.jsonl"
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows += [{"variant": variant.name, **json.loads(line)} for line in lines if line.strip()]
+        else:
+            rows += kept.get(variant.name, [])
+    return rows
+
+
+def write_jsonl_rows(rows: Sequence[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
+
+
+def base_model(spec: ExperimentSpec) -> str | None:
+    """The recipe's ``checkpoint.pretrained_hf`` as written (None: the variants start from random weights)."""
+    import yaml
+
+    raw = yaml.safe_load(spec.recipe.read_text(encoding="utf-8")) or {}
+    return ((raw.get("checkpoint") or {}).get("pretrained_hf")) or None
+
+
+def cost_ratio(summaries: Sequence[dict], treatment: str, control: str) -> dict[str, Any]:
+    """Train seconds and tokens of ``treatment`` over ``control``'s (from the same run)."""
+    by_name = {s["name"]: s for s in summaries}
+    out: dict[str, Any] = {}
+    for key in ("train_seconds", "tokens"):
+        a, b = by_name.get(treatment, {}).get(key), by_name.get(control, {}).get(key)
+        out[key] = {treatment: a, control: b, "ratio": a / b if a and b else None}
+    return out
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    """The paired comparison as a table per length, and the verdict."""
+    spec = comparison["spec"]
+    t, c = spec["treatment"], spec["control"]
+    level = f"{spec['confidence']:.0%}"
+    lines = [
+        f"Paired comparison ({t} vs {c}; pre-registered, `compare:` in the experiment file). "
+        f"Verdict at the primary length {comparison['primary_length']}: **{comparison['verdict']}**.",
+        "",
+        f"| length | records | {t} step 0 | {t} final | {c} step 0 | {c} final | gain {t} (z) | gain {c} (z) "
+        f"| {t} - {c} | {level} interval | one-sided {level} bounds | McNemar p | verdict |",
+        "|" + "---|" * 13,
+    ]
+    for length, entry in comparison["lengths"].items():
+        acc, gain, diff = entry["accuracy"], entry["gain_over_step0"], entry["difference"]
+        lines.append(
+            f"| {length} | {entry['records']} | {acc[t]['step0']['accuracy']:.3f} | {acc[t]['final']['accuracy']:.3f} "
+            f"| {acc[c]['step0']['accuracy']:.3f} | {acc[c]['final']['accuracy']:.3f} "
+            f"| {gain[t]['mean']:+.3f} ({gain[t]['z']:.1f}) | {gain[c]['mean']:+.3f} ({gain[c]['z']:.1f}) "
+            f"| {diff['mean']:+.3f} | [{diff['interval'][0]:+.3f}, {diff['interval'][1]:+.3f}] "
+            f"| >= {diff['lower_one_sided']:+.3f}, <= {diff['upper_one_sided']:+.3f} | {diff['mcnemar_p']:.3g} "
+            f"| {entry['verdict']} |"
+        )
+    cost = comparison.get("cost") or {}
+    ratios = [
+        f"{key.replace('_', ' ')} x{value['ratio']:.2f}" for key, value in cost.items() if value.get("ratio")
+    ]
+    if ratios:
+        lines += ["", f"Cost, {t} / {c}: " + ", ".join(ratios) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def readme_markers(results_file: Path) -> tuple[str, str]:
+    """The markers around an experiment's block in a Markdown file (named by its results folder)."""
+    name = results_file.parent.name
+    return f"<!-- experiment:{name}:start -->", f"<!-- experiment:{name}:end -->"
+
+
+def comparison_readme_block(results: dict[str, Any], results_file: Path) -> str:
+    """The Markdown block that reports a compared experiment: every figure comes from ``results`` (the
+    committed results.json) and ``probe.json`` beside it, so a test can regenerate and compare it."""
+    comparison = results["comparison"]
+    spec = comparison["spec"]
+    t, c = spec["treatment"], spec["control"]
+    by_name = {s["name"]: s for s in results["variants"]}
+    level = f"{spec['confidence']:.0%}"
+    commits = sorted({s["commit"][:7] for s in results["variants"] if s.get("commit")})
+    first = by_name[t]
+    records = comparison["lengths"][comparison["primary_length"]]["records"]
+    lines = [
+        f"From **{results.get('base_model') or 'random weights'}**, {records} held-out "
+        f"records, paired (both arms scored on the same records); variants trained at commit "
+        f"{', '.join(commits)} on {results['machine'].get('cpu') or results['machine']['platform']} "
+        f"({results['machine']['cpu_count']} cores), {results['date'][:10]}. Reward accuracy (chosen above "
+        f"rejected), {level} Wilson intervals in brackets; gains over step 0 and the difference are paired "
+        f"per record (bootstrap of {spec['bootstrap_samples']:,} resamples; McNemar's exact test).",
+        "",
+        f"| context | step 0 | {t} | {c} | {t} - {c} [{level}] | one-sided {level} bounds | McNemar p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for length, entry in comparison["lengths"].items():
+        acc, gain, diff = entry["accuracy"], entry["gain_over_step0"], entry["difference"]
+        tokens = first["long"].get(length, {}).get("final_context_tokens")
+        start = acc[t]["step0"]
+        step0 = _acc_cell(start)
+        if acc[c]["step0"]["accuracy"] != start["accuracy"] or not spec.get("baseline"):
+            step0 = f"{_acc_cell(start)} / {_acc_cell(acc[c]['step0'])}"
+        lines.append(
+            f"| {length}" + (f" (~{tokens:.0f} tokens)" if tokens else "") + f" | {step0} "
+            f"| {_acc_cell(acc[t]['final'])}, {gain[t]['mean']:+.3f} (z {gain[t]['z']:.1f}) "
+            f"| {_acc_cell(acc[c]['final'])}, {gain[c]['mean']:+.3f} (z {gain[c]['z']:.1f}) "
+            f"| {diff['mean']:+.3f} [{diff['interval'][0]:+.3f}, {diff['interval'][1]:+.3f}] "
+            f"| >= {diff['lower_one_sided']:+.3f}, <= {diff['upper_one_sided']:+.3f} | {diff['mcnemar_p']:.2g} "
+            f"| {entry['verdict']} |"
+        )
+    primary = comparison["lengths"][comparison["primary_length"]]
+    short = primary["accuracy"]
+    lines.append(
+        f"| short (same records) | {short[t]['step0']['short_accuracy']:.3f} | {short[t]['final']['short_accuracy']:.3f} "
+        f"| {short[c]['final']['short_accuracy']:.3f} | | | | |"
+    )
+    cost = comparison.get("cost") or {}
+    seconds, tokens = cost.get("train_seconds", {}), cost.get("tokens", {})
+    lines += [
+        "",
+        f"**Verdict** (pre-registered rule, primary length {comparison['primary_length']}): "
+        f"**{comparison['verdict']}**."
+        + (
+            f" Cost, {t} / {c}: training time x{seconds['ratio']:.2f} ({seconds[t]:.0f} s vs {seconds[c]:.0f} s), "
+            f"tokens x{tokens['ratio']:.2f} ({tokens[t] / 1e6:.2f}M vs {tokens[c] / 1e6:.2f}M)."
+            if seconds.get("ratio") and tokens.get("ratio")
+            else ""
+        ),
+    ]
+    probe_file = results_file.parent / "probe.json"
+    if probe_file.exists():
+        probe = json.loads(probe_file.read_text(encoding="utf-8"))
+        sizes = "; ".join(
+            f"~{row['long_tokens']:.0f} tokens: short {row['short_accuracy']:.3f}, long {row['long_accuracy']:.3f}"
+            for row in probe["sizes"]
+        )
+        lines += [
+            "",
+            f"Go/no-go probe before the run (the base model, {probe['sizes'][0]['records']} records, "
+            f"`probe.json`): {sizes}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _acc_cell(entry: dict[str, Any]) -> str:
+    low, high = entry["interval"]
+    return f"{entry['accuracy']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def write_readme_block(markdown: Path, results_file: Path) -> bool:
+    """Replaces the block between the experiment's markers in ``markdown``; False if it has no markers."""
+    start, end = readme_markers(results_file)
+    text = markdown.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        return False
+    results = json.loads(results_file.read_text(encoding="utf-8"))
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    block = comparison_readme_block(results, results_file)
+    markdown.write_text(f"{before}{start}\n{block}{end}{after}", encoding="utf-8")
+    return True

@@ -27,7 +27,14 @@ from ..recipe.errors import RecipeError
 from ..recipe.loading import load_config
 from ..recipe.preflight import folder_problem
 from ..recipe.validation import config_problems
-from .report import git_commit, markdown_table, summarize_run, write_report
+from .report import (
+    git_commit,
+    markdown_table,
+    readme_markers,
+    summarize_run,
+    write_readme_block,
+    write_report,
+)
 from .spec import ExperimentSpec, Variant, load_experiment
 
 SUMMARY = "summary.json"
@@ -85,6 +92,20 @@ def check_variants(spec: ExperimentSpec) -> None:
         raise RecipeError(f"{spec.path}:\n  " + "\n  ".join(problems))
 
 
+def held_out_records(spec: ExperimentSpec, variant: Variant) -> int | None:
+    """How many held-out records a variant's evaluation scores (eval.num_records of the validation set:
+    the synthetic data's num_valid, or the lines of dataset.valid_path); None when it cannot be told."""
+    cfg = load_config(spec.recipe, spec.variant_overrides(variant))
+    if cfg.dataset.valid_path is None and cfg.dataset.train_path is None:
+        count = cfg.dataset.synthetic.num_valid
+    elif cfg.dataset.valid_path is not None and Path(cfg.dataset.valid_path).is_file():
+        with open(cfg.dataset.valid_path, encoding="utf-8") as handle:
+            count = sum(1 for line in handle if line.strip())
+    else:
+        return None
+    return min(count, cfg.eval.num_records) if cfg.eval.num_records else count
+
+
 def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: bool = True) -> dict:
     """Trains one variant from scratch; returns its summary (also written to ``run_dir/summary.json``)."""
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -114,6 +135,7 @@ def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: 
         name=variant.name,
         overrides=spec.variant_overrides(variant),
         eval_only=variant.eval_only,
+        held_out_records=held_out_records(spec, variant),
         command=command,
         exit_code=returncode,
         wall_seconds=wall,
@@ -137,15 +159,40 @@ def run_experiment(spec: ExperimentSpec, *, rerun: bool = False, echo: bool = Tr
             print(f"[{i}/{len(spec.variants)}] {variant.name}: done before, kept ({done})", flush=True)
             summaries.append(json.loads(done.read_text(encoding="utf-8")))
             continue
-        print(
-            f"[{i}/{len(spec.variants)}] {variant.name}: training (log {run_dir / 'train.log'})", flush=True
-        )
+        doing = "evaluating the initial weights" if variant.eval_only else "training"
+        print(f"[{i}/{len(spec.variants)}] {variant.name}: {doing} (log {run_dir / 'train.log'})", flush=True)
         summary = run_variant(spec, variant, run_dir, echo=echo)
         state = "done" if summary["exit_code"] == 0 else f"FAILED (exit {summary['exit_code']})"
         print(
             f"[{i}/{len(spec.variants)}] {variant.name}: {state} in {summary['wall_seconds']:.0f} s",
             flush=True,
         )
+        summaries.append(summary)
+    return summaries
+
+
+def finished_summaries(spec: ExperimentSpec) -> list[dict]:
+    """Every variant's summary for ``--report-only``: its run folder's, else the one a previous report
+    kept in ``results.json`` (run folders are not committed; the report can be redrawn from the JSON)."""
+    previous = spec.output_dir / "results.json"
+    kept = {}
+    if previous.exists():
+        variants = json.loads(previous.read_text(encoding="utf-8")).get("variants", [])
+        kept = {s["name"]: s for s in variants if s.get("exit_code") == 0}
+    summaries = []
+    for variant in spec.variants:
+        done = spec.output_dir / "runs" / variant.name / SUMMARY
+        if done.exists():
+            summary = json.loads(done.read_text(encoding="utf-8"))
+        elif variant.name in kept:
+            summary = kept[variant.name]
+        else:
+            raise RecipeError(
+                f"--report-only: variant {variant.name} has not finished ({done} is missing, and "
+                f"{previous} does not list it as finished)"
+            )
+        if summary.get("held_out_records") is None:  # summaries written before it was recorded
+            summary["held_out_records"] = held_out_records(spec, variant)
         summaries.append(summary)
     return summaries
 
@@ -163,6 +210,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--report-only", action="store_true", help="only rewrite the report from the finished variants"
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo the variants' output")
+    parser.add_argument(
+        "--readme",
+        action="append",
+        default=[],
+        metavar="MARKDOWN",
+        help="with compare: rewrite the experiment's block in this Markdown file (between "
+        "<!-- experiment:NAME:start --> and <!-- experiment:NAME:end -->; NAME: output_dir's name); repeatable",
+    )
     return parser.parse_args(argv)
 
 
@@ -172,14 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_experiment(args.config)
         if args.report_only:
-            summaries = []
-            for variant in spec.variants:
-                done = spec.output_dir / "runs" / variant.name / SUMMARY
-                if not done.exists():
-                    raise RecipeError(
-                        f"--report-only: variant {variant.name} has not finished ({done} is missing)"
-                    )
-                summaries.append(json.loads(done.read_text(encoding="utf-8")))
+            summaries = finished_summaries(spec)
         else:
             summaries = run_experiment(spec, rerun=args.rerun, echo=not args.quiet)
     except (RecipeError, ValueError, OSError) as error:
@@ -189,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(summaries))
     for path in written:
         print(f"wrote {path}")
+    for markdown in map(Path, args.readme):
+        if spec.compare is None or not write_readme_block(markdown, spec.output_dir / "results.json"):
+            start, end = readme_markers(spec.output_dir / "results.json")
+            why = "the experiment has no compare:" if spec.compare is None else f"it has no {start} ... {end}"
+            print(f"error: --readme {markdown}: not updated ({why})", file=sys.stderr)
+            return 2
+        print(f"wrote the experiment's block in {markdown}")
     failed = [s["name"] for s in summaries if s["exit_code"] != 0]
     if failed:
         print(f"error: variant(s) failed: {', '.join(failed)} (see their train.log)", file=sys.stderr)

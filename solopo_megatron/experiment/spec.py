@@ -200,7 +200,9 @@ def _comparison(path: Path, raw: Any, names: list[str]) -> ComparisonSpec | None
     for key in ("treatment", "control", "baseline"):
         value = getattr(spec, key)
         if value is not None and value not in names:
-            raise RecipeError(f"{path}: compare.{key}: no variant named {value!r} (variants: {', '.join(names)})")
+            raise RecipeError(
+                f"{path}: compare.{key}: no variant named {value!r} (variants: {', '.join(names)})"
+            )
     if spec.treatment == spec.control:
         raise RecipeError(f"{path}: compare: treatment and control are the same variant ({spec.treatment})")
     checks = {

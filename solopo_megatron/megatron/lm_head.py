@@ -1,10 +1,11 @@
 """The response-only LM head: log-probs from the hidden states of the scored positions only.
 
-``model.logits: response_only`` (DESIGN 5.1). megatron-core's GPTModel is used unchanged except for
-its output layer's forward: ``defer_output_layer`` turns the ColumnParallelLinear into a
-``DeferredOutputLayer`` (same class family, same weight, same checkpoint keys) whose forward does only
-the column-parallel input half (sequence-parallel all-gather, or the TP copy whose backward
-all-reduces dX) and returns the hidden states. The model's output is then [1, t, H], not [1, t, V/tp].
+``model.logits: response_only`` (docs/long-contexts.md, "what makes long sequences cheap").
+megatron-core's GPTModel is used unchanged except for its output layer's forward: ``defer_output_layer``
+turns the ColumnParallelLinear into a ``DeferredOutputLayer`` (same class family, same weight, same
+checkpoint keys) whose forward does only the column-parallel input half (sequence-parallel
+all-gather, or the TP copy whose backward all-reduces dX) and returns the hidden states. The model's
+output is then [1, t, H], not [1, t, V/tp].
 
 ``scored_sequence_logps`` picks the positions whose label is scored (the loss mask, after CP
 sharding) and runs the fused, chunked ``linear_token_logprobs`` on them with the output weight (the

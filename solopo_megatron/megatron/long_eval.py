@@ -233,13 +233,19 @@ def evaluate_long_contexts(
     *,
     batch_size: int,
     records: list[dict] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Every length's metrics (keys ``long@<label>/<metric>``) on the logging rank; {} elsewhere.
 
     ``records``: a list that receives, on the logging rank, one row per held-out record and length
-    (:func:`record_rows`), for paired statistics between runs."""
+    (:meth:`RecordTable.rows`), for paired statistics between runs. ``log``: told when each length
+    starts (an evaluation of long contexts can take minutes)."""
     out: dict[str, float] = {}
     for s in sets:
+        if log is not None:
+            log(
+                f"evaluating {len(s.records)} held-out records at {s.length.label} (~{s.context_tokens:.0f} tokens)"
+            )
         scores = score_dataset(ctx, chunks, data, s.records, ROLES, batch_size=batch_size)
         candidates = None
         if s.candidates is not None:
@@ -274,13 +280,16 @@ class RecordTable:
     ) -> RecordTable:
         ids = sorted(scores)
         logps = {role: torch.tensor([scores[i][0][role] for i in ids], dtype=torch.float64) for role in ROLES}
-        counts = {role: torch.tensor([scores[i][1][role] for i in ids], dtype=torch.float64) for role in ROLES}
+        counts = {
+            role: torch.tensor([scores[i][1][role] for i in ids], dtype=torch.float64) for role in ROLES
+        }
         ref = None
         if cfg.needs_reference:
             assert reference is not None, "DPO rewards need the evaluation's reference store"
             looked_up = [reference.lookup(i, ROLES) for i in ids]
             ref = {
-                role: torch.tensor([entry[role] for entry in looked_up], dtype=torch.float64) for role in ROLES
+                role: torch.tensor([entry[role] for entry in looked_up], dtype=torch.float64)
+                for role in ROLES
             }
         rewards = sequence_rewards(cfg, logps, counts, ref)
         best_other: dict[str, float] = {}

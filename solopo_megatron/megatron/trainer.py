@@ -220,8 +220,14 @@ class Trainer:
         if self.long_eval:
             result.update(
                 evaluate_long_contexts(
-                    self.ctx, self.chunks, data, self.long_eval, self.eval_store, batch_size=batch,
+                    self.ctx,
+                    self.chunks,
+                    data,
+                    self.long_eval,
+                    self.eval_store,
+                    batch_size=batch,
                     records=self.last_eval_records,
+                    log=self.log,
                 )  # fmt: skip
             )
         return result

@@ -15,7 +15,7 @@ import torch
 
 from solopo_megatron.data.records import ROLES
 from solopo_megatron.data.reference_store import ReferenceStore
-from solopo_megatron.megatron.long_eval import length_metrics
+from solopo_megatron.megatron.long_eval import RecordTable, length_metrics
 from solopo_megatron.objectives import SoLoPOConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +74,18 @@ def test_length_metrics_match_a_float64_reference(loss):
     assert got["margin"] == pytest.approx(sum(margins) / 50, rel=1e-5)  # store sums are fp32
     assert got["solo_ra_gap"] == pytest.approx(sum(gaps) / 50, rel=1e-5, abs=1e-9)
     assert got["solo_ra_gap_abs"] == pytest.approx(sum(map(abs, gaps)) / 50, rel=1e-5)
+
+    # The per-record rows (logger.eval_records_file) carry the same margins and decisions, record by record.
+    table = RecordTable.build(cfg, scores, candidates, store if loss == "dpo" else None)
+    rows = {row["id"]: row for row in table.rows("2x")}
+    assert set(rows) == {i.rpartition("@")[0] for i in scores}
+    for (example_id, margin), won in zip(zip(scores, margins), wins):
+        row = rows[example_id.rpartition("@")[0]]
+        assert row["length"] == "2x" and row["long_margin"] == pytest.approx(margin, rel=1e-5)
+        assert row["long_correct"] == (margin > 0) and row["answer_correct"] == won
+        short = reward(example_id, "short_chosen") - reward(example_id, "short_rejected")
+        assert row["short_margin"] == pytest.approx(short, rel=1e-5, abs=1e-9)
+        assert row["short_correct"] == (short > 0)
 
 
 def test_records_without_candidates_have_no_answer_accuracy():
