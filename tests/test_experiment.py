@@ -146,6 +146,7 @@ def test_a_compared_experiment_end_to_end(tmp_path):
     base, treatment, control = results["variants"]
     assert base["eval_only"] and base["evaluations"] == [0] and base["tokens"] == 0
     assert treatment["evaluations"] == [2] and treatment["held_out_records"] == 8  # no step-0 evaluation
+    assert treatment["valid_records"] == 8
     assert "final_answer_accuracy" in treatment["long"]["1x"]
     assert "final_answer_accuracy" not in control["long"]["1x"]  # eval.answer_accuracy=false: none scored
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -165,21 +165,18 @@ def _style(name: str) -> dict[str, Any]:
     }
 
 
-def _interval_errors(values: Sequence[float], n: int | None) -> list[list[float]] | None:
-    """Asymmetric error bars (below, above) of the 95% Wilson interval of each accuracy over ``n`` records;
-    None when ``n`` is unknown. The short accuracy's point shares ``n`` with the long ones only where the
-    validation set is the held-out set (it is, for the bundled synthetic data)."""
-    if not n:
-        return None
+def _interval_errors(values: Sequence[float], counts: Sequence[int | None]) -> list[list[float]]:
+    """Asymmetric error bars (below, above) of the 95% Wilson interval of each accuracy over its count of
+    records; none (0) where the count is unknown."""
     below, above = [], []
-    for value in values:
-        if value is None or math.isnan(value):
+    for value, n in zip(values, counts):
+        if not n or value is None or math.isnan(value):
             below.append(0.0)
             above.append(0.0)
             continue
         low, high = wilson_interval(round(value * n), n)
-        below.append(value - low)
-        above.append(high - value)
+        below.append(max(0.0, value - low))  # max: the interval's clipped end may round past the value
+        above.append(max(0.0, high - value))
     return [below, above]
 
 
@@ -205,7 +202,10 @@ def plot_results(summaries: Sequence[dict], folder: Path) -> list[Path]:
             values = [s["long"].get(label, {}).get(metric, math.nan) for label in labels]
             if with_short:
                 values = [s.get("final_short_accuracy", math.nan), *values]
-            errors = _interval_errors(values, s.get("held_out_records"))
+            counts = [s.get("held_out_records")] * len(labels)
+            if with_short:
+                counts = [s.get("valid_records"), *counts]
+            errors = _interval_errors(values, counts)
             ax.errorbar(
                 ticks, values, yerr=errors, marker="o", capsize=3, label=s["name"], **_style(s["name"])
             )

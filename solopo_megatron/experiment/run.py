@@ -92,9 +92,10 @@ def check_variants(spec: ExperimentSpec) -> None:
         raise RecipeError(f"{spec.path}:\n  " + "\n  ".join(problems))
 
 
-def held_out_records(spec: ExperimentSpec, variant: Variant) -> int | None:
-    """How many held-out records a variant's evaluation scores (eval.num_records of the validation set:
-    the synthetic data's num_valid, or the lines of dataset.valid_path); None when it cannot be told."""
+def held_out_records(spec: ExperimentSpec, variant: Variant) -> tuple[int | None, int | None]:
+    """How many validation records a variant's evaluation scores: at every long length (eval.num_records
+    of them), and in the validation pass behind the short accuracy (train.eval_iters x
+    train.global_batch_size of them); (None, None) when the validation file cannot be counted."""
     cfg = load_config(spec.recipe, spec.variant_overrides(variant))
     if cfg.dataset.valid_path is None and cfg.dataset.train_path is None:
         count = cfg.dataset.synthetic.num_valid
@@ -102,8 +103,15 @@ def held_out_records(spec: ExperimentSpec, variant: Variant) -> int | None:
         with open(cfg.dataset.valid_path, encoding="utf-8") as handle:
             count = sum(1 for line in handle if line.strip())
     else:
-        return None
-    return min(count, cfg.eval.num_records) if cfg.eval.num_records else count
+        return None, None
+    long = min(count, cfg.eval.num_records) if cfg.eval.num_records else count
+    short = min(count, cfg.train.eval_iters * cfg.train.global_batch_size) if cfg.train.eval_iters else count
+    return long, short
+
+
+def _record_counts(spec: ExperimentSpec, variant: Variant) -> dict[str, int | None]:
+    long, short = held_out_records(spec, variant)
+    return {"held_out_records": long, "valid_records": short}
 
 
 def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: bool = True) -> dict:
@@ -135,7 +143,7 @@ def run_variant(spec: ExperimentSpec, variant: Variant, run_dir: Path, *, echo: 
         name=variant.name,
         overrides=spec.variant_overrides(variant),
         eval_only=variant.eval_only,
-        held_out_records=held_out_records(spec, variant),
+        **_record_counts(spec, variant),
         command=command,
         exit_code=returncode,
         wall_seconds=wall,
@@ -191,8 +199,8 @@ def finished_summaries(spec: ExperimentSpec) -> list[dict]:
                 f"--report-only: variant {variant.name} has not finished ({done} is missing, and "
                 f"{previous} does not list it as finished)"
             )
-        if summary.get("held_out_records") is None:  # summaries written before it was recorded
-            summary["held_out_records"] = held_out_records(spec, variant)
+        if summary.get("valid_records") is None:  # summaries written before the counts were recorded
+            summary.update(_record_counts(spec, variant))
         summaries.append(summary)
     return summaries
 
