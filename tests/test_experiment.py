@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from solopo_megatron.experiment.report import length_labels, markdown_table
+from solopo_megatron.experiment.report import length_labels, markdown_table, write_report
 from solopo_megatron.experiment.run import main, variant_command
 from solopo_megatron.experiment.spec import load_experiment
 from solopo_megatron.recipe.errors import RecipeError
@@ -65,6 +65,16 @@ def _variants_end_to_end(tmp_path, capsys, modes: list[str]) -> None:
     assert "| broken | failed" in table
     assert (out / "accuracy_vs_length.png").stat().st_size > 0 and (out / "cost.png").stat().st_size > 0
     assert (out / "runs" / "solopo-simpo" / "metrics.jsonl").exists()
+    # Every evaluation's per-record rows (logger.eval_records_file): they agree with its metrics.
+    rows = [
+        json.loads(line) for line in (out / "runs/solopo-simpo/eval_records.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 2 * 2 * 8  # evaluations (steps 0 and 2) x lengths x records
+    for step, result in ((entry["step"], entry) for entry in trained[0]["history"]):
+        for label in ("1x", "2x"):
+            mine = [r for r in rows if r["step"] == step and r["length"] == label]
+            assert len({r["id"] for r in mine}) == 8
+            assert sum(r["long_correct"] for r in mine) / 8 == pytest.approx(result[f"long@{label}/accuracy"])
 
     # A second run keeps the finished variants (and tries the failed one again).
     assert main(["--config", str(path), "--quiet"]) == 1
@@ -124,12 +134,48 @@ def test_grid_names_overrides_and_command(tmp_path):
         load_experiment(tmp_path / "missing.yaml")
 
 
+def test_a_compared_report_from_run_folders(tmp_path):
+    """write_report with compare: (no training: run folders written here) gathers records.jsonl, puts
+    the comparison and the cost ratio in results.json and results.md, and an eval-only variant's command
+    evaluates instead of training."""
+    body = (
+        "variants:\n  - {name: base, eval_only: true}\n  - {name: t}\n  - {name: c}\n"
+        "compare: {treatment: t, control: c, baseline: base, bootstrap_samples: 200}\n"
+    )
+    spec = load_experiment(_experiment(tmp_path, body))
+    assert "--eval-only" in variant_command(spec, spec.variants[0], tmp_path / "run")
+    assert "--eval-only" not in variant_command(spec, spec.variants[1], tmp_path / "run")
+    decisions = {"base": [True, False] * 10, "t": [True] * 15 + [False] * 5, "c": [True] * 20}
+    summaries = []
+    for name, correct in decisions.items():
+        folder = spec.output_dir / "runs" / name
+        folder.mkdir(parents=True)
+        step = 0 if name == "base" else 4
+        rows = [
+            {"step": step, "id": f"r{i}", "length": "1x", "long_correct": ok, "short_correct": ok,
+             "long_margin": 1.0 if ok else -1.0, "short_margin": 0.0}
+            for i, ok in enumerate(correct)
+        ]  # fmt: skip
+        (folder / "eval_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summaries.append({"name": name, "exit_code": 0, "long": {}, "tokens": 30.0 if name == "t" else 20.0,
+                          "train_seconds": 3.0 if name == "t" else 2.0})  # fmt: skip
+    write_report(spec, summaries, argv=["solopo-experiment", "--config", "x"])
+    results = json.loads((spec.output_dir / "results.json").read_text())
+    comparison = results["comparison"]
+    assert comparison["lengths"]["1x"]["difference"]["mean"] == pytest.approx(-0.25)
+    assert comparison["lengths"]["1x"]["gain_over_step0"]["c"]["mean"] == pytest.approx(0.5)
+    assert comparison["cost"]["tokens"]["ratio"] == pytest.approx(1.5) and comparison["verdict"] == "fails"
+    assert len((spec.output_dir / "records.jsonl").read_text().splitlines()) == 60
+    assert "Verdict at the primary length 1x: **fails**" in (spec.output_dir / "results.md").read_text()
+
+
 def test_table_orders_lengths_and_marks_failures():
     assert length_labels([{"long": {"4x": {}, "512": {}, "1x": {}, "2x": {}}}]) == ["512", "1x", "2x", "4x"]
     table = markdown_table([{"name": "a", "exit_code": 3}, {"name": "b", "exit_code": 0, "long": {}}])
     assert "| a | failed (exit 3) |" in table and "| b |" in table
 
 
+@pytest.mark.slow  # three processes (60-140 s); the default suite covers the parts without them
 def test_a_compared_experiment_end_to_end(tmp_path):
     """An eval-only baseline and two arms with ``compare:``: each evaluation's per-record rows agree with
     its metrics, records.jsonl and the comparison land beside results.json, and a redraw without the run
