@@ -18,8 +18,6 @@ import numpy as np
 
 from .spec import ComparisonSpec
 
-VERDICTS = ("matches", "beats", "fails", "inconclusive")
-
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of a proportion (stays inside [0, 1], sane at 0 and n)."""
@@ -90,15 +88,16 @@ def paired_difference(
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, n, size=(samples, n))].mean(axis=1)
     tail = 1 - confidence
+    only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
     return PairedDifference(
         mean=float(d.mean()),
         se=float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
         interval=(float(np.quantile(means, tail / 2)), float(np.quantile(means, 1 - tail / 2))),
         lower_one_sided=float(np.quantile(means, tail)),
         upper_one_sided=float(np.quantile(means, 1 - tail)),
-        only_a=int(((x == 1) & (y == 0)).sum()),
-        only_b=int(((x == 0) & (y == 1)).sum()),
-        mcnemar_p=mcnemar_exact(int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())),
+        only_a=only_a,
+        only_b=only_b,
+        mcnemar_p=mcnemar_exact(only_a, only_b),
         records=n,
     )
 
@@ -146,7 +145,7 @@ def compare_runs(spec: ComparisonSpec, rows: Sequence[Mapping[str, Any]]) -> dic
         if not step:
             raise ValueError(f"compare: variant {name} has no per-record evaluation rows after training")
     start_of = {name: (spec.baseline or name, 0) for name in (spec.treatment, spec.control)}
-    lengths = sorted({length for (_, _, length) in table}, key=_length_order)
+    lengths = sorted({length for (_, _, length) in table}, key=length_order)
     primary = spec.primary_length or (lengths[0] if lengths else None)
     if primary not in lengths:
         raise ValueError(
@@ -208,5 +207,6 @@ def _as_dict(value: PairedDifference) -> dict[str, Any]:
     return {**asdict(value), "interval": list(value.interval), "z": value.z}
 
 
-def _length_order(label: str) -> tuple[int, float]:
+def length_order(label: str) -> tuple[int, float]:
+    """Sort key of evaluated lengths: token counts by value first, then multiples by factor."""
     return (1, float(label[:-1])) if label.endswith("x") else (0, float(label))

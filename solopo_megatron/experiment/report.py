@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .paired import compare_runs, wilson_interval
+from .paired import compare_runs, length_order, wilson_interval
 from .spec import ExperimentSpec
 
 _LONG_KEY = re.compile(r"^long@(?P<label>[^/]+)/(?P<metric>.+)$")
@@ -110,12 +110,7 @@ def git_commit(folder: Path | None = None) -> str | None:
 
 def length_labels(summaries: Sequence[dict]) -> list[str]:
     """The evaluated lengths, shortest first (token counts by value, multiples by factor)."""
-    labels = {label for s in summaries for label in s.get("long", {})}
-
-    def order(label: str) -> tuple[int, float]:
-        return (1, float(label[:-1])) if label.endswith("x") else (0, float(label))
-
-    return sorted(labels, key=order)
+    return sorted({label for s in summaries for label in s.get("long", {})}, key=length_order)
 
 
 def markdown_table(summaries: Sequence[dict]) -> str:
